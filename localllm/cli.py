@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from localllm import ui
-from localllm.errors import LocalLLMError
+from localllm.errors import InvalidArgument, LocalLLMError
 
 app = typer.Typer(
     name="localllm",
@@ -84,9 +84,7 @@ def rm_cmd(
     path = plan_removal(model)
     if not yes:
         if not sys.stdin.isatty():
-            raise typer.BadParameter(
-                f"refusing to delete {path.name} without confirmation; pass --yes"
-            )
+            raise InvalidArgument(f"refusing to delete {path.name} without confirmation; pass --yes")
         size = ui.format_bytes(path.stat().st_size)
         if not typer.confirm(f"Delete {path.name} ({size})?", default=False, err=True):
             ui.note("kept")

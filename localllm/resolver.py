@@ -93,6 +93,9 @@ def resolve_model(ref: str | None, store: ModelStore | None = None) -> ResolvedM
             is_default=is_default,
         )
 
+    if ref.endswith(".gguf") and "/" not in ref and (store.root / ref).is_file():
+        return ResolvedModel(ref=ref, kind="path", path=store.root / ref, is_default=is_default)
+
     if _looks_like_path(ref):
         path = Path(ref).expanduser()
         if not path.exists():
@@ -134,10 +137,6 @@ def resolve_model(ref: str | None, store: ModelStore | None = None) -> ResolvedM
             filename=stored[0].filename if len(stored) == 1 else None,
             is_default=is_default,
         )
-
-    # A bare file name that is in the store is a fine reference too.
-    if (store.root / ref).is_file() and ref.endswith(".gguf"):
-        return ResolvedModel(ref=ref, kind="path", path=store.root / ref)
 
     known = catalog.names() + [m.filename for m in store.models()]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)

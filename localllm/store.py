@@ -24,6 +24,7 @@ from localllm.gguf_meta import ModelSpec
 
 __all__ = [
     "Catalog",
+    "cache_root",
     "CatalogEntry",
     "ModelStore",
     "QuantFile",
@@ -50,6 +51,15 @@ def store_root(override: str | os.PathLike[str] | None = None) -> Path:
         return _CHECKOUT_MODELS
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home) / "localllm" / "models"
+
+
+def cache_root() -> Path:
+    """Where measured facts are cached (memory bandwidth, ...): $LOCALLLM_CACHE or XDG."""
+    env = os.environ.get("LOCALLLM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "localllm"
 
 
 # ---------------------------------------------------------------------------- catalog

@@ -185,13 +185,14 @@ class GenerationStats:
 # ------------------------------------------------------------------------ llama.cpp log
 
 _MIB = 1024 * 1024
-_LOG_KEEP_LEVELS = {1, 2, 3}  # info, warn, error; debug lines are dropped
+# ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continues the last line.
+_LOG_KEEP_LEVELS = {2, 3, 4}  # debug lines (thousands per load) are dropped
 _log_lock = threading.Lock()
 _log_lines: list[str] = []
 _log_partial: list[str] = []
 _log_echo = False
 _log_callback: Any = None  # the ctypes callback must stay referenced while installed
-_last_level = 1
+_last_level = 2
 
 
 def _install_log_capture() -> None:

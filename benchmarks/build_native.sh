@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Build llama.cpp's own tools (llama-bench, llama-perplexity) from the llama.cpp tree
+# inside llama-cpp-python's sdist: the same commit our Python package runs, so native
+# and localllm numbers compare like for like. Output: benchmarks/build/bin/.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+venv_py="${PYTHON:-$here/../.venv/bin/python}"
+version="$("$venv_py" -c 'from importlib.metadata import version; print(version("llama-cpp-python"))')"
+work="$here/build"
+src="$work/llama_cpp_python-$version/vendor/llama.cpp"
+mkdir -p "$work"
+if [[ ! -d "$src" ]]; then
+    "$venv_py" -m pip download --quiet --no-deps --no-binary :all: \
+        "llama-cpp-python==$version" -d "$work"
+    tar -xzf "$work/llama_cpp_python-$version.tar.gz" -C "$work"
+fi
+cmake -S "$src" -B "$work/cmake" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+    -DGGML_NATIVE=ON >/dev/null
+cmake --build "$work/cmake" --target llama-bench llama-perplexity -j "$(nproc)" >/dev/null
+mkdir -p "$work/bin"
+cp "$work/cmake/bin/llama-bench" "$work/cmake/bin/llama-perplexity" "$work/bin/"
+echo "$work/bin"

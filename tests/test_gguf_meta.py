@@ -1,0 +1,183 @@
+"""GGUF header reading on synthetic files (gguf.GGUFWriter) and on the real SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf_factory import ARCHS, DROP, write_gguf
+
+from localllm.errors import InvalidModelFile
+from localllm.gguf_meta import escape_untrusted, read_model_spec
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_header_facts_round_trip(tmp_path: Path, name: str) -> None:
+    arch = ARCHS[name]
+    spec = read_model_spec(write_gguf(tmp_path / f"{name}.gguf", name))
+    assert spec.architecture == "llama"
+    assert spec.n_layers == arch["n_layers"]
+    assert spec.n_heads == arch["n_heads"]
+    assert spec.n_kv_heads == arch["n_kv_heads"]
+    assert spec.head_dim == arch["n_embd"] // arch["n_heads"]
+    assert spec.n_embd == arch["n_embd"]
+    assert spec.n_ff == arch["n_ff"]
+    assert spec.n_ctx_train == arch["n_ctx"]
+    assert spec.rope_freq_base == arch["rope_base"]
+    assert spec.vocab_size == arch["vocab"]
+    assert spec.sliding_window == arch.get("sliding_window", 0)
+    assert spec.has_chat_template
+
+
+def test_attention_kind_names_mha_gqa_mqa(tmp_path: Path) -> None:
+    kinds = {
+        name: read_model_spec(write_gguf(tmp_path / f"{name}.gguf", name)).attention_kind
+        for name in ("llama-2-7b", "llama-2-70b", "mqa-1b")
+    }
+    assert kinds == {"llama-2-7b": "MHA", "llama-2-70b": "GQA", "mqa-1b": "MQA"}
+
+
+def test_missing_head_count_kv_means_mha(tmp_path: Path) -> None:
+    path = write_gguf(
+        tmp_path / "m.gguf", "llama-2-70b", overrides={"llama.attention.head_count_kv": DROP}
+    )
+    assert read_model_spec(path).n_kv_heads == 64
+
+
+def test_explicit_key_length_wins_over_embd_split(tmp_path: Path) -> None:
+    path = write_gguf(
+        tmp_path / "m.gguf",
+        "mha-tiny",
+        overrides={"llama.attention.key_length": 128, "llama.attention.value_length": 96},
+    )
+    spec = read_model_spec(path)
+    assert (spec.head_dim, spec.value_dim) == (128, 96)
+
+
+def test_rope_scaling_in_file_is_reported(tmp_path: Path) -> None:
+    path = write_gguf(
+        tmp_path / "m.gguf",
+        "llama-2-7b",
+        overrides={
+            "llama.rope.scaling.type": "linear",
+            "llama.rope.scaling.factor": 4.0,
+            "llama.rope.scaling.original_context_length": 4096,
+        },
+    )
+    spec = read_model_spec(path)
+    assert (spec.rope_scaling_type, spec.rope_scaling_factor, spec.rope_orig_ctx) == (
+        "linear",
+        4.0,
+        4096,
+    )
+
+
+def test_vocab_size_falls_back_to_token_list(tmp_path: Path) -> None:
+    tokens = [f"tok{i}" for i in range(5000)]  # longer than the decoded-array limit
+    path = write_gguf(
+        tmp_path / "m.gguf", "mha-tiny", overrides={"llama.vocab_size": DROP}, tokens=tokens
+    )
+    assert read_model_spec(path).vocab_size == 5000
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "llama.block_count",
+        "llama.attention.head_count",
+        "llama.context_length",
+        "llama.embedding_length",
+    ],
+)
+def test_missing_required_key_names_it(tmp_path: Path, key: str) -> None:
+    path = write_gguf(tmp_path / "m.gguf", "llama-2-7b", overrides={key: DROP})
+    with pytest.raises(InvalidModelFile, match=key.replace(".", r"\.")):
+        read_model_spec(path)
+
+
+def test_uneven_kv_heads_is_rejected(tmp_path: Path) -> None:
+    path = write_gguf(
+        tmp_path / "m.gguf", "llama-2-7b", overrides={"llama.attention.head_count_kv": 5}
+    )
+    with pytest.raises(InvalidModelFile, match="32 attention heads cannot share 5"):
+        read_model_spec(path)
+
+
+def test_not_gguf(tmp_path: Path) -> None:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"PK\x03\x04 this is a zip")
+    with pytest.raises(InvalidModelFile, match="not a GGUF file"):
+        read_model_spec(path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(b"")
+    with pytest.raises(InvalidModelFile, match="not a GGUF file"):
+        read_model_spec(path)
+
+
+@pytest.mark.parametrize("keep", [6, 40, 300, 2000])
+def test_truncated_header(tmp_path: Path, keep: int) -> None:
+    full = write_gguf(tmp_path / "full.gguf", "llama-2-7b").read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(full[:keep])
+    with pytest.raises(InvalidModelFile, match="truncated"):
+        read_model_spec(path)
+
+
+def test_truncated_tensor_data(tmp_path: Path) -> None:
+    tensors = {"token_embd.weight": np.ones((256, 256), dtype=np.float32)}
+    full = write_gguf(tmp_path / "full.gguf", "mha-tiny", tensors=tensors).read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(full[: len(full) - 1000])
+    with pytest.raises(InvalidModelFile, match="truncated: its tensors need"):
+        read_model_spec(path)
+
+
+def test_escape_untrusted_strips_terminal_controls() -> None:
+    assert escape_untrusted("evil\x1b[31mred\x07") == "evil\\x1b[31mred\\x07"
+    assert escape_untrusted("a\u202eb") == "a\\u202eb"
+    assert escape_untrusted("x" * 10, limit=5) == "xxxx…"
+
+
+def test_hostile_name_is_escaped_in_info(tmp_path: Path, cli) -> None:
+    path = write_gguf(
+        tmp_path / "m.gguf", "mha-tiny", overrides={"general.name": "pwn\x1b]0;title\x07"}
+    )
+    result = cli("info", str(path))
+    assert result.exit_code == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\\x1b" in result.stdout
+
+
+def test_agrees_with_gguf_py_reader_on_real_model(smollm2_path: Path) -> None:
+    """Our lean walker against gguf-py's full GGUFReader on the real file."""
+    spec = read_model_spec(smollm2_path)
+    reader = gguf.GGUFReader(smollm2_path)
+
+    def field(key: str):
+        return reader.get_field(key).contents()
+
+    assert spec.n_layers == field("llama.block_count")
+    assert spec.n_heads == field("llama.attention.head_count")
+    assert spec.n_kv_heads == field("llama.attention.head_count_kv")
+    assert spec.n_ctx_train == field("llama.context_length")
+    assert spec.rope_freq_base == pytest.approx(field("llama.rope.freq_base"))
+    assert spec.vocab_size == len(reader.get_field("tokenizer.ggml.tokens").data)
+    assert spec.chat_template == field("tokenizer.chat_template")
+    assert spec.n_params == sum(int(t.n_elements) for t in reader.tensors)
+    assert spec.weights_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    by_type: dict[str, int] = {}
+    for t in reader.tensors:
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    assert {q.type_name: q.n_bytes for q in spec.quant_mix} == by_type
+
+
+def test_real_smollm2_facts(smollm2_path: Path) -> None:
+    spec = read_model_spec(smollm2_path)
+    assert (spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.head_dim) == (30, 9, 3, 64)
+    assert spec.n_ctx_train == 8192
+    assert spec.file_type == "Q4_1"
+    assert spec.file_bytes == smollm2_path.stat().st_size
