@@ -2,7 +2,7 @@
 
 The reader memory-maps the file and reads only the key/value header and the
 tensor table, the way gguf-py's ``GGUFReader`` does, but without decoding the
-vocabulary (see :class:`_HeaderWalker`); types and sizes come from gguf-py.
+vocabulary (see :class:`_HeaderWalker`); type sizes mirror gguf-py's tables.
 A model file is untrusted input: every string that comes out of it goes through
 :func:`escape_untrusted` before display.
 """
@@ -21,10 +21,12 @@ from localllm.errors import InvalidModelFile
 
 __all__ = [
     "GGUF_MAGIC",
+    "HeaderIncomplete",
     "ModelSpec",
     "QuantShare",
     "escape_untrusted",
     "read_model_spec",
+    "read_model_spec_from_prefix",
 ]
 
 GGUF_MAGIC = b"GGUF"
@@ -50,6 +52,85 @@ KEY_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
 KEY_ROPE_SCALING_ORIG_CTX = "{arch}.rope.scaling.original_context_length"
 KEY_TOKENS = "tokenizer.ggml.tokens"
 KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
+
+# ggml tensor types: id -> (name, elements per block, bytes per block), and the
+# general.file_type names. Mirrors gguf-py's GGML_QUANT_SIZES and LlamaFileType
+# (tests/test_gguf_meta.py holds them equal): importing gguf costs ~0.1 s and numpy,
+# which `info` and `kv-calc` on a GGUF must not pay for.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+    40: ("NVFP4", 64, 36),
+    41: ("Q1_0", 128, 18),
+}
+FILE_TYPES: dict[int, str] = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    19: "IQ2_XXS",
+    20: "IQ2_XS",
+    21: "Q2_K_S",
+    22: "IQ3_XS",
+    23: "IQ3_XXS",
+    24: "IQ1_S",
+    25: "IQ4_NL",
+    26: "IQ3_S",
+    27: "IQ3_M",
+    28: "IQ2_S",
+    29: "IQ2_M",
+    30: "IQ4_XS",
+    31: "IQ1_M",
+    32: "BF16",
+    36: "TQ1_0",
+    37: "TQ2_0",
+    38: "MXFP4_MOE",
+    39: "NVFP4",
+    40: "Q1_0",
+    1024: "GUESSED",
+}
 
 # llama.cpp's default when a Llama-family GGUF carries no rope.freq_base.
 DEFAULT_ROPE_FREQ_BASE = 10000.0
@@ -248,57 +329,89 @@ class _HeaderWalker:
                 self.value(item_type)
 
 
+def _walk_header(buf: memoryview, label: str) -> tuple[dict[str, Any], list[_TensorInfo], int]:
+    """Key/values, tensor table and data offset from the bytes of a GGUF file's start.
+
+    Raises ``_Truncated`` when ``buf`` ends before the header does: the caller decides
+    whether that means a truncated file or that more bytes must be fetched.
+    """
+    walker = _HeaderWalker(buf)
+    try:
+        walker.take("<I")  # magic, checked already
+        version = walker.take("<I")
+        if version & 0xFFFF == 0:
+            raise InvalidModelFile(f"{label} is a big-endian GGUF; llama.cpp needs little-endian")
+        if version not in (2, 3):
+            raise InvalidModelFile(f"{label} is GGUF version {version}; localllm reads 2 and 3")
+        n_tensors = walker.take("<Q")
+        n_kv = walker.take("<Q")
+        if n_tensors > 1 << 24 or n_kv > 1 << 24:
+            raise InvalidModelFile(
+                f"{label} has an implausible header ({n_kv} keys, {n_tensors} tensors)"
+            )
+        kv: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = walker.string()
+            kv[key] = walker.value(walker.take("<I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = walker.string()
+            n_dims = walker.take("<I")
+            if n_dims > 8:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+            n_elements = 1
+            for _ in range(n_dims):
+                n_elements *= walker.take("<Q")
+            type_id = walker.take("<I")
+            tensors.append(_TensorInfo(name, type_id, n_elements, walker.take("<Q")))
+        alignment = kv.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment {alignment!r} is not a power of two")
+        data_offset = -(-walker.pos // alignment) * alignment
+    except (ValueError, struct.error) as exc:
+        raise InvalidModelFile(f"{label} is malformed: {exc}") from None
+    return kv, tensors, data_offset
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int]:
     """Key/values, tensor table and data offset of a GGUF file (mmap, weights untouched)."""
     with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         buf = memoryview(mapped)
         try:
-            walker = _HeaderWalker(buf)
-            try:
-                walker.take("<I")  # magic, checked already
-                version = walker.take("<I")
-                if version & 0xFFFF == 0:
-                    raise InvalidModelFile(
-                        f"{path} is a big-endian GGUF; llama.cpp needs little-endian"
-                    )
-                if version not in (2, 3):
-                    raise InvalidModelFile(
-                        f"{path} is GGUF version {version}; localllm reads 2 and 3"
-                    )
-                n_tensors = walker.take("<Q")
-                n_kv = walker.take("<Q")
-                if n_tensors > 1 << 24 or n_kv > 1 << 24:
-                    raise InvalidModelFile(
-                        f"{path} has an implausible header ({n_kv} keys, {n_tensors} tensors)"
-                    )
-                kv: dict[str, Any] = {}
-                for _ in range(n_kv):
-                    key = walker.string()
-                    kv[key] = walker.value(walker.take("<I"))
-                tensors = []
-                for _ in range(n_tensors):
-                    name = walker.string()
-                    n_dims = walker.take("<I")
-                    if n_dims > 8:
-                        raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
-                    n_elements = 1
-                    for _ in range(n_dims):
-                        n_elements *= walker.take("<Q")
-                    type_id = walker.take("<I")
-                    tensors.append(_TensorInfo(name, type_id, n_elements, walker.take("<Q")))
-                alignment = kv.get("general.alignment", 32)
-                if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-                    raise ValueError(f"general.alignment {alignment!r} is not a power of two")
-                data_offset = -(-walker.pos // alignment) * alignment
-            except _Truncated:
-                raise InvalidModelFile(
-                    f"{path} is truncated (the header ends early); download it again"
-                ) from None
-            except (ValueError, struct.error) as exc:
-                raise InvalidModelFile(f"{path} is malformed: {exc}") from None
+            return _walk_header(buf, str(path))
+        except _Truncated:
+            raise InvalidModelFile(
+                f"{path} is truncated (the header ends early); download it again"
+            ) from None
         finally:
             buf.release()
-    return kv, tensors, data_offset
+
+
+class HeaderIncomplete(Exception):
+    """The bytes given end before the GGUF header does: fetch more and try again."""
+
+
+def read_model_spec_from_prefix(prefix: bytes, file_bytes: int, label: str) -> ModelSpec:
+    """Architecture facts from the first bytes of a GGUF file of ``file_bytes`` bytes.
+
+    For files that are not here (a hub file read with HTTP range requests): raises
+    :class:`HeaderIncomplete` until ``prefix`` holds the whole header and tensor table.
+    """
+    if len(prefix) < len(GGUF_MAGIC):
+        raise HeaderIncomplete
+    if prefix[: len(GGUF_MAGIC)] != GGUF_MAGIC:
+        raise InvalidModelFile(
+            f"{label} is not a GGUF file (starts with {bytes(prefix[:4]).hex()}, expected 'GGUF')"
+        )
+    buf = memoryview(prefix)
+    try:
+        kv, tensors, data_offset = _walk_header(buf, label)
+    except _Truncated:
+        raise HeaderIncomplete from None
+    finally:
+        buf.release()
+    name_fallback = label.rsplit("/", 1)[-1].removesuffix(".gguf")
+    return _spec_from_header(kv, tensors, data_offset, file_bytes, label, name_fallback)
 
 
 def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
@@ -308,7 +421,18 @@ def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
         raise InvalidModelFile(f"no such file: {path}")
     file_bytes = _check_magic(path)
     kv, tensors, data_offset = _read_header(path)
+    return _spec_from_header(kv, tensors, data_offset, file_bytes, str(path), path.stem)
 
+
+def _spec_from_header(
+    kv: dict[str, Any],
+    tensors: list[_TensorInfo],
+    data_offset: int,
+    file_bytes: int,
+    path: str,
+    name_fallback: str,
+) -> ModelSpec:
+    """A ModelSpec from a parsed header; ``path`` names the file in messages."""
     arch = kv.get(KEY_ARCHITECTURE)
     if not isinstance(arch, str) or not arch:
         raise InvalidModelFile(f"{path} has no {KEY_ARCHITECTURE} key; it is not a model GGUF")
@@ -374,25 +498,22 @@ def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
     chat_template = kv.get(KEY_CHAT_TEMPLATE)
     name = kv.get(KEY_NAME)
 
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: pulls in numpy
-
     counts: Counter[str] = Counter()
     elements: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
     data_end = data_offset
     for tensor in tensors:
-        try:
-            qtype = GGMLQuantizationType(tensor.type_id)
-        except ValueError:
+        ggml_type = GGML_TYPES.get(tensor.type_id)
+        if ggml_type is None:
             raise InvalidModelFile(
                 f"{path}: tensor {escape_untrusted(tensor.name, 60)!r} has unknown "
                 f"type id {tensor.type_id}; a newer llama.cpp may read it"
-            ) from None
-        block, type_bytes = GGML_QUANT_SIZES[qtype]
+            )
+        type_name, block, type_bytes = ggml_type
         n_bytes = tensor.n_elements * type_bytes // block
-        counts[qtype.name] += 1
-        elements[qtype.name] += tensor.n_elements
-        sizes[qtype.name] += n_bytes
+        counts[type_name] += 1
+        elements[type_name] += tensor.n_elements
+        sizes[type_name] += n_bytes
         data_end = max(data_end, data_offset + tensor.offset + n_bytes)
     if data_end > file_bytes:
         raise InvalidModelFile(
@@ -405,7 +526,7 @@ def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
     )
 
     return ModelSpec(
-        name=str(name) if name else path.stem,
+        name=str(name) if name else name_fallback,
         architecture=arch,
         n_layers=n_layers,
         n_heads=n_heads,
@@ -431,7 +552,7 @@ def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
         chat_template=chat_template if isinstance(chat_template, str) else None,
         n_kv_heads_per_layer=kv_per_layer,
         source="gguf",
-        path=str(path),
+        path=path,
     )
 
 
@@ -439,10 +560,4 @@ def _file_type_name(value: Any) -> str | None:
     """general.file_type's integer as llama.cpp names it (MOSTLY_Q4_1 -> Q4_1)."""
     if value is None:
         return None
-    from gguf import LlamaFileType
-
-    try:
-        name = LlamaFileType(int(value)).name
-    except ValueError:
-        return f"type {int(value)}"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    return FILE_TYPES.get(int(value), f"type {int(value)}")

@@ -181,3 +181,32 @@ def test_real_smollm2_facts(smollm2_path: Path) -> None:
     assert spec.n_ctx_train == 8192
     assert spec.file_type == "Q4_1"
     assert spec.file_bytes == smollm2_path.stat().st_size
+
+
+def test_type_tables_mirror_gguf_py() -> None:
+    """Our copies of gguf-py's type tables (kept to avoid importing gguf) stay equal."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+    from localllm.gguf_meta import FILE_TYPES, GGML_TYPES
+
+    theirs = {
+        int(t): (t.name, *GGML_QUANT_SIZES[t])
+        for t in GGMLQuantizationType
+        if t in GGML_QUANT_SIZES
+    }
+    assert theirs == GGML_TYPES
+    names = {int(t): t.name.removeprefix("MOSTLY_").removeprefix("ALL_") for t in LlamaFileType}
+    assert names == FILE_TYPES
+
+
+def test_header_reading_does_not_import_gguf_or_numpy(smollm2_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom localllm.gguf_meta import read_model_spec\n"
+        f"read_model_spec({str(smollm2_path)!r})\n"
+        "print('gguf' in sys.modules, 'numpy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False False", out.stderr
