@@ -19,5 +19,9 @@ cmake -S "$src" -B "$work/cmake" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
     -DGGML_NATIVE=ON >/dev/null
 cmake --build "$work/cmake" --target llama-bench llama-perplexity -j "$(nproc)" >/dev/null
 mkdir -p "$work/bin"
-cp "$work/cmake/bin/llama-bench" "$work/cmake/bin/llama-perplexity" "$work/bin/"
+# Copy then rename: a running binary cannot be overwritten in place ("text file busy").
+for tool in llama-bench llama-perplexity; do
+    cp "$work/cmake/bin/$tool" "$work/bin/.$tool.new"
+    mv -f "$work/bin/.$tool.new" "$work/bin/$tool"
+done
 echo "$work/bin"

@@ -11,6 +11,7 @@ __all__ = [
     "ContextOverflow",
     "DefaultModelMissing",
     "DownloadError",
+    "DownloadInterrupted",
     "InsufficientMemory",
     "InvalidArgument",
     "InvalidModelFile",
@@ -58,6 +59,12 @@ class DownloadError(LocalLLMError):
 
 class ChecksumMismatch(DownloadError):
     """A downloaded file whose sha256 is not the one its source publishes."""
+
+
+class DownloadInterrupted(DownloadError):
+    """Ctrl-C during a download: the partial file is kept for the next pull to resume."""
+
+    exit_code = 130
 
 
 class InsufficientMemory(LocalLLMError):

@@ -24,11 +24,11 @@ from localllm.gguf_meta import ModelSpec
 
 __all__ = [
     "Catalog",
-    "cache_root",
     "CatalogEntry",
     "ModelStore",
     "QuantFile",
     "StoredModel",
+    "cache_root",
     "load_catalog",
     "sha256_file",
     "store_root",

@@ -69,6 +69,15 @@ class CliResult:
     stdout: str
     stderr: str
 
+    @property
+    def error_line(self) -> str:
+        """The one red line a failed command must print (asserted), without "error: "."""
+        lines = [ln for ln in self.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1, self.stderr
+        assert lines[0].startswith("error: "), self.stderr
+        assert "Traceback" not in self.stderr
+        return lines[0].removeprefix("error: ")
+
 
 def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> CliResult:
     """Run the real ``localllm`` entry point in a subprocess (real exit codes, no TTY)."""

@@ -12,7 +12,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "RuntimeOptions",
     "SamplingOptions",
     "TextChunk",
+    "default_threads",
     "llama_cpp_version",
     "load_model",
 ]
@@ -67,7 +68,7 @@ class RuntimeOptions:
     """How to load a model: the few llama.cpp settings localllm exposes."""
 
     n_ctx: int = 4096
-    n_threads: int | None = None  # None: all physical-ish cores (llama.cpp's default)
+    n_threads: int | None = None  # None: default_threads(), physical cores as llama.cpp
     n_threads_batch: int | None = None
     n_batch: int = 512
     n_ubatch: int = 512
@@ -170,6 +171,7 @@ class GenerationStats:
     ttft_seconds: float
     kv_used: int
     kv_cells: int
+    stream_seconds: float = 0.0  # wall time from the first to the last streamed chunk
 
     @property
     def prompt_tps(self) -> float:
@@ -189,10 +191,22 @@ _MIB = 1024 * 1024
 _LOG_KEEP_LEVELS = {2, 3, 4}  # debug lines (thousands per load) are dropped
 _log_lock = threading.Lock()
 _log_lines: list[str] = []
+_log_dropped = 0  # lines trimmed off the front, so marks stay valid after a trim
 _log_partial: list[str] = []
 _log_echo = False
 _log_callback: Any = None  # the ctypes callback must stay referenced while installed
 _last_level = 2
+
+
+def import_llama_cpp() -> Any:
+    """Import llama_cpp (and load its shared library) on first need, as a domain error."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"llama-cpp-python is not importable ({exc}); run `make setup`"
+        ) from None
+    return llama_cpp
 
 
 def _install_log_capture() -> None:
@@ -205,7 +219,7 @@ def _install_log_capture() -> None:
 
     @llama_cpp.llama_log_callback
     def capture(level: int, text: bytes, _user: Any) -> None:
-        global _last_level
+        global _last_level, _log_dropped
         if level != 5:  # 5 continues the previous message at its level
             _last_level = level
         if _last_level not in _LOG_KEEP_LEVELS:
@@ -219,6 +233,7 @@ def _install_log_capture() -> None:
                 _log_lines.append(line.rstrip("\n"))
                 if len(_log_lines) > 5000:
                     del _log_lines[:1000]
+                    _log_dropped += 1000
         if _log_echo:
             os.write(2, text)
 
@@ -228,12 +243,12 @@ def _install_log_capture() -> None:
 
 def _log_mark() -> int:
     with _log_lock:
-        return len(_log_lines)
+        return _log_dropped + len(_log_lines)
 
 
 def _log_since(mark: int) -> list[str]:
     with _log_lock:
-        return list(_log_lines[mark:])
+        return list(_log_lines[max(mark - _log_dropped, 0) :])
 
 
 def _mib(text: str) -> int:
@@ -265,6 +280,24 @@ def parse_buffer_report(lines: Sequence[str]) -> BufferReport:
         if m := re.search(r"flash_attn\s*=\s*(\w+)", line):
             flash = m[1] in ("enabled", "1", "true")
     return BufferReport(weights, kv, k, v, compute, output, cells, flash)
+
+
+def default_threads() -> int:
+    """Physical cores, one per sibling set: llama.cpp's own default (cpu_get_num_math).
+
+    llama-cpp-python would otherwise generate on cpu_count // 2 threads, half of what
+    llama-cli and llama-bench use.
+    """
+    siblings = set()
+    cpu = 0
+    while True:
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings")
+        try:
+            siblings.add(path.read_text().strip())
+        except OSError:
+            break
+        cpu += 1
+    return len(siblings) if siblings else (os.cpu_count() or 1)
 
 
 def llama_cpp_version() -> str:
@@ -337,9 +370,16 @@ class LoadedModel:
 
     # -- generation
     def chat_stream(
-        self, messages: Sequence[ChatMessage], sampling: SamplingOptions
+        self,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingOptions,
+        stop: Callable[[], bool] | None = None,
     ) -> Iterator[TextChunk | GenerationStats]:
-        """Stream a reply with the model's chat template; the last item is the stats."""
+        """Stream a reply with the model's chat template; the last item is the stats.
+
+        ``stop`` is polled after each chunk: when it returns true the reply ends there
+        (finish reason "interrupted") with the KV cache consistent for the next turn.
+        """
         sampling.validate()
         import llama_cpp
 
@@ -349,8 +389,10 @@ class LoadedModel:
             self.llama.set_seed(sampling.seed)
         start = time.perf_counter()
         first: float | None = None
+        last: float | None = None
         pieces: list[str] = []
         finish = "interrupted"
+        stream: Any = None
         try:
             stream = self.llama.create_chat_completion(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
@@ -367,18 +409,25 @@ class LoadedModel:
                 choice = chunk["choices"][0]
                 text = choice.get("delta", {}).get("content")
                 if text:
+                    last = time.perf_counter()
                     if first is None:
-                        first = time.perf_counter()
+                        first = last
                     pieces.append(text)
                     yield TextChunk(text)
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
+                elif stop is not None and stop():
+                    break
         except ValueError as exc:
             # llama-cpp-python raises ValueError when the prompt exceeds the context.
             from localllm.errors import ContextOverflow
 
             raise ContextOverflow(str(exc)) from None
         finally:
+            if stream is not None:
+                # Finish llama-cpp-python's generator now, not at garbage collection
+                # in the middle of a later turn.
+                stream.close()
             self._last_perf = llama_cpp.llama_perf_context(ctx)
         perf = self._last_perf
         end = time.perf_counter()
@@ -395,6 +444,7 @@ class LoadedModel:
             ttft_seconds=(first or end) - start,
             kv_used=self.kv_used,
             kv_cells=self.n_ctx,
+            stream_seconds=(last - first) if first is not None and last is not None else 0.0,
         )
 
     def reset(self) -> None:
@@ -413,12 +463,7 @@ def load_model(path: str | os.PathLike[str], options: RuntimeOptions) -> LoadedM
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"no such model file: {path}")
-    try:
-        import llama_cpp
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"llama-cpp-python is not importable ({exc}); run `make setup`"
-        ) from None
+    llama_cpp = import_llama_cpp()
     _install_log_capture()
     _log_echo = options.verbose
     mark = _log_mark()
@@ -429,8 +474,8 @@ def load_model(path: str | os.PathLike[str], options: RuntimeOptions) -> LoadedM
             n_ctx=options.n_ctx,
             n_batch=options.n_batch,
             n_ubatch=options.n_ubatch,
-            n_threads=options.n_threads,
-            n_threads_batch=options.n_threads_batch or options.n_threads,
+            n_threads=options.n_threads or default_threads(),
+            n_threads_batch=options.n_threads_batch or options.n_threads or default_threads(),
             n_gpu_layers=options.n_gpu_layers,
             seed=options.seed,
             type_k=KV_CACHE_TYPES[options.type_k],
