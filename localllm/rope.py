@@ -1,0 +1,231 @@
+"""Context-extension plans: how to stretch RoPE past the trained context.
+
+From a model's GGUF facts (trained context, RoPE base, rotary dimensions, any scaling
+already in the file) and a target context, :func:`plan_rope` picks the llama.cpp
+parameters for one method and says in one sentence what it did:
+
+- ``none``: RoPE as the file sets it (past the trained length the model degrades);
+- ``linear``: position interpolation (Chen et al. 2023), freq scale = trained / target;
+- ``ntk``: "NTK-aware" scaling, base x s^(d/(d-2)) for s = target / trained, d rotary dims;
+- ``yarn``: YaRN (Peng et al. 2023) with the original context set and llama.cpp's
+  defaults for the rest (ext factor 1, beta fast 32, beta slow 1) unless given.
+
+Scaling already in the file compounds: a file at linear x4 asked for twice its
+context gets freq scale 1/8, the way llama.cpp combines them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from localllm.errors import InvalidArgument
+from localllm.gguf_meta import ModelSpec
+from localllm.runtime import RopeParams
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "ROPE_METHODS",
+    "AppliedRope",
+    "RopePlan",
+    "ntk_base_multiplier",
+    "parse_applied_rope",
+    "plan_rope",
+]
+
+ROPE_METHODS = ("none", "linear", "ntk", "yarn")
+# Chosen from benchmarks/rope_extension.md: SmolLM2-135M at 2x its trained context scores
+# ppl 9.74 with YaRN (9.78 at the trained length), 10.29 NTK, 31.7 linear, 76.8 none.
+DEFAULT_METHOD = "yarn"
+
+# llama.cpp's YaRN defaults (llama-hparams.h): what "not given" resolves to.
+YARN_DEFAULT_EXT_FACTOR = 1.0
+YARN_DEFAULT_BETA_FAST = 32.0
+YARN_DEFAULT_BETA_SLOW = 1.0
+
+
+@dataclass(frozen=True)
+class RopePlan:
+    """What to hand llama.cpp for a target context, and the sentence that explains it."""
+
+    method: str  # none | linear | ntk | yarn (what is applied)
+    n_ctx: int  # the target context asked for
+    n_ctx_train: int
+    factor: float  # n_ctx / n_ctx_train when extending, else 1.0
+    params: RopeParams  # pass as RuntimeOptions(rope=plan.params)
+    description: str  # one plain sentence saying what was done
+    warning: str | None  # e.g. "none" past the trained length
+
+    @property
+    def extended(self) -> bool:
+        """Whether the target context is past the trained length."""
+        return self.n_ctx > self.n_ctx_train
+
+    def as_json(self) -> dict[str, object]:
+        p = self.params
+        return {
+            "method": self.method,
+            "n_ctx": self.n_ctx,
+            "n_ctx_train": self.n_ctx_train,
+            "factor": self.factor,
+            "scaling": p.scaling,
+            "freq_base": p.freq_base,
+            "freq_scale": p.freq_scale,
+            "yarn_orig_ctx": p.yarn_orig_ctx,
+            "description": self.description,
+            "warning": self.warning,
+        }
+
+
+def ntk_base_multiplier(factor: float, rotary_dims: int) -> float:
+    """NTK-aware scaling: the RoPE base grows by s^(d/(d-2)) (bloc97, 2023)."""
+    if rotary_dims <= 2:
+        raise InvalidArgument(f"NTK scaling needs more than 2 rotary dimensions, got {rotary_dims}")
+    return factor ** (rotary_dims / (rotary_dims - 2))
+
+
+def _file_freq_scale(spec: ModelSpec) -> float:
+    """The freq scale the file already applies (llama.cpp: 1 / rope.scaling.factor)."""
+    if spec.rope_scaling_type in ("none",) or not spec.rope_scaling_factor:
+        return 1.0
+    return 1.0 / spec.rope_scaling_factor
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if value < 1000 else f"{value:,.0f}"
+
+
+def plan_rope(
+    spec: ModelSpec,
+    n_ctx: int,
+    method: str | None = None,
+    *,
+    yarn_orig_ctx: int | None = None,
+    yarn_ext_factor: float | None = None,
+    yarn_attn_factor: float | None = None,
+    yarn_beta_fast: float | None = None,
+    yarn_beta_slow: float | None = None,
+) -> RopePlan:
+    """The RoPE plan for running ``spec`` at ``n_ctx`` tokens.
+
+    Within the trained length nothing changes (method ``none``, default params) unless
+    a method is named; beyond it ``method`` (default :data:`DEFAULT_METHOD`) applies.
+    """
+    if method is not None and method not in ROPE_METHODS:
+        raise InvalidArgument(
+            f"unknown RoPE method {method!r}; use one of {', '.join(ROPE_METHODS)}"
+        )
+    if n_ctx <= 0:
+        raise InvalidArgument(f"context size {n_ctx} must be a positive token count")
+    train = spec.n_ctx_train
+    extended = n_ctx > train
+    if method is None:
+        method = DEFAULT_METHOD if extended else "none"
+    factor = n_ctx / train if extended else 1.0
+    if method != "none" and not extended:
+        # Scaling inside the trained length would only blur positions the model knows.
+        return RopePlan(
+            method="none",
+            n_ctx=n_ctx,
+            n_ctx_train=train,
+            factor=1.0,
+            params=RopeParams(),
+            description=(
+                f"{n_ctx} tokens fit in the trained context of {train}, "
+                f"so no {method} scaling is applied and RoPE stays as the model sets it."
+            ),
+            warning=None,
+        )
+
+    base = spec.rope_freq_base
+    file_scale = _file_freq_scale(spec)
+    if method == "none":
+        params = RopeParams()
+        if extended:
+            description = (
+                f"RoPE left unscaled at {n_ctx} tokens, {factor:.3g}x the trained context "
+                f"of {train}."
+            )
+            warning = (
+                f"--rope none past the trained context ({n_ctx} > {train} tokens): positions "
+                f"beyond {train} are unseen in training and quality will degrade; "
+                f"--rope {DEFAULT_METHOD} extends the context"
+            )
+        else:
+            description = f"{n_ctx} tokens fit in the trained context of {train}; RoPE unchanged."
+            warning = None
+    elif method == "linear":
+        scale = file_scale / factor
+        params = RopeParams(scaling="linear", freq_scale=scale)
+        description = (
+            f"Linear position interpolation: positions compressed {factor:.3g}x "
+            f"(freq scale {_fmt(scale)}) so {n_ctx} tokens map onto the trained {train}."
+        )
+        warning = None
+    elif method == "ntk":
+        dims = spec.rope_dim or spec.head_dim
+        new_base = base * ntk_base_multiplier(factor, dims)
+        # The file's own scaling type and scale stay; only the base moves.
+        params = RopeParams(freq_base=new_base)
+        description = (
+            f"NTK-aware scaling: RoPE base raised from {_fmt(base)} to {_fmt(new_base)} "
+            f"(x{factor ** (dims / (dims - 2)):.4g} = {factor:.3g}^({dims}/{dims - 2})) "
+            f"to reach {n_ctx} tokens, positions unchanged."
+        )
+        warning = None
+    else:  # yarn
+        # A file already at YaRN keeps its original context; the factors compound.
+        orig = yarn_orig_ctx or spec.rope_orig_ctx or train
+        scale = file_scale / factor
+        params = RopeParams(
+            scaling="yarn",
+            freq_scale=scale,
+            yarn_orig_ctx=orig,
+            yarn_ext_factor=yarn_ext_factor if yarn_ext_factor is not None else -1.0,
+            yarn_attn_factor=yarn_attn_factor if yarn_attn_factor is not None else 1.0,
+            yarn_beta_fast=yarn_beta_fast if yarn_beta_fast is not None else YARN_DEFAULT_BETA_FAST,
+            yarn_beta_slow=yarn_beta_slow if yarn_beta_slow is not None else YARN_DEFAULT_BETA_SLOW,
+        )
+        description = (
+            f"YaRN x{1 / scale:.3g} (freq scale {_fmt(scale)}, original context {orig}, "
+            f"beta fast {params.yarn_beta_fast:g}, beta slow {params.yarn_beta_slow:g}) "
+            f"to reach {n_ctx} tokens."
+        )
+        warning = None
+    return RopePlan(
+        method=method,
+        n_ctx=n_ctx,
+        n_ctx_train=train,
+        factor=factor,
+        params=params,
+        description=description,
+        warning=warning,
+    )
+
+
+@dataclass(frozen=True)
+class AppliedRope:
+    """The RoPE settings llama.cpp reports it applied when it created the context."""
+
+    freq_base: float | None
+    freq_scale: float | None
+    n_ctx_orig_yarn: int | None  # from the model's load log (the file's value)
+    n_ctx_train_adjusted: int | None  # set when llama.cpp saw a custom YaRN scale
+
+
+def parse_applied_rope(lines: Sequence[str]) -> AppliedRope:
+    """Read freq_base / freq_scale and the YaRN notes out of llama.cpp's load log."""
+    base = scale = None
+    orig = adjusted = None
+    for line in lines:
+        if "llama_context" in line or "llama_init_from_model" in line:
+            if m := re.search(r"freq_base\s*=\s*([\d.eE+-]+)", line):
+                base = float(m[1])
+            elif m := re.search(r"freq_scale\s*=\s*([\d.eE+-]+)", line):
+                scale = float(m[1])
+            elif m := re.search(r"n_ctx_train adjusted to (\d+)", line):
+                adjusted = int(m[1])
+        if m := re.search(r"n_ctx_orig_yarn\s*=\s*(\d+)", line):
+            orig = int(m[1])
+    return AppliedRope(base, scale, orig, adjusted)
