@@ -1,12 +1,31 @@
-"""Chat sessions: one loaded model, a growing history, streamed replies."""
+"""Chat sessions: one loaded model, a growing history, streamed replies.
+
+The session keeps ONE ``Llama`` for its whole life and sends the full formatted
+history each turn, so llama-cpp-python reuses the KV prefix of earlier turns and only
+the new suffix is evaluated. Earlier turns are never re-formatted: replies are kept
+exactly as streamed. When the history plus the reply budget would pass the context,
+the oldest turns are dropped (never the system prompt).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+from localllm.errors import ContextOverflow, InvalidArgument, InvalidModelFile, LocalLLMError
+from localllm.gguf_meta import ModelSpec, read_model_spec
+from localllm.memory import kv_cache_bytes
 from localllm.resolver import ResolvedModel, require_local_file, resolve_model
+from localllm.rope import ROPE_METHODS, RopePlan, plan_rope
 from localllm.runtime import (
+    KV_CACHE_TYPES,
     ChatMessage,
     GenerationStats,
     LoadedModel,
@@ -16,10 +35,153 @@ from localllm.runtime import (
     load_model,
 )
 
-__all__ = ["DEFAULT_CONTEXT", "ChatSession", "open_session"]
+__all__ = [
+    "DEFAULT_CONTEXT",
+    "DEFAULT_MAX_TOKENS",
+    "SLASH_COMMANDS",
+    "TRANSCRIPT_FORMAT",
+    "ChatSession",
+    "HistoryTrimmed",
+    "MultilineInput",
+    "SessionSummary",
+    "check_chat_options",
+    "open_session",
+    "parse_slash_command",
+    "stats_as_json",
+]
 
 # A chat default that stays cheap on a laptop; --ctx asks for more.
 DEFAULT_CONTEXT = 4096
+# The reply budget when --max-tokens is not given (capped at half the context).
+DEFAULT_MAX_TOKENS = 512
+TRANSCRIPT_FORMAT = "localllm-chat/1"
+
+# name -> (argument, what it does); the REPL's /help is rendered from this.
+SLASH_COMMANDS: dict[str, tuple[str, str]] = {
+    "/help": ("", "show this help"),
+    "/reset": ("", "forget the conversation (the system prompt stays)"),
+    "/system": ("[TEXT]", "set the system prompt (no TEXT: show it)"),
+    "/stats": ("", "session statistics: tokens, speed, KV cache, settings"),
+    "/save": ("FILE", "write the transcript and settings as JSON"),
+    "/exit": ("", "leave (also /quit, /bye, Ctrl-D, Ctrl-C at the prompt)"),
+}
+_ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/clear": "/reset"}
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class HistoryTrimmed:
+    """The oldest turns were dropped so the prompt and its reply budget fit the context."""
+
+    dropped_messages: int  # this turn
+    total_dropped_messages: int  # since the last /reset
+    prompt_tokens: int  # the prompt once trimmed
+    n_ctx: int
+    first: bool  # the user is told once per session; later trims are silent
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What /stats shows: totals over the session and the state of the context."""
+
+    turns: int
+    prompt_tokens_evaluated: int
+    generated_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+    history_messages: int
+    dropped_messages: int
+    kv_used: int
+    kv_cells: int
+    kv_bytes: int | None
+    last: GenerationStats | None
+
+    @property
+    def prompt_tps(self) -> float:
+        s = self.prompt_seconds
+        return self.prompt_tokens_evaluated / s if s > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        s = self.generation_seconds
+        return self.generated_tokens / s if s > 0 else 0.0
+
+
+def stats_as_json(stats: GenerationStats) -> dict[str, Any]:
+    """One turn's numbers for --json and /save, derived rates included."""
+    data = asdict(stats)
+    data.pop("text")
+    data["prompt_tps"] = round(stats.prompt_tps, 3)
+    data["generation_tps"] = round(stats.generation_tps, 3)
+    data["kv_percent"] = round(100.0 * stats.kv_used / stats.kv_cells, 2) if stats.kv_cells else 0
+    return data
+
+
+# ---------------------------------------------------------------------------- input
+
+
+def parse_slash_command(line: str) -> tuple[str, str] | None:
+    """``"/save a.json"`` -> ``("/save", "a.json")``; ``None`` when it is a message."""
+    stripped = line.strip()
+    if not stripped.startswith("/") or stripped.startswith("//"):
+        return None
+    name, _, arg = stripped.partition(" ")
+    name = name.lower()
+    return _ALIASES.get(name, name), arg.strip()
+
+
+@dataclass
+class MultilineInput:
+    """Joins REPL lines into one message.
+
+    A line ending in a backslash continues on the next line; a line that is exactly
+    ``\"\"\"`` opens a block that the next such line closes (text may follow the opening
+    quotes on the same line).
+    """
+
+    lines: list[str] = field(default_factory=list)
+    in_block: bool = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether more lines are needed before the message is complete."""
+        return self.in_block or bool(self.lines)
+
+    def feed(self, line: str) -> str | None:
+        """Add one line; return the full message once it is complete."""
+        if self.in_block:
+            if line.rstrip().endswith('"""'):
+                self.lines.append(line.rstrip()[:-3])
+                return self._finish()
+            self.lines.append(line)
+            return None
+        if not self.lines and line.lstrip().startswith('"""'):
+            rest = line.lstrip()[3:]
+            if rest.rstrip().endswith('"""') and rest.strip() != "":
+                return rest.rstrip()[:-3]
+            self.in_block = True
+            if rest.strip():
+                self.lines.append(rest)
+            return None
+        if line.endswith("\\"):
+            self.lines.append(line[:-1])
+            return None
+        self.lines.append(line)
+        return self._finish()
+
+    def cancel(self) -> None:
+        self.lines.clear()
+        self.in_block = False
+
+    def _finish(self) -> str:
+        text = "\n".join(self.lines)
+        self.cancel()
+        return text
+
+
+# -------------------------------------------------------------------------- session
 
 
 @dataclass
@@ -27,50 +189,282 @@ class ChatSession:
     """A conversation with one loaded model (kept loaded so the KV prefix is reused)."""
 
     model: ResolvedModel
+    spec: ModelSpec
     runtime: LoadedModel
     sampling: SamplingOptions
     system: str | None = None
-    history: list[ChatMessage] = field(default_factory=list)
+    rope_plan: RopePlan | None = None
+    load_seconds: float = 0.0
+    history: list[ChatMessage] = field(default_factory=list)  # what the model sees
+    transcript: list[ChatMessage] = field(default_factory=list)  # all since /reset
+    turns: list[GenerationStats] = field(default_factory=list)
+    dropped_messages: int = 0
+    told_about_trimming: bool = False
 
-    def messages(self) -> list[ChatMessage]:
+    @property
+    def n_ctx(self) -> int:
+        return self.runtime.n_ctx
+
+    @property
+    def display_name(self) -> str:
+        """The model as the user knows it: its alias, else its file name."""
+        if self.model.alias:
+            return (
+                f"{self.model.alias}:{self.model.quant}" if self.model.quant else self.model.alias
+            )
+        return self.runtime.path.name
+
+    def messages(self, extra: ChatMessage | None = None) -> list[ChatMessage]:
         head = [ChatMessage("system", self.system)] if self.system else []
-        return head + self.history
+        return head + self.history + ([extra] if extra else [])
 
-    def send(self, text: str) -> Iterator[TextChunk | GenerationStats]:
-        """Stream the reply to ``text``; the history keeps both once the reply ends."""
-        self.history.append(ChatMessage("user", text))
-        reply: list[str] = []
+    def kv_bytes(self) -> int | None:
+        """Bytes of the allocated KV cache (the arithmetic `info` and `kv-calc` use)."""
+        opts = self.runtime.options
         try:
-            for item in self.runtime.chat_stream(self.messages(), self.sampling):
+            est = kv_cache_bytes(self.spec, self.n_ctx, type_k=opts.type_k, type_v=opts.type_v)
+        except InvalidArgument:
+            return None
+        return est.total_bytes
+
+    def _make_room(self, user: ChatMessage) -> Iterator[HistoryTrimmed]:
+        """Drop the oldest turns until the prompt plus the reply budget fits."""
+        budget = self.sampling.max_tokens or DEFAULT_MAX_TOKENS
+        n_ctx = self.n_ctx
+        alone = self.runtime.count_chat_tokens(
+            [*([ChatMessage("system", self.system)] if self.system else []), user]
+        )
+        if alone + budget > n_ctx:
+            sys_note = " with the system prompt" if self.system else ""
+            raise ContextOverflow(
+                f"this message is {alone} tokens{sys_note}; with the reply budget of {budget} "
+                f"it needs {alone + budget} but the context holds {n_ctx}. Shorten it, "
+                f"lower --max-tokens, or restart with a larger --ctx"
+            )
+        dropped = 0
+        needed = self.runtime.count_chat_tokens(self.messages(user))
+        while needed + budget > n_ctx and self.history:
+            # Turns go in pairs (user, assistant) so the template sees a well-formed chat.
+            n = 2 if len(self.history) >= 2 else 1
+            del self.history[:n]
+            dropped += n
+            needed = self.runtime.count_chat_tokens(self.messages(user))
+        if dropped:
+            self.dropped_messages += dropped
+            first = not self.told_about_trimming
+            self.told_about_trimming = True
+            yield HistoryTrimmed(dropped, self.dropped_messages, needed, n_ctx, first)
+
+    def send(
+        self, text: str, stop: Callable[[], bool] | None = None
+    ) -> Iterator[HistoryTrimmed | TextChunk | GenerationStats]:
+        """Stream the reply to ``text``; the history keeps both once the reply ends.
+
+        ``stop`` is polled between tokens; when it turns true the reply ends early and
+        what was streamed so far stays in the history (finish reason "interrupted").
+        """
+        start = time.perf_counter()
+        user = ChatMessage("user", text)
+        yield from self._make_room(user)
+        self.history.append(user)
+        self.transcript.append(user)
+        reply: list[str] = []
+        first: float | None = None
+        stats: GenerationStats | None = None
+        try:
+            for item in self.runtime.chat_stream(self.messages(), self.sampling, stop=stop):
                 if isinstance(item, TextChunk):
+                    if first is None:
+                        first = time.perf_counter()
                     reply.append(item.text)
-                yield item
+                    yield item
+                else:
+                    # Time to first token counts from the message, our overflow check included.
+                    stats = replace(item, ttft_seconds=(first or time.perf_counter()) - start)
         except BaseException:
-            # An interrupted reply still happened: keep what the user saw.
-            if reply:
-                self.history.append(ChatMessage("assistant", "".join(reply)))
-            else:
-                self.history.pop()
+            # An aborted reply still happened: keep what the user saw.
+            self._end_turn(reply, completed=False)
             raise
-        self.history.append(ChatMessage("assistant", "".join(reply)))
+        self._end_turn(reply, completed=stats is not None and stats.finish_reason != "interrupted")
+        if stats is not None:
+            self.turns.append(stats)
+            yield stats
+
+    def _end_turn(self, reply: list[str], completed: bool) -> None:
+        if reply or completed:
+            message = ChatMessage("assistant", "".join(reply))
+            self.history.append(message)
+            self.transcript.append(message)
+        else:
+            # Stopped before the first token: forget the question, nothing was said.
+            self.history.pop()
+            self.transcript.pop()
+
+    def recover_after_abort(self) -> None:
+        """After an exception inside llama-cpp-python, start the next turn from a clean KV."""
+        self.runtime.reset()
 
     def reset(self) -> None:
+        """Forget the conversation; the system prompt and the settings stay."""
         self.history.clear()
+        self.transcript.clear()
+        self.dropped_messages = 0
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    def summary(self) -> SessionSummary:
+        return SessionSummary(
+            turns=len(self.turns),
+            prompt_tokens_evaluated=sum(t.prompt_evaluated for t in self.turns),
+            generated_tokens=sum(t.generated_tokens for t in self.turns),
+            prompt_seconds=sum(t.prompt_seconds for t in self.turns),
+            generation_seconds=sum(t.generation_seconds for t in self.turns),
+            history_messages=len(self.history),
+            dropped_messages=self.dropped_messages,
+            kv_used=self.runtime.kv_used,
+            kv_cells=self.n_ctx,
+            kv_bytes=self.kv_bytes(),
+            last=self.turns[-1] if self.turns else None,
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The settings a transcript records, enough to reproduce the session."""
+        opts = self.runtime.options
+        return {
+            "system": self.system,
+            "sampling": asdict(self.sampling),
+            "runtime": {
+                "n_ctx": self.n_ctx,
+                "n_threads": opts.n_threads,
+                "kv_type": opts.type_k if opts.type_k == opts.type_v else None,
+                "type_k": opts.type_k,
+                "type_v": opts.type_v,
+                "flash_attn": opts.flash_attn,
+                "rope": self.rope_plan.as_json() if self.rope_plan is not None else None,
+            },
+        }
+
+    def transcript_json(self) -> dict[str, Any]:
+        head = [ChatMessage("system", self.system)] if self.system else []
+        return {
+            "format": TRANSCRIPT_FORMAT,
+            "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "model": {
+                "ref": self.model.ref,
+                "name": self.spec.name,
+                "path": str(self.runtime.path),
+            },
+            "settings": self.settings(),
+            "messages": [asdict(m) for m in head + self.transcript],
+            # Leading messages of the transcript no longer in the model's context.
+            "dropped_messages": self.dropped_messages,
+            "turns": [stats_as_json(t) for t in self.turns],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the transcript and settings as JSON (atomically: temp file, then rename)."""
+        target = Path(path).expanduser()
+        if not str(path).strip():
+            raise InvalidArgument("/save needs a file name, e.g. /save chat.json")
+        if target.is_dir():
+            raise InvalidArgument(f"{target} is a directory; give a file name")
+        data = json.dumps(self.transcript_json(), indent=2, ensure_ascii=False) + "\n"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise LocalLLMError(f"cannot write {target}: {exc.strerror or exc}") from None
+        return target
 
     def close(self) -> None:
         self.runtime.close()
 
 
+def check_chat_options(
+    sampling: SamplingOptions,
+    runtime: RuntimeOptions,
+    *,
+    n_ctx: int | None = None,
+    rope_method: str | None = None,
+) -> None:
+    """Reject bad flag values before anything is resolved or loaded (InvalidArgument)."""
+    sampling.validate()
+    quantized_v = runtime.type_v in KV_CACHE_TYPES and runtime.type_v not in ("f16", "f32", "bf16")
+    if quantized_v and not runtime.flash_attn:
+        # llama.cpp refuses a quantized V cache without flash attention.
+        raise InvalidArgument(
+            f"--kv-type {runtime.type_v} quantizes the V cache, which needs flash "
+            "attention; drop --flash-attn off or use --kv-type f16"
+        )
+    replace(runtime, n_ctx=n_ctx if n_ctx is not None else runtime.n_ctx).validate()
+    if sampling.max_tokens is not None and n_ctx is not None and sampling.max_tokens >= n_ctx:
+        raise InvalidArgument(_budget_message(sampling.max_tokens, n_ctx))
+    if rope_method is not None and rope_method not in ROPE_METHODS:
+        raise InvalidArgument(
+            f"unknown RoPE method {rope_method!r}; use one of {', '.join(ROPE_METHODS)}"
+        )
+
+
 def open_session(
     ref: str | None,
-    runtime: RuntimeOptions,
+    *,
     sampling: SamplingOptions,
+    runtime: RuntimeOptions | None = None,
+    n_ctx: int | None = None,
+    rope_method: str | None = None,
     system: str | None = None,
 ) -> ChatSession:
-    """Resolve ``ref``, load it once, and return a session ready for ``send``."""
-    sampling.validate()
-    runtime.validate()
+    """Check the flags, resolve ``ref``, load it once, return a session ready for ``send``.
+
+    ``n_ctx`` None means min(trained context, 4096); past the trained context the
+    RoPE plan (``rope_method`` or the default) stretches it. ``sampling.max_tokens``
+    None means 512 or half the context, whichever is smaller.
+    """
+    runtime = runtime or RuntimeOptions()
+    check_chat_options(sampling, runtime, n_ctx=n_ctx, rope_method=rope_method)
     model = resolve_model(ref)
     path = require_local_file(model)
-    loaded = load_model(path, replace(runtime, seed=sampling.seed or runtime.seed))
-    return ChatSession(model=model, runtime=loaded, sampling=sampling, system=system)
+    spec = read_model_spec(path)
+    if not spec.has_chat_template:
+        raise InvalidModelFile(
+            f"{path.name} has no chat template in its GGUF (tokenizer.chat_template); "
+            "chat needs an instruct or chat model"
+        )
+    ctx = n_ctx if n_ctx is not None else min(spec.n_ctx_train, DEFAULT_CONTEXT)
+    plan = None
+    if ctx > spec.n_ctx_train or rope_method is not None:
+        plan = plan_rope(spec, ctx, rope_method)
+        runtime = replace(runtime, rope=plan.params)
+    max_tokens = sampling.max_tokens or min(DEFAULT_MAX_TOKENS, ctx // 2)
+    if max_tokens >= ctx:
+        raise InvalidArgument(_budget_message(max_tokens, ctx))
+    sampling = replace(sampling, max_tokens=max_tokens)
+    seed = sampling.seed if sampling.seed is not None else runtime.seed
+    runtime = replace(runtime, n_ctx=ctx, seed=seed)
+
+    started = time.perf_counter()
+    loaded = load_model(path, runtime)
+    return ChatSession(
+        model=model,
+        spec=spec,
+        runtime=loaded,
+        sampling=sampling,
+        system=system or None,
+        rope_plan=plan,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+def _budget_message(max_tokens: int, n_ctx: int) -> str:
+    return (
+        f"a reply budget of {max_tokens} tokens leaves no room for the prompt in a "
+        f"{n_ctx}-token context; lower --max-tokens or raise --ctx"
+    )
