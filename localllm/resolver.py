@@ -163,7 +163,7 @@ def require_local_file(model: ResolvedModel) -> Path:
 
 
 def model_spec(model: ResolvedModel) -> ModelSpec:
-    """Architecture facts: from the file's header if present, else from the catalog."""
+    """Architecture facts: the file's header if present, else the catalog, else the hub."""
     if model.present:
         assert model.path is not None
         return read_model_spec(model.path)
@@ -173,5 +173,9 @@ def model_spec(model: ResolvedModel) -> ModelSpec:
         from dataclasses import replace
 
         return replace(spec, file_bytes=size, weights_bytes=size, file_type=model.quant)
+    if model.kind == "hub" and model.repo is not None:
+        from localllm.hub import remote_spec  # lazy: huggingface_hub is slow to import
+
+        return remote_spec(model)  # the GGUF header alone, over HTTP range requests
     require_local_file(model)  # raises with the right hint
     raise ModelNotFound(f"no architecture facts for {model.ref}")

@@ -1,0 +1,368 @@
+"""``localllm pull`` against a local fake hub that serves the real SmolLM2 file.
+
+The fake hub (tests/hub_server.py) speaks the HTTP huggingface-hub uses; the CLI runs
+in a subprocess with HF_ENDPOINT pointing at it, so huggingface-hub reads the endpoint
+at import exactly as it does for a user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SMOLLM2_SHA256, CliResult
+from gguf_factory import write_gguf
+from hub_server import GOOD_TOKEN, FakeHub
+from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+
+from localllm.gguf_meta import read_model_spec
+from localllm.hub import quant_of
+from localllm.store import ModelStore, sha256_file
+
+SMOL_REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
+SMOL_FILE = "smollm2-135m-instruct.Q4_1.gguf"
+SMOL_REF = f"{SMOL_REPO}:Q4_1"
+# http_get hands the file over in chunks of DOWNLOAD_CHUNK_SIZE; a cut connection loses
+# the chunk it was filling, so a resume starts at a multiple of it.
+
+
+@pytest.fixture
+def fake_hub(
+    isolated_paths: Path, smollm2_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeHub]:
+    synth = tmp_path / "synthetic"
+    synth.mkdir()
+    hub = FakeHub()
+    hub.add_repo(
+        SMOL_REPO,
+        {
+            SMOL_FILE: smollm2_path,
+            "smollm2-135m-instruct.Q8_0.gguf": write_gguf(synth / "q8.gguf", "mha-tiny"),
+        },
+    )
+    hub.add_repo("test-org/Gated-GGUF", {SMOL_FILE: smollm2_path}, gated=True)
+    hub.add_repo(
+        "test-org/Multi-GGUF",
+        {
+            "a.Q4_K_M.gguf": write_gguf(synth / "a.gguf", "mha-tiny"),
+            "b.Q4_K_M.gguf": write_gguf(synth / "b.gguf", "mqa-1b"),
+        },
+    )
+    huge = write_gguf(synth / "huge.gguf", "llama-2-70b")
+    hub.add_repo(
+        "test-org/Huge-GGUF", {"huge.Q4_0.gguf": huge}, reported_sizes={"huge.Q4_0.gguf": 1 << 60}
+    )
+    # Catalog repos: one file the catalog has no sha256 for, one whose sha256 differs.
+    hub.add_repo(
+        "TheBloke/Mistral-7B-Instruct-v0.1-GGUF",
+        {"mistral-7b-instruct-v0.1.Q4_K_M.gguf": write_gguf(synth / "m.gguf", "mistral-7b-v0.1")},
+    )
+    hub.add_repo(
+        "TheBloke/Llama-2-7B-Chat-GGUF",
+        {"llama-2-7b-chat.Q4_K_M.gguf": write_gguf(synth / "l.gguf", "llama-2-7b")},
+    )
+    hub.start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    yield hub
+    hub.stop()
+
+
+def store_files(home: Path) -> list[str]:
+    return sorted(p.name for p in home.glob("*.gguf")) if home.is_dir() else []
+
+
+def partials(home: Path) -> list[Path]:
+    return sorted((home / ".tmp").glob("*.part")) if (home / ".tmp").is_dir() else []
+
+
+# ----------------------------------------------------------------------------- pulls
+
+
+def test_full_pull_verifies_records_and_resolves(cli, fake_hub: FakeHub, isolated_paths: Path):
+    result = cli("pull", f"{SMOL_REPO}:q4_1")  # the quant matches case-insensitively
+    assert result.exit_code == 0, result.stderr
+    assert "verified and stored" in result.stderr
+    assert store_files(isolated_paths) == [SMOL_FILE]
+    assert sha256_file(isolated_paths / SMOL_FILE) == SMOLLM2_SHA256
+    assert partials(isolated_paths) == []
+
+    stored = ModelStore(isolated_paths).find(SMOL_REPO, "Q4_1")
+    assert [m.filename for m in stored] == [SMOL_FILE]
+    assert stored[0].sha256 == SMOLLM2_SHA256
+    from localllm.resolver import resolve_model
+
+    resolved = resolve_model(SMOL_REF, ModelStore(isolated_paths))
+    assert resolved.present and resolved.path == isolated_paths / SMOL_FILE
+
+    # Once stored, pulling again needs no network at all.
+    fake_hub.requests.clear()
+    again = cli("pull", SMOL_REF)
+    assert again.exit_code == 0, again.stderr
+    assert "already in the store" in again.stderr
+    assert fake_hub.requests == []
+
+
+def test_pull_exact_hub_file(cli, fake_hub: FakeHub, isolated_paths: Path):
+    result = cli("pull", f"hf://{SMOL_REPO}/{SMOL_FILE}")
+    assert result.exit_code == 0, result.stderr
+    assert sha256_file(isolated_paths / SMOL_FILE) == SMOLLM2_SHA256
+
+
+def test_pull_catalog_alias_records_alias(cli, fake_hub: FakeHub, isolated_paths: Path):
+    result = cli("pull", "mistral-7b-instruct-v0.1:Q4_K_M")
+    assert result.exit_code == 0, result.stderr
+    listed = json.loads(cli("list", "--json").stdout)
+    assert [(r["alias"], r["quant"], r["file"]) for r in listed] == [
+        ("mistral-7b-instruct-v0.1", "Q4_K_M", "mistral-7b-instruct-v0.1.Q4_K_M.gguf")
+    ]
+
+
+def test_catalog_sha_disagreeing_with_hub_is_refused(cli, fake_hub: FakeHub, isolated_paths):
+    result = cli("pull", "llama-2-7b-chat:Q4_K_M")
+    assert result.exit_code == 1
+    assert "the catalog expects" in result.error_line
+    assert fake_hub.cdn_gets() == []
+    assert store_files(isolated_paths) == []
+
+
+def test_dropped_connection_resumes_with_a_range_request(cli, fake_hub: FakeHub, isolated_paths):
+    size = fake_hub.repos[SMOL_REPO.lower()].files[SMOL_FILE].size
+    fake_hub.drop_after = size // 2
+    result = cli("pull", SMOL_REF)
+    assert result.exit_code == 0, result.stderr
+    gets = fake_hub.cdn_gets()
+    kept = (size // 2) // DOWNLOAD_CHUNK_SIZE * DOWNLOAD_CHUNK_SIZE
+    assert [g.range for g in gets] == [None, f"bytes={kept}-"]
+    assert sha256_file(isolated_paths / SMOL_FILE) == SMOLLM2_SHA256
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # the status line only
+
+
+def test_ctrl_c_keeps_the_partial_and_the_next_pull_resumes(fake_hub: FakeHub, isolated_paths):
+    size = fake_hub.repos[SMOL_REPO.lower()].files[SMOL_FILE].size
+    fake_hub.stall_after = size // 2
+    kept = (size // 2) // DOWNLOAD_CHUNK_SIZE * DOWNLOAD_CHUNK_SIZE
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localllm", "pull", SMOL_REF],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        # A long read timeout: on a loaded machine the stall must outlast the SIGINT,
+        # or http_get would time out and resume on its own before we interrupt it.
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "300"},
+    )
+    try:
+        assert fake_hub.stalled.wait(60), "the download never reached the stall point"
+        deadline = time.monotonic() + 60
+        while not (partials(isolated_paths) and partials(isolated_paths)[0].stat().st_size >= kept):
+            assert time.monotonic() < deadline, "the partial file never grew"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        fake_hub.release.set()
+    assert proc.returncode == 130, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"`localllm pull {SMOL_REF}` again resumes" in lines[0], stderr
+    assert store_files(isolated_paths) == []  # nothing partial in the store proper
+    [part] = partials(isolated_paths)
+    assert part.stat().st_size == kept
+
+    fake_hub.requests.clear()
+    resumed = run(["pull", SMOL_REF])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert [g.range for g in fake_hub.cdn_gets()] == [f"bytes={kept}-"]
+    assert "resumed at" in resumed.stderr
+    assert sha256_file(isolated_paths / SMOL_FILE) == SMOLLM2_SHA256
+    assert partials(isolated_paths) == []
+
+
+def run(args: list[str], **env: str) -> CliResult:
+    proc = subprocess.run(
+        [sys.executable, "-m", "localllm", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **env},
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_corrupted_byte_is_caught_and_discarded(cli, fake_hub: FakeHub, isolated_paths: Path):
+    size = fake_hub.repos[SMOL_REPO.lower()].files[SMOL_FILE].size
+    fake_hub.corrupt_offset = size // 3
+    result = cli("pull", SMOL_REF)
+    assert result.exit_code == 1
+    line = result.error_line
+    assert "sha256" in line and "discarded" in line
+    assert store_files(isolated_paths) == []
+    assert partials(isolated_paths) == []
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unknown_repo_is_one_line(cli, fake_hub: FakeHub):
+    result = cli("pull", "test-org/No-Such-GGUF:Q4_1")
+    assert result.exit_code == 1
+    line = result.error_line
+    assert "test-org/No-Such-GGUF not found" in line
+
+
+def test_unknown_file_is_one_line(cli, fake_hub: FakeHub):
+    result = cli("pull", f"hf://{SMOL_REPO}/missing.Q4_1.gguf")
+    assert result.exit_code == 1
+    line = result.error_line
+    assert "has no file missing.Q4_1.gguf" in line and "--list" in line
+
+
+def test_gated_repo_without_token_says_how_to_set_it(cli, fake_hub: FakeHub, isolated_paths):
+    result = cli("pull", "test-org/Gated-GGUF:Q4_1")
+    assert result.exit_code == 1
+    line = result.error_line
+    assert "gated" in line and "HF_TOKEN" in line
+    assert fake_hub.cdn_gets() == []
+
+
+def test_gated_repo_with_a_token(fake_hub: FakeHub, isolated_paths: Path):
+    result = run(["pull", "test-org/Gated-GGUF:Q4_1"], HF_TOKEN=GOOD_TOKEN)
+    assert result.exit_code == 0, result.stderr
+    assert sha256_file(isolated_paths / SMOL_FILE) == SMOLLM2_SHA256
+    hub_calls = [r for r in fake_hub.requests if r.server == "hub"]
+    assert hub_calls and all(r.authorization == f"Bearer {GOOD_TOKEN}" for r in hub_calls)
+    assert all(r.authorization is None for r in fake_hub.cdn_gets())  # never sent off the hub
+
+
+def test_wrong_token_on_gated_repo(fake_hub: FakeHub):
+    result = run(["pull", "test-org/Gated-GGUF:Q4_1"], HF_TOKEN="hf_not_allowed")
+    assert result.exit_code == 1
+    assert "no access" in result.error_line
+
+
+def test_no_network_is_one_line(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = run(["pull", SMOL_REF], HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    assert result.exit_code == 1
+    assert "cannot reach the hub" in result.error_line
+
+
+def test_offline_mode_with_the_file_absent(fake_hub: FakeHub):
+    result = run(["pull", SMOL_REF], HF_HUB_OFFLINE="1")
+    assert result.exit_code == 1
+    assert "HF_HUB_OFFLINE" in result.error_line
+    assert fake_hub.requests == []
+
+
+def test_offline_mode_with_the_file_stored(cli, fake_hub: FakeHub):
+    assert cli("pull", SMOL_REF).exit_code == 0
+    result = run(["pull", SMOL_REF], HF_HUB_OFFLINE="1")
+    assert result.exit_code == 0, result.stderr
+    assert "already in the store" in result.stderr
+
+
+def test_disk_space_is_checked_before_downloading(cli, fake_hub: FakeHub, isolated_paths):
+    result = cli("pull", "test-org/Huge-GGUF:Q4_0")
+    assert result.exit_code == 1
+    assert "not enough disk space" in result.error_line
+    assert fake_hub.cdn_gets() == []
+    assert store_files(isolated_paths) == [] and partials(isolated_paths) == []
+
+
+def test_unknown_quant_lists_what_is_there(cli, fake_hub: FakeHub):
+    result = cli("pull", f"{SMOL_REPO}:Q5_K_M")
+    assert result.exit_code == 1
+    line = result.error_line
+    assert "no GGUF file for quant Q5_K_M" in line and "Q4_1" in line and "Q8_0" in line
+
+
+def test_ambiguous_quant_lists_the_files(cli, fake_hub: FakeHub):
+    result = cli("pull", "test-org/Multi-GGUF:q4_k_m")
+    assert result.exit_code == 2
+    line = result.error_line
+    assert "a.Q4_K_M.gguf" in line and "b.Q4_K_M.gguf" in line
+
+
+# --------------------------------------------------------------------- --list, preview
+
+
+def test_list_table(cli, fake_hub: FakeHub, smollm2_path: Path):
+    result = cli("pull", SMOL_REPO, "--list")
+    assert result.exit_code == 0, result.stderr
+    rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[2:] if ln.strip()}
+    assert set(rows) == {"Q4_1", "Q8_0"}  # README.md is not a model
+    from localllm.ui import format_bytes
+
+    assert format_bytes(smollm2_path.stat().st_size) in rows["Q4_1"]
+    assert SMOL_FILE in rows["Q4_1"]
+    listing = json.loads(cli("pull", SMOL_REPO, "--list", "--json").stdout)
+    sizes = {f["path"]: f["size_bytes"] for f in listing["files"]}
+    assert sizes[SMOL_FILE] == smollm2_path.stat().st_size
+    assert {f["path"]: f["sha256"] for f in listing["files"]}[SMOL_FILE] == SMOLLM2_SHA256
+
+
+def test_info_on_a_hub_ref_reads_only_the_header(
+    cli, fake_hub: FakeHub, smollm2_path, isolated_paths
+):
+    result = cli("info", SMOL_REF, "--json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    local = read_model_spec(smollm2_path)
+    for key in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "n_ctx_train", "vocab_size"):
+        assert info[key] == getattr(local, key), key
+    assert info["weights_bytes"] == local.weights_bytes
+    assert info["file_bytes"] == smollm2_path.stat().st_size
+    assert info["source"] == "hub header"
+    served = sum(fake_hub.bytes_served.values())
+    assert 0 < served <= 4 << 20 and served * 20 < smollm2_path.stat().st_size
+    assert all(g.range is not None for g in fake_hub.cdn_gets())
+    assert store_files(isolated_paths) == [] and partials(isolated_paths) == []
+
+
+def test_kv_calc_on_a_hub_ref_matches_the_local_file(cli, fake_hub: FakeHub, smollm2_path):
+    remote = cli("kv-calc", SMOL_REF, "--ctx", "2048", "--json")
+    assert remote.exit_code == 0, remote.stderr
+    local = cli("kv-calc", str(smollm2_path), "--ctx", "2048", "--json")
+    assert local.exit_code == 0, local.stderr
+    remote_data, local_data = json.loads(remote.stdout), json.loads(local.stdout)
+    for key in ("per_token_bytes", "weights_bytes", "rows", "architecture"):
+        assert remote_data[key] == local_data[key], key
+    assert sum(fake_hub.bytes_served.values()) * 20 < smollm2_path.stat().st_size
+
+
+def test_info_on_a_gated_hub_ref_is_one_line(cli, fake_hub: FakeHub):
+    result = cli("info", "test-org/Gated-GGUF:Q4_1")
+    assert result.exit_code == 1
+    assert "HF_TOKEN" in result.error_line
+
+
+# ------------------------------------------------------------------------------ units
+
+
+@pytest.mark.parametrize(
+    ("name", "quant"),
+    [
+        ("llama-2-13b-chat.Q4_K_M.gguf", "Q4_K_M"),
+        ("mistral-7b-instruct-v0.2.Q5_K_M.gguf", "Q5_K_M"),
+        ("Meta-Llama-3-8B-Instruct-Q4_K_M.gguf", "Q4_K_M"),
+        ("Meta-Llama-3-8B-Instruct-IQ4_XS.gguf", "IQ4_XS"),
+        ("qwen2-0_5b-instruct-q8_0.gguf", "Q8_0"),
+        ("model-f16.gguf", "F16"),
+        ("sub/dir/tinyllama.Q4_0.gguf", "Q4_0"),
+        ("README.gguf", None),
+    ],
+)
+def test_quant_of_file_names(name: str, quant: str | None):
+    assert quant_of(name) == quant
