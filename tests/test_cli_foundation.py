@@ -9,14 +9,6 @@ from conftest import SMOLLM2_FILE, SMOLLM2_SHA256
 from gguf_factory import DROP, write_gguf
 
 
-def _one_error_line(result) -> str:
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr
-    return lines[0]
-
-
 def test_help_is_fast_and_lists_commands(cli) -> None:
     result = cli("--help")
     assert result.exit_code == 0
@@ -101,20 +93,20 @@ def test_rm_refuses_files_outside_the_store(tmp_path: Path, cli) -> None:
     outside = write_gguf(tmp_path / "mine.gguf", "mha-tiny")
     result = cli("rm", str(outside), "--yes")
     assert result.exit_code != 0
-    assert "not in the store" in _one_error_line(result)
+    assert "not in the store" in result.error_line
     assert outside.exists()
 
 
 def test_error_unknown_alias(cli) -> None:
     result = cli("info", "llama-2-7b-chta")
     assert result.exit_code == 1
-    assert "did you mean llama-2-7b-chat" in _one_error_line(result)
+    assert "did you mean llama-2-7b-chat" in result.error_line
 
 
 def test_error_missing_file(tmp_path: Path, cli) -> None:
     result = cli("info", str(tmp_path / "nope.gguf"))
     assert result.exit_code == 1
-    assert "no such model file" in _one_error_line(result)
+    assert "no such model file" in result.error_line
 
 
 def test_error_not_gguf(tmp_path: Path, cli) -> None:
@@ -122,7 +114,7 @@ def test_error_not_gguf(tmp_path: Path, cli) -> None:
     bogus.write_text("<html>404</html>")
     result = cli("info", str(bogus))
     assert result.exit_code == 1
-    assert "is not a GGUF file" in _one_error_line(result)
+    assert "is not a GGUF file" in result.error_line
 
 
 def test_error_truncated_gguf(tmp_path: Path, cli) -> None:
@@ -131,20 +123,20 @@ def test_error_truncated_gguf(tmp_path: Path, cli) -> None:
     cut.write_bytes(full[:500])
     result = cli("info", str(cut))
     assert result.exit_code == 1
-    assert "truncated" in _one_error_line(result)
+    assert "truncated" in result.error_line
 
 
 def test_error_missing_keys(tmp_path: Path, cli) -> None:
     path = write_gguf(tmp_path / "m.gguf", "llama-2-7b", overrides={"llama.block_count": DROP})
     result = cli("info", str(path))
     assert result.exit_code == 1
-    assert "llama.block_count" in _one_error_line(result)
+    assert "llama.block_count" in result.error_line
 
 
 def test_error_default_not_fetched(cli) -> None:
     result = cli("chat", "-p", "hi")
     assert result.exit_code == 1
-    line = _one_error_line(result)
+    line = result.error_line
     assert "not fetched yet" in line and "localllm pull smollm2-135m" in line
 
 
