@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # llama.cpp build, so even a reinstall does not recompile it.
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup model chat test test-fast lint format clean
+.PHONY: setup model native chat test test-fast lint format clean
 
 setup: $(STAMP) model
 
@@ -21,10 +21,18 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/localllm pull smollm2-135m
 
+# llama-bench and llama-perplexity from the same llama.cpp commit: the native reference
+# the tests and benchmarks compare against (built once, ~5 minutes on 2 cores).
+NATIVE := benchmarks/build/bin/llama-bench benchmarks/build/bin/llama-perplexity
+native: $(NATIVE)
+
+$(NATIVE) &: benchmarks/build_native.sh | $(STAMP)
+	PYTHON=$(PY) bash benchmarks/build_native.sh
+
 chat: setup
 	$(BIN)/localllm chat
 
-test: setup
+test: setup native
 	$(BIN)/pytest
 
 test-fast: $(STAMP)
@@ -39,4 +47,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix localllm tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache models/.tmp
+	rm -rf $(VENV) .pytest_cache .ruff_cache models/.tmp benchmarks/build

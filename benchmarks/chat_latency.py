@@ -37,8 +37,18 @@ def raw_once(model: str, prompt: str, max_tokens: int, n_ctx: int, seed: int) ->
     """One request through llama-cpp-python as its README shows, timed like ours."""
     import llama_cpp
 
+    from localllm.runtime import default_threads
+
+    # Same threads as localllm uses (llama-cpp-python alone would generate on cores // 2).
+    threads = default_threads()
     llama = llama_cpp.Llama(
-        model_path=model, n_ctx=n_ctx, flash_attn=True, seed=seed, verbose=False
+        model_path=model,
+        n_ctx=n_ctx,
+        flash_attn=True,
+        seed=seed,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
     )
     ctx = llama._ctx.ctx
     llama_cpp.llama_perf_context_reset(ctx)
