@@ -33,7 +33,11 @@ from typing import Any
 
 from localllm.errors import InvalidArgument, LocalLLMError
 from localllm.gguf_meta import ModelSpec, escape_untrusted
-from localllm.runtime import KV_CACHE_TYPES, default_threads  # cheap: no llama_cpp import
+from localllm.runtime import (  # cheap: no llama_cpp import
+    KV_CACHE_TYPES,
+    check_v_cache_attention,
+    default_threads,
+)
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -415,11 +419,7 @@ def _make_test(
             f"--ctx {ctx} is too small for {p} prompt + {n} generated + {d} depth tokens; "
             f"use --ctx {needed} or more"
         )
-    if tv not in ("f16", "f32", "bf16") and fa == "off":
-        raise InvalidArgument(
-            f"a quantized V cache ({tv}) needs flash attention; drop --flash-attn off "
-            "or use --type-v f16"
-        )
+    check_v_cache_attention(tv, flash_attn=fa != "off")  # "auto" is left to llama.cpp
     return BenchTest(p, n, d, ctx if ctx is not None else needed, nb, nub, tk, tv, fa, nt,
                      ctx_asked=ctx is not None)  # fmt: skip
 

@@ -25,7 +25,6 @@ from localllm.memory import kv_cache_bytes
 from localllm.resolver import ResolvedModel, require_local_file, resolve_model
 from localllm.rope import ROPE_METHODS, RopePlan, plan_rope
 from localllm.runtime import (
-    KV_CACHE_TYPES,
     ChatMessage,
     GenerationStats,
     LoadedModel,
@@ -397,13 +396,6 @@ def check_chat_options(
 ) -> None:
     """Reject bad flag values before anything is resolved or loaded (InvalidArgument)."""
     sampling.validate()
-    quantized_v = runtime.type_v in KV_CACHE_TYPES and runtime.type_v not in ("f16", "f32", "bf16")
-    if quantized_v and not runtime.flash_attn:
-        # llama.cpp refuses a quantized V cache without flash attention.
-        raise InvalidArgument(
-            f"--kv-type {runtime.type_v} quantizes the V cache, which needs flash "
-            "attention; drop --flash-attn off or use --kv-type f16"
-        )
     replace(runtime, n_ctx=n_ctx if n_ctx is not None else runtime.n_ctx).validate()
     if sampling.max_tokens is not None and n_ctx is not None and sampling.max_tokens >= n_ctx:
         raise InvalidArgument(_budget_message(sampling.max_tokens, n_ctx))

@@ -33,6 +33,22 @@ ModelArg = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+RopeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rope",
+        help="RoPE scaling past the trained context: none, linear, ntk or yarn "
+        "(default: yarn when --ctx exceeds the trained length).",
+        show_default=False,
+    ),
+]
+OnOffOpt = Annotated[str, typer.Option("--flash-attn", help="Flash attention: on or off.")]
+
+
+def _on_off(value: str, flag: str) -> bool:
+    if value.lower() not in ("on", "off"):
+        raise InvalidArgument(f"{flag} {value!r}: use on or off")
+    return value.lower() == "on"
 
 
 def _version_callback(value: bool) -> None:
@@ -181,11 +197,8 @@ def chat_cmd(
     kv_type: Annotated[
         str, typer.Option("--kv-type", help="KV cache type for K and V: f16, q8_0, q4_0, ...")
     ] = "f16",
-    flash_attn: Annotated[str, typer.Option("--flash-attn", help="on or off.")] = "on",
-    rope: Annotated[
-        str | None,
-        typer.Option("--rope", help="Past the trained context: none, linear, ntk or yarn."),
-    ] = None,
+    flash_attn: OnOffOpt = "on",
+    rope: RopeOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="One-shot: print reply and stats as one JSON object.")
     ] = False,
@@ -194,14 +207,15 @@ def chat_cmd(
     from localllm.chat import check_chat_options, open_session
     from localllm.runtime import RuntimeOptions, SamplingOptions
 
-    if flash_attn not in ("on", "off"):
-        raise InvalidArgument(f"--flash-attn {flash_attn!r} must be on or off")
     sampling = SamplingOptions(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
     )  # fmt: skip
     runtime = RuntimeOptions(
-        n_threads=threads, type_k=kv_type, type_v=kv_type, flash_attn=flash_attn == "on"
+        n_threads=threads,
+        type_k=kv_type,
+        type_v=kv_type,
+        flash_attn=_on_off(flash_attn, "--flash-attn"),
     )
     check_chat_options(sampling, runtime, n_ctx=ctx, rope_method=rope)
     one_shot = prompt is not None or not sys.stdin.isatty()
@@ -260,9 +274,7 @@ def kv_calc_cmd(
     ] = None,
     type_k: Annotated[str | None, typer.Option("--type-k", help="K cache type alone.")] = None,
     type_v: Annotated[str | None, typer.Option("--type-v", help="V cache type alone.")] = None,
-    flash_attn: Annotated[
-        str, typer.Option("--flash-attn", help="on or off (a quantized V cache needs on).")
-    ] = "on",
+    flash_attn: OnOffOpt = "on",
     ubatch: Annotated[
         int, typer.Option("--ubatch", help="Micro-batch size (sizes the compute buffer).")
     ] = 512,
@@ -274,20 +286,13 @@ def kv_calc_cmd(
         str | None,
         typer.Option("--budget", help="Solve the other way: the largest context in e.g. 8GiB."),
     ] = None,
-    rope: Annotated[
-        str | None,
-        typer.Option(
-            "--rope",
-            help="RoPE scaling for contexts past the trained length: none, linear, ntk, yarn.",
-        ),
-    ] = None,
+    rope: RopeOpt = None,
     verify: Annotated[
         bool, typer.Option("--verify", help="Load the model in llama.cpp and compare.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """KV cache, GQA savings and the memory plan of a model, before anything loads."""
-    from localllm.errors import InvalidArgument
     from localllm.kvcalc import (
         ArchFlags,
         KVCalcRequest,
@@ -298,8 +303,6 @@ def kv_calc_cmd(
         verify_kv_calc,
     )
 
-    if flash_attn.lower() not in ("on", "off"):
-        raise InvalidArgument(f"--flash-attn {flash_attn!r}: use on or off")
     request = KVCalcRequest(
         model=model,
         ctx=parse_int_list(ctx, "--ctx") if ctx else (),
@@ -307,7 +310,7 @@ def kv_calc_cmd(
         kv_types=parse_kv_types(kv_type) if kv_type else (),
         type_k=parse_kv_types(type_k, "--type-k")[0] if type_k else None,
         type_v=parse_kv_types(type_v, "--type-v")[0] if type_v else None,
-        flash_attn=flash_attn.lower() == "on",
+        flash_attn=_on_off(flash_attn, "--flash-attn"),
         ubatch=ubatch,
         arch=ArchFlags(layers, heads, kv_heads, head_dim),
         budget_bytes=parse_size(budget) if budget else None,
@@ -334,16 +337,6 @@ def kv_calc_cmd(
 
 # --------------------------------------------------------------------------- ppl
 # (the ppl command lives below this line)
-
-RopeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--rope",
-        help="RoPE scaling past the trained context: none, linear, ntk or yarn "
-        "(default: yarn when --ctx exceeds the trained length).",
-        show_default=False,
-    ),
-]
 
 
 @app.command("ppl")
@@ -424,14 +417,7 @@ def bench_cmd(
     ctx: Annotated[
         _SweepOpt, typer.Option("--ctx", "-c", help="Context size.", show_default="p + n + d")
     ] = None,
-    rope: Annotated[
-        str | None,
-        typer.Option(
-            "--rope",
-            help="RoPE scaling when --ctx exceeds the trained context: none, linear, ntk, yarn.",
-            show_default="yarn past the trained length",
-        ),
-    ] = None,
+    rope: RopeOpt = None,
     batch: Annotated[
         _SweepOpt,
         typer.Option("-b", "--batch", help="Logical batch (n_batch).", show_default="2048"),

@@ -40,6 +40,7 @@ from localllm.errors import (
 from localllm.gguf_meta import HeaderIncomplete, ModelSpec, read_model_spec_from_prefix
 from localllm.resolver import ResolvedModel, resolve_model
 from localllm.store import ModelStore, sha256_file
+from localllm.units import format_bytes
 
 __all__ = [
     "HubFile",
@@ -298,13 +299,6 @@ def _locate(model: ResolvedModel, listing: RepoListing) -> HubFile:
 # ---------------------------------------------------------------------------- download
 
 
-def _format_size(n: int) -> str:
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 class _ProgressRelay:
     """Stands in for tqdm inside ``http_get``: forwards byte counts to a plain callback."""
 
@@ -397,8 +391,8 @@ def _check_free_space(directory: Path, needed: int, file: HubFile) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise DownloadError(
-            f"not enough disk space for {file.filename}: it needs {_format_size(needed)} more, "
-            f"{directory.parent} has {_format_size(free)} free; free some space "
+            f"not enough disk space for {file.filename}: it needs {format_bytes(needed)} more, "
+            f"{directory.parent} has {format_bytes(free)} free; free some space "
             "(`localllm rm` removes models) or set LOCALLLM_HOME to a bigger disk"
         )
 
@@ -469,7 +463,7 @@ def _download(
             kept = raw.tell()
             share = f" ({kept * 100 // size}%)" if size else ""
             raise DownloadInterrupted(
-                f"interrupted with {_format_size(kept)}{share} of {file.filename} kept in "
+                f"interrupted with {format_bytes(kept)}{share} of {file.filename} kept in "
                 f"{staged.parent}; `localllm pull {ref}` again resumes"
             ) from None
         except OSError as exc:
@@ -664,7 +658,7 @@ def remote_spec(model: ResolvedModel) -> ModelSpec:
                 if (size is not None and len(prefix) >= size) or want >= _PREVIEW_MAX_BYTES:
                     raise InvalidModelFile(
                         f"{file.ref}: no complete GGUF header in its first "
-                        f"{_format_size(len(prefix))}; download it to inspect it"
+                        f"{format_bytes(len(prefix))}; download it to inspect it"
                     ) from None
                 want *= 2
                 continue

@@ -28,6 +28,7 @@ from localllm.memory import (
     with_kv_heads,
 )
 from localllm.presets import PRESETS, lookup_preset
+from localllm.units import format_bytes
 
 __all__ = [
     "ArchFlags",
@@ -572,7 +573,7 @@ def kv_calc(request: KVCalcRequest, facts: ModelFacts | None = None) -> KVCalcRe
                 if solved.max_ctx:
                     rows.append(_row(facts, solved.max_ctx, batch, pair, request, available))
         if budget and not any(b.max_ctx for b in budget) and facts.weights_bytes:
-            notes.append(f"the weights alone take {facts.weights_bytes / MIB / 1024:.2f} GiB")
+            notes.append(f"the weights alone take {format_bytes(facts.weights_bytes)}")
         ctx_values = tuple(sorted({r.ctx for r in rows}))
     else:
         ctx_values = request.ctx or _default_ctx(spec)

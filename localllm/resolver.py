@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localllm.errors import DefaultModelMissing, InvalidArgument, ModelNotFound
@@ -170,8 +170,6 @@ def model_spec(model: ResolvedModel) -> ModelSpec:
     if model.entry is not None and model.entry.spec is not None:
         spec = model.entry.spec
         size = model.quant_file.size_bytes if model.quant_file else None
-        from dataclasses import replace
-
         return replace(spec, file_bytes=size, weights_bytes=size, file_type=model.quant)
     if model.kind == "hub" and model.repo is not None:
         from localllm.hub import remote_spec  # lazy: huggingface_hub is slow to import

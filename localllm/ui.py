@@ -20,6 +20,7 @@ from rich.text import Text
 from rich.theme import Theme
 
 from localllm.gguf_meta import ModelSpec, escape_untrusted
+from localllm.units import format_bytes
 
 THEME = Theme(
     {
@@ -64,18 +65,6 @@ def print_json(data: Any) -> None:
 
     sys.stdout.write(json.dumps(data, indent=2, default=default) + "\n")
     sys.stdout.flush()
-
-
-def format_bytes(n: int | float | None) -> str:
-    """Binary units, as llama.cpp prints them (MiB, GiB)."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{value:.2f} TiB"
 
 
 def format_count(n: int | None) -> str:

@@ -314,3 +314,30 @@ def test_an_abort_mid_reply_keeps_the_partial_reply_and_recovers(small_session) 
     # A clean KV cache: the whole prompt is evaluated again, and the reply comes.
     assert stats.prompt_evaluated == stats.prompt_tokens
     assert stats.generated_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n_ctx", "kv_type"), [(1000, "f16"), (4096, "q8_0")])
+def test_status_kv_bytes_are_what_llama_cpp_allocated(
+    store_with_smollm2: Path, n_ctx: int, kv_type: str
+) -> None:
+    """The status line's KV figure (memory.kv_cache_bytes) against llama.cpp's own report."""
+    session = open_session(
+        None,
+        sampling=SamplingOptions(temperature=0.0, max_tokens=16),
+        runtime=RuntimeOptions(type_k=kv_type, type_v=kv_type),
+        n_ctx=n_ctx,
+    )
+    try:
+        reported = session.runtime.buffers.kv_bytes  # llama.cpp logs MiB with 2 decimals
+        assert reported is not None
+        assert f"{session.kv_bytes() / 2**20:.2f}" == f"{reported / 2**20:.2f}"
+        assert session.runtime.n_ctx == session.runtime.buffers.kv_cells
+    finally:
+        session.close()
+
+
+def test_quantized_v_cache_without_flash_attention_is_one_line(cli) -> None:
+    result = cli("chat", "--kv-type", "q4_0", "--flash-attn", "off", "-p", "hi")
+    assert result.exit_code == 2
+    assert "quantized V cache (q4_0) needs flash attention" in result.error_line

@@ -123,3 +123,11 @@ def test_llama_cpp_is_not_imported_by_core_modules() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_kv_cache_type_registries_agree() -> None:
+    """The ggml ids the runtime passes and the block sizes memory.py counts name one set."""
+    from localllm.memory import KV_TYPE_BLOCKS
+    from localllm.runtime import KV_CACHE_TYPES
+
+    assert set(KV_CACHE_TYPES) == set(KV_TYPE_BLOCKS)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import InvalidArgument, ModelLoadError
+from localllm.errors import ContextOverflow, InvalidArgument, ModelLoadError
+from localllm.memory import is_quantized
 
 __all__ = [
     "KV_CACHE_TYPES",
@@ -29,6 +30,7 @@ __all__ = [
     "RuntimeOptions",
     "SamplingOptions",
     "TextChunk",
+    "check_v_cache_attention",
     "default_threads",
     "llama_cpp_version",
     "load_model",
@@ -95,16 +97,20 @@ class RuntimeOptions:
                 raise InvalidArgument(
                     f"unknown KV cache type {value!r}; use one of {', '.join(KV_CACHE_TYPES)}"
                 )
-        if self.type_v not in ("f16", "f32", "bf16") and not self.flash_attn:
-            # llama.cpp refuses to create such a context; say why before loading.
-            raise InvalidArgument(
-                f"a quantized V cache ({self.type_v}) needs flash attention; "
-                "drop --flash-attn off or use --type-v f16"
-            )
+        check_v_cache_attention(self.type_v, self.flash_attn)
         if self.rope.scaling is not None and self.rope.scaling not in ROPE_SCALING_TYPES:
             raise InvalidArgument(
                 f"unknown RoPE scaling {self.rope.scaling!r}; use none, linear or yarn"
             )
+
+
+def check_v_cache_attention(type_v: str, flash_attn: bool) -> None:
+    """llama.cpp cannot create a context with a quantized V cache and no flash attention."""
+    if is_quantized(type_v) and not flash_attn:
+        raise InvalidArgument(
+            f"a quantized V cache ({type_v}) needs flash attention; "
+            "drop --flash-attn off or keep the V cache in f16"
+        )
 
 
 @dataclass(frozen=True)
@@ -420,16 +426,13 @@ class LoadedModel:
                     break
         except ValueError as exc:
             # llama-cpp-python raises ValueError when the prompt exceeds the context.
-            from localllm.errors import ContextOverflow
-
             raise ContextOverflow(str(exc)) from None
         finally:
             if stream is not None:
                 # Finish llama-cpp-python's generator now, not at garbage collection
                 # in the middle of a later turn.
                 stream.close()
-            self._last_perf = llama_cpp.llama_perf_context(ctx)
-        perf = self._last_perf
+        perf = llama_cpp.llama_perf_context(ctx)
         end = time.perf_counter()
         generated = int(perf.n_eval)
         # One sampled token is evaluated per step; the last sampled token is not.
