@@ -37,10 +37,10 @@ def raw_once(model: str, prompt: str, max_tokens: int, n_ctx: int, seed: int) ->
     """One request through llama-cpp-python as its README shows, timed like ours."""
     import llama_cpp
 
-    from localllm.runtime import default_threads
+    from localllm.machine import physical_cores
 
     # Same threads as localllm uses (llama-cpp-python alone would generate on cores // 2).
-    threads = default_threads()
+    threads = physical_cores()
     llama = llama_cpp.Llama(
         model_path=model,
         n_ctx=n_ctx,

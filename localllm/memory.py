@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from localllm.errors import InvalidArgument
-from localllm.gguf_meta import ModelSpec, escape_untrusted
+from localllm.ggml_types import KV_CACHE_TYPES, kv_type_block
+from localllm.gguf_meta import ModelSpec
+from localllm.text import escape_untrusted
 
 __all__ = [
     "COMPUTE_FRAGMENTATION",
@@ -27,7 +29,6 @@ __all__ = [
     "check_kv_types",
     "compute_buffer_bytes",
     "context_shape",
-    "is_quantized",
     "kv_bytes_per_token",
     "kv_cache_bytes",
     "kv_cells",
@@ -38,18 +39,8 @@ __all__ = [
     "with_kv_heads",
 ]
 
-# ggml type -> (elements per block, bytes per block), as in ggml's type traits.
-KV_TYPE_BLOCKS: dict[str, tuple[int, int]] = {
-    "f16": (1, 2),
-    "bf16": (1, 2),
-    "f32": (1, 4),
-    "q8_0": (32, 34),
-    "q4_0": (32, 18),
-    "q4_1": (32, 20),
-    "q5_0": (32, 22),
-    "q5_1": (32, 24),
-    "iq4_nl": (32, 18),
-}
+# KV cache type -> (elements per block, bytes per block), from ggml's type table.
+KV_TYPE_BLOCKS: dict[str, tuple[int, int]] = {name: kv_type_block(name) for name in KV_CACHE_TYPES}
 # llama.cpp pads n_ctx to this many cells (GGML_PAD(n_ctx, 256) in llama-context.cpp).
 KV_CELL_PADDING = 256
 # ggml's allocator leaves holes between tensors. Measured on SmolLM2-135M across ctx
@@ -62,20 +53,6 @@ _F16 = 2
 
 def _pad(n: int, to: int = KV_CELL_PADDING) -> int:
     return -(-n // to) * to
-
-
-def is_quantized(cache_type: str) -> bool:
-    """Whether a KV cache type is block-quantized (q8_0, q4_0, ...), not a float type."""
-    return _blocks(cache_type)[0] > 1
-
-
-def _blocks(cache_type: str) -> tuple[int, int]:
-    try:
-        return KV_TYPE_BLOCKS[cache_type]
-    except KeyError:
-        raise InvalidArgument(
-            f"unknown KV cache type {cache_type!r}; use one of {', '.join(KV_TYPE_BLOCKS)}"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -120,7 +97,7 @@ def swa_kv_cells(n_ctx: int, n_seq: int, window: int, n_ubatch: int = 512) -> in
 
 def kv_row_bytes(n_elements: int, cache_type: str) -> int:
     """ggml_row_size: bytes of one row of ``n_elements`` in ``cache_type``."""
-    block, block_bytes = _blocks(cache_type)
+    block, block_bytes = kv_type_block(cache_type)
     if n_elements % block:
         raise InvalidArgument(
             f"a KV row of {n_elements} elements is not a multiple of {cache_type}'s "
@@ -136,7 +113,7 @@ def check_kv_types(spec: ModelSpec, type_k: str, type_v: str) -> None:
     and fails; without flash attention ggml cannot even view the rows per head.
     """
     for which, cache_type, dim in (("K", type_k, spec.head_dim), ("V", type_v, spec.value_dim)):
-        block, _ = _blocks(cache_type)
+        block, _ = kv_type_block(cache_type)
         if dim % block:
             raise InvalidArgument(
                 f"head dim {dim} is not a multiple of {cache_type}'s block of {block}: "

@@ -25,8 +25,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localllm.errors import InvalidArgument
-from localllm.rope import ROPE_METHODS, RopePlan, plan_rope
-from localllm.runtime import RuntimeOptions
+from localllm.gguf_meta import read_model_spec
+from localllm.options import check_rope_method
+from localllm.resolver import require_local_file, resolve_model
+from localllm.rope import RopePlan, plan_rope
+from localllm.runtime.llama import LoadedModel, load_model
+from localllm.runtime.logits import bos_policy, score_chunk
+from localllm.runtime.params import LoadOptions
 
 __all__ = [
     "BUILTIN_TEXT_NAME",
@@ -136,8 +141,7 @@ def perplexity_stats(nll: float, nll2: float, count: int) -> tuple[float, float]
 
 def validate_request(ctx: int, chunks: int | None, rope: str | None = None) -> None:
     """Reject bad flag values before anything is read or loaded."""
-    if rope is not None and rope not in ROPE_METHODS:
-        raise InvalidArgument(f"unknown RoPE method {rope!r}; use one of {', '.join(ROPE_METHODS)}")
+    check_rope_method(rope)
     if ctx <= 0:
         raise InvalidArgument(f"--ctx {ctx} must be a positive token count, e.g. --ctx 512")
     if ctx < MIN_CTX:
@@ -152,18 +156,13 @@ def iter_perplexity(
     ctx: int,
     rope: str | None = None,
     chunks: int | None = None,
-    runtime: RuntimeOptions | None = None,
+    options: LoadOptions | None = None,
 ) -> Iterator[RopePlan | PerplexityProgress | PerplexityResult]:
     """Score the text in chunks of ``ctx`` tokens.
 
     Yields the RoPE plan first (before the model loads), then progress after every
     decoded batch, and last the result.
     """
-    from localllm.gguf_meta import read_model_spec
-    from localllm.resolver import require_local_file, resolve_model
-    from localllm.runtime import load_model
-    from localllm.runtime.logits import bos_policy, score_chunk
-
     validate_request(ctx, chunks, rope)
     text, text_name = read_text(file)
     path = require_local_file(resolve_model(model_ref))
@@ -171,7 +170,7 @@ def iter_perplexity(
     yield plan
     n_batch = min(PPL_BATCH, ctx)
     options = replace(
-        runtime or RuntimeOptions(),
+        options or LoadOptions(),
         n_ctx=ctx,
         n_batch=n_batch,
         n_ubatch=min(512, n_batch),
@@ -188,43 +187,59 @@ def iter_perplexity(
         n_chunks = len(tokens) // ctx
         if chunks is not None:
             n_chunks = min(chunks, n_chunks)
-        bos = bos_policy(model)
-        first = ctx // 2
-        total = n_chunks * ctx
-        nll = nll2 = 0.0
-        count = done = 0
-        busy = 0.0
-        for index in range(n_chunks):
-            chunk = tokens[index * ctx : (index + 1) * ctx]
-            if bos is not None:
-                chunk[0] = bos
-            for scored in score_chunk(model, chunk, first, n_batch):
-                nll += scored.nll
-                nll2 += scored.nll2
-                count += scored.n_scored
-                done += scored.n_evaluated
-                busy += scored.seconds
-                yield PerplexityProgress(
-                    tokens_done=done,
-                    tokens_total=total,
-                    chunk=index + 1,
-                    chunks=n_chunks,
-                    ppl=math.exp(nll / count) if count else None,
-                    tokens_per_second=done / busy if busy > 0 else 0.0,
-                )
-        ppl, stderr = perplexity_stats(nll, nll2, count)
+        sums = _Sums()
+        yield from _score_chunks(model, tokens, ctx, n_chunks, n_batch, sums)
+        ppl, stderr = perplexity_stats(sums.nll, sums.nll2, sums.count)
         yield PerplexityResult(
             ppl=ppl,
             ppl_stderr=stderr,
             ctx=ctx,
             chunks=n_chunks,
-            tokens=count,
-            tokens_evaluated=total,
+            tokens=sums.count,
+            tokens_evaluated=n_chunks * ctx,
             text_tokens=len(tokens),
             text=text_name,
             model=path.name,
             rope=plan,
-            seconds=busy,
+            seconds=sums.busy,
         )
     finally:
         model.close()
+
+
+@dataclass
+class _Sums:
+    """Running sums over the scored positions, as perplexity.cpp keeps them."""
+
+    nll: float = 0.0
+    nll2: float = 0.0
+    count: int = 0
+    done: int = 0
+    busy: float = 0.0
+
+
+def _score_chunks(
+    model: LoadedModel, tokens: list[int], ctx: int, n_chunks: int, n_batch: int, sums: _Sums
+) -> Iterator[PerplexityProgress]:
+    """Each chunk from a fresh KV cache, its first token BOS, its second half scored."""
+    bos = bos_policy(model)
+    first = ctx // 2
+    total = n_chunks * ctx
+    for index in range(n_chunks):
+        chunk = tokens[index * ctx : (index + 1) * ctx]
+        if bos is not None:
+            chunk[0] = bos
+        for scored in score_chunk(model, chunk, first, n_batch):
+            sums.nll += scored.nll
+            sums.nll2 += scored.nll2
+            sums.count += scored.n_scored
+            sums.done += scored.n_evaluated
+            sums.busy += scored.seconds
+            yield PerplexityProgress(
+                tokens_done=sums.done,
+                tokens_total=total,
+                chunk=index + 1,
+                chunks=n_chunks,
+                ppl=math.exp(sums.nll / sums.count) if sums.count else None,
+                tokens_per_second=sums.done / sums.busy if sums.busy > 0 else 0.0,
+            )

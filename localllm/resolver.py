@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
+from localllm.catalog import Catalog, CatalogEntry, QuantFile, load_catalog
 from localllm.errors import DefaultModelMissing, InvalidArgument, ModelNotFound
-from localllm.gguf_meta import ModelSpec, read_model_spec
-from localllm.store import CatalogEntry, ModelStore, QuantFile, load_catalog
+from localllm.store import ModelStore
 
-__all__ = ["ResolvedModel", "model_spec", "require_local_file", "resolve_model"]
+__all__ = ["ResolvedModel", "require_local_file", "resolve_model"]
 
 ENV_MODEL = "LOCALLLM_MODEL"
 HF_PREFIX = "hf://"
@@ -75,27 +75,10 @@ def resolve_model(ref: str | None, store: ModelStore | None = None) -> ResolvedM
     if not ref:
         ref = os.environ.get(ENV_MODEL) or catalog.default
     ref = ref.strip()
-
     if ref.startswith(HF_PREFIX):
-        parts = ref[len(HF_PREFIX) :].split("/")
-        if len(parts) < 3 or not parts[-1].endswith(".gguf") or not all(parts):
-            raise InvalidArgument(
-                f"hub file reference {ref!r} must look like hf://org/repo/file.gguf"
-            )
-        filename = parts[-1]
-        local = store.path_for(filename)
-        return ResolvedModel(
-            ref=ref,
-            kind="hub",
-            path=local if local.is_file() else None,
-            repo="/".join(parts[:2]),
-            filename="/".join(parts[2:]),
-            is_default=is_default,
-        )
-
+        return _resolve_hub_file(ref, store, is_default)
     if ref.endswith(".gguf") and "/" not in ref and (store.root / ref).is_file():
         return ResolvedModel(ref=ref, kind="path", path=store.root / ref, is_default=is_default)
-
     if _looks_like_path(ref):
         path = Path(ref).expanduser()
         if not path.exists():
@@ -103,29 +86,10 @@ def resolve_model(ref: str | None, store: ModelStore | None = None) -> ResolvedM
         if path.is_dir():
             raise ModelNotFound(f"{ref} is a directory; give the path of a .gguf file in it")
         return ResolvedModel(ref=ref, kind="path", path=path, is_default=is_default)
-
     name, quant = _split_quant(ref)
     entry = catalog.lookup(name)
     if entry is not None:
-        quant_file = entry.quant(quant)
-        if quant_file is None:
-            raise InvalidArgument(
-                f"{entry.alias} has no quant {quant!r}; known: {', '.join(entry.quant_names)}"
-            )
-        local = store.path_for(quant_file.file)
-        return ResolvedModel(
-            ref=ref,
-            kind="catalog",
-            path=local if local.is_file() else None,
-            alias=entry.alias,
-            quant=quant_file.quant,
-            repo=entry.repo,
-            filename=quant_file.file,
-            entry=entry,
-            quant_file=quant_file,
-            is_default=is_default,
-        )
-
+        return _resolve_catalog(ref, entry, quant, store, is_default)
     if "/" in name and name.count("/") == 1 and all(name.split("/")):
         stored = store.find(name, quant)
         return ResolvedModel(
@@ -137,11 +101,52 @@ def resolve_model(ref: str | None, store: ModelStore | None = None) -> ResolvedM
             filename=stored[0].filename if len(stored) == 1 else None,
             is_default=is_default,
         )
+    raise ModelNotFound(_unknown_model_message(ref, name, catalog, store))
 
+
+def _resolve_hub_file(ref: str, store: ModelStore, is_default: bool) -> ResolvedModel:
+    parts = ref[len(HF_PREFIX) :].split("/")
+    if len(parts) < 3 or not parts[-1].endswith(".gguf") or not all(parts):
+        raise InvalidArgument(f"hub file reference {ref!r} must look like hf://org/repo/file.gguf")
+    local = store.path_for(parts[-1])
+    return ResolvedModel(
+        ref=ref,
+        kind="hub",
+        path=local if local.is_file() else None,
+        repo="/".join(parts[:2]),
+        filename="/".join(parts[2:]),
+        is_default=is_default,
+    )
+
+
+def _resolve_catalog(
+    ref: str, entry: CatalogEntry, quant: str | None, store: ModelStore, is_default: bool
+) -> ResolvedModel:
+    quant_file = entry.quant(quant)
+    if quant_file is None:
+        raise InvalidArgument(
+            f"{entry.alias} has no quant {quant!r}; known: {', '.join(entry.quant_names)}"
+        )
+    local = store.path_for(quant_file.file)
+    return ResolvedModel(
+        ref=ref,
+        kind="catalog",
+        path=local if local.is_file() else None,
+        alias=entry.alias,
+        quant=quant_file.quant,
+        repo=entry.repo,
+        filename=quant_file.file,
+        entry=entry,
+        quant_file=quant_file,
+        is_default=is_default,
+    )
+
+
+def _unknown_model_message(ref: str, name: str, catalog: Catalog, store: ModelStore) -> str:
     known = catalog.names() + [m.filename for m in store.models()]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(catalog.names())}"
-    raise ModelNotFound(f"unknown model {ref!r}; {hint} (`localllm list` shows the store)")
+    return f"unknown model {ref!r}; {hint} (`localllm list` shows the store)"
 
 
 def require_local_file(model: ResolvedModel) -> Path:
@@ -160,20 +165,3 @@ def require_local_file(model: ResolvedModel) -> Path:
             f"or `localllm pull {model.pull_ref}`"
         )
     raise ModelNotFound(message)
-
-
-def model_spec(model: ResolvedModel) -> ModelSpec:
-    """Architecture facts: the file's header if present, else the catalog, else the hub."""
-    if model.present:
-        assert model.path is not None
-        return read_model_spec(model.path)
-    if model.entry is not None and model.entry.spec is not None:
-        spec = model.entry.spec
-        size = model.quant_file.size_bytes if model.quant_file else None
-        return replace(spec, file_bytes=size, weights_bytes=size, file_type=model.quant)
-    if model.kind == "hub" and model.repo is not None:
-        from localllm.hub import remote_spec  # lazy: huggingface_hub is slow to import
-
-        return remote_spec(model)  # the GGUF header alone, over HTTP range requests
-    require_local_file(model)  # raises with the right hint
-    raise ModelNotFound(f"no architecture facts for {model.ref}")

@@ -16,25 +16,21 @@ context gets freq scale 1/8, the way llama.cpp combines them.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from localllm.errors import InvalidArgument
 from localllm.gguf_meta import ModelSpec
-from localllm.runtime import RopeParams
+from localllm.options import ROPE_METHODS, check_rope_method
+from localllm.runtime.params import RopeParams
 
 __all__ = [
     "DEFAULT_METHOD",
     "ROPE_METHODS",
-    "AppliedRope",
     "RopePlan",
     "ntk_base_multiplier",
-    "parse_applied_rope",
     "plan_rope",
 ]
 
-ROPE_METHODS = ("none", "linear", "ntk", "yarn")
 # Chosen from benchmarks/rope_extension.md: SmolLM2-135M at 2x its trained context scores
 # ppl 9.74 with YaRN (9.78 at the trained length), 10.29 NTK, 31.7 linear, 76.8 none.
 DEFAULT_METHOD = "yarn"
@@ -53,7 +49,7 @@ class RopePlan:
     n_ctx: int  # the target context asked for
     n_ctx_train: int
     factor: float  # n_ctx / n_ctx_train when extending, else 1.0
-    params: RopeParams  # pass as RuntimeOptions(rope=plan.params)
+    params: RopeParams  # pass as LoadOptions(rope=plan.params)
     description: str  # one plain sentence saying what was done
     warning: str | None  # e.g. "none" past the trained length
 
@@ -112,10 +108,7 @@ def plan_rope(
     Within the trained length nothing changes (method ``none``, default params) unless
     a method is named; beyond it ``method`` (default :data:`DEFAULT_METHOD`) applies.
     """
-    if method is not None and method not in ROPE_METHODS:
-        raise InvalidArgument(
-            f"unknown RoPE method {method!r}; use one of {', '.join(ROPE_METHODS)}"
-        )
+    check_rope_method(method)
     if n_ctx <= 0:
         raise InvalidArgument(f"context size {n_ctx} must be a positive token count")
     train = spec.n_ctx_train
@@ -123,109 +116,96 @@ def plan_rope(
     if method is None:
         method = DEFAULT_METHOD if extended else "none"
     factor = n_ctx / train if extended else 1.0
+    warning = None
     if method != "none" and not extended:
         # Scaling inside the trained length would only blur positions the model knows.
-        return RopePlan(
-            method="none",
-            n_ctx=n_ctx,
-            n_ctx_train=train,
-            factor=1.0,
-            params=RopeParams(),
-            description=(
-                f"{n_ctx} tokens fit in the trained context of {train}, "
-                f"so no {method} scaling is applied and RoPE stays as the model sets it."
-            ),
-            warning=None,
-        )
-
-    base = spec.rope_freq_base
-    file_scale = _file_freq_scale(spec)
-    if method == "none":
         params = RopeParams()
-        if extended:
-            description = (
-                f"RoPE left unscaled at {n_ctx} tokens, {factor:.3g}x the trained context "
-                f"of {train}."
-            )
-            warning = (
-                f"--rope none past the trained context ({n_ctx} > {train} tokens): positions "
-                f"beyond {train} are unseen in training and quality will degrade; "
-                f"--rope {DEFAULT_METHOD} extends the context"
-            )
-        else:
-            description = f"{n_ctx} tokens fit in the trained context of {train}; RoPE unchanged."
-            warning = None
+        description = (
+            f"{n_ctx} tokens fit in the trained context of {train}, "
+            f"so no {method} scaling is applied and RoPE stays as the model sets it."
+        )
+        method, factor = "none", 1.0
+    elif method == "none":
+        params, description, warning = _plan_none(n_ctx, train, factor)
     elif method == "linear":
-        scale = file_scale / factor
-        params = RopeParams(scaling="linear", freq_scale=scale)
-        description = (
-            f"Linear position interpolation: positions compressed {factor:.3g}x "
-            f"(freq scale {_fmt(scale)}) so {n_ctx} tokens map onto the trained {train}."
-        )
-        warning = None
+        params, description = _plan_linear(spec, n_ctx, factor)
     elif method == "ntk":
-        dims = spec.rope_dim or spec.head_dim
-        new_base = base * ntk_base_multiplier(factor, dims)
-        # The file's own scaling type and scale stay; only the base moves.
-        params = RopeParams(freq_base=new_base)
-        description = (
-            f"NTK-aware scaling: RoPE base raised from {_fmt(base)} to {_fmt(new_base)} "
-            f"(x{factor ** (dims / (dims - 2)):.4g} = {factor:.3g}^({dims}/{dims - 2})) "
-            f"to reach {n_ctx} tokens, positions unchanged."
+        params, description = _plan_ntk(spec, n_ctx, factor)
+    else:
+        yarn = _YarnOverrides(
+            yarn_orig_ctx, yarn_ext_factor, yarn_attn_factor, yarn_beta_fast, yarn_beta_slow
         )
-        warning = None
-    else:  # yarn
-        # A file already at YaRN keeps its original context; the factors compound.
-        orig = yarn_orig_ctx or spec.rope_orig_ctx or train
-        scale = file_scale / factor
-        params = RopeParams(
-            scaling="yarn",
-            freq_scale=scale,
-            yarn_orig_ctx=orig,
-            yarn_ext_factor=yarn_ext_factor if yarn_ext_factor is not None else -1.0,
-            yarn_attn_factor=yarn_attn_factor if yarn_attn_factor is not None else 1.0,
-            yarn_beta_fast=yarn_beta_fast if yarn_beta_fast is not None else YARN_DEFAULT_BETA_FAST,
-            yarn_beta_slow=yarn_beta_slow if yarn_beta_slow is not None else YARN_DEFAULT_BETA_SLOW,
+        params, description = _plan_yarn(spec, n_ctx, factor, yarn)
+    return RopePlan(method, n_ctx, train, factor, params, description, warning)
+
+
+def _plan_none(n_ctx: int, train: int, factor: float) -> tuple[RopeParams, str, str | None]:
+    if n_ctx <= train:
+        return (
+            RopeParams(),
+            f"{n_ctx} tokens fit in the trained context of {train}; RoPE unchanged.",
+            None,
         )
-        description = (
-            f"YaRN x{1 / scale:.3g} (freq scale {_fmt(scale)}, original context {orig}, "
-            f"beta fast {params.yarn_beta_fast:g}, beta slow {params.yarn_beta_slow:g}) "
-            f"to reach {n_ctx} tokens."
-        )
-        warning = None
-    return RopePlan(
-        method=method,
-        n_ctx=n_ctx,
-        n_ctx_train=train,
-        factor=factor,
-        params=params,
-        description=description,
-        warning=warning,
+    description = (
+        f"RoPE left unscaled at {n_ctx} tokens, {factor:.3g}x the trained context of {train}."
     )
+    warning = (
+        f"--rope none past the trained context ({n_ctx} > {train} tokens): positions "
+        f"beyond {train} are unseen in training and quality will degrade; "
+        f"--rope {DEFAULT_METHOD} extends the context"
+    )
+    return RopeParams(), description, warning
+
+
+def _plan_linear(spec: ModelSpec, n_ctx: int, factor: float) -> tuple[RopeParams, str]:
+    scale = _file_freq_scale(spec) / factor
+    description = (
+        f"Linear position interpolation: positions compressed {factor:.3g}x "
+        f"(freq scale {_fmt(scale)}) so {n_ctx} tokens map onto the trained {spec.n_ctx_train}."
+    )
+    return RopeParams(scaling="linear", freq_scale=scale), description
+
+
+def _plan_ntk(spec: ModelSpec, n_ctx: int, factor: float) -> tuple[RopeParams, str]:
+    base = spec.rope_freq_base
+    dims = spec.rope_dim or spec.head_dim
+    new_base = base * ntk_base_multiplier(factor, dims)
+    description = (
+        f"NTK-aware scaling: RoPE base raised from {_fmt(base)} to {_fmt(new_base)} "
+        f"(x{factor ** (dims / (dims - 2)):.4g} = {factor:.3g}^({dims}/{dims - 2})) "
+        f"to reach {n_ctx} tokens, positions unchanged."
+    )
+    # The file's own scaling type and scale stay; only the base moves.
+    return RopeParams(freq_base=new_base), description
 
 
 @dataclass(frozen=True)
-class AppliedRope:
-    """The RoPE settings llama.cpp reports it applied when it created the context."""
+class _YarnOverrides:
+    orig_ctx: int | None
+    ext_factor: float | None
+    attn_factor: float | None
+    beta_fast: float | None
+    beta_slow: float | None
 
-    freq_base: float | None
-    freq_scale: float | None
-    n_ctx_orig_yarn: int | None  # from the model's load log (the file's value)
-    n_ctx_train_adjusted: int | None  # set when llama.cpp saw a custom YaRN scale
 
-
-def parse_applied_rope(lines: Sequence[str]) -> AppliedRope:
-    """Read freq_base / freq_scale and the YaRN notes out of llama.cpp's load log."""
-    base = scale = None
-    orig = adjusted = None
-    for line in lines:
-        if "llama_context" in line or "llama_init_from_model" in line:
-            if m := re.search(r"freq_base\s*=\s*([\d.eE+-]+)", line):
-                base = float(m[1])
-            elif m := re.search(r"freq_scale\s*=\s*([\d.eE+-]+)", line):
-                scale = float(m[1])
-            elif m := re.search(r"n_ctx_train adjusted to (\d+)", line):
-                adjusted = int(m[1])
-        if m := re.search(r"n_ctx_orig_yarn\s*=\s*(\d+)", line):
-            orig = int(m[1])
-    return AppliedRope(base, scale, orig, adjusted)
+def _plan_yarn(
+    spec: ModelSpec, n_ctx: int, factor: float, given: _YarnOverrides
+) -> tuple[RopeParams, str]:
+    # A file already at YaRN keeps its original context; the factors compound.
+    orig = given.orig_ctx or spec.rope_orig_ctx or spec.n_ctx_train
+    scale = _file_freq_scale(spec) / factor
+    params = RopeParams(
+        scaling="yarn",
+        freq_scale=scale,
+        yarn_orig_ctx=orig,
+        yarn_ext_factor=given.ext_factor if given.ext_factor is not None else -1.0,
+        yarn_attn_factor=given.attn_factor if given.attn_factor is not None else 1.0,
+        yarn_beta_fast=given.beta_fast if given.beta_fast is not None else YARN_DEFAULT_BETA_FAST,
+        yarn_beta_slow=given.beta_slow if given.beta_slow is not None else YARN_DEFAULT_BETA_SLOW,
+    )
+    description = (
+        f"YaRN x{1 / scale:.3g} (freq scale {_fmt(scale)}, original context {orig}, "
+        f"beta fast {params.yarn_beta_fast:g}, beta slow {params.yarn_beta_slow:g}) "
+        f"to reach {n_ctx} tokens."
+    )
+    return params, description

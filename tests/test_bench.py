@@ -16,24 +16,22 @@ import gguf
 import numpy as np
 import pytest
 
-from localllm.bench import (
+from localllm.bench.record import (
     EXTRA_FIELDS,
     LLAMA_BENCH_FIELDS,
-    Bandwidth,
-    BenchRequest,
     BenchResult,
-    BenchTest,
     Environment,
-    format_csv,
+    format_csv_header,
+    format_csv_row,
     format_json,
     format_jsonl_row,
     format_markdown,
-    memory_bandwidth,
-    parse_int_list,
-    parse_pairs,
-    weights_read_per_token,
 )
+from localllm.bench.request import BenchRequest, BenchTest
+from localllm.bench.run import weights_read_per_token
 from localllm.errors import InvalidArgument
+from localllm.machine import Bandwidth, memory_bandwidth
+from localllm.options import parse_pairs, parse_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_BENCH_CPP = (
@@ -58,18 +56,18 @@ LLAMA_BENCH_CPP = (
     ],
 )
 def test_int_lists_expand_like_llama_bench(values: list[str], expected: tuple[int, ...]) -> None:
-    assert parse_int_list(values, "-p") == expected
+    assert parse_sweep(values, "-p") == expected
 
 
 @pytest.mark.parametrize("bad", ["-1", "abc", "1.5", "", "4-1x"])
 def test_int_lists_reject_what_is_not_a_count(bad: str) -> None:
     with pytest.raises(InvalidArgument, match="-p"):
-        parse_int_list([bad], "-p")
+        parse_sweep([bad], "-p")
 
 
 def test_minimum_is_enforced() -> None:
     with pytest.raises(InvalidArgument, match="-t 0 must be at least 1"):
-        parse_int_list(["0"], "-t", minimum=1)
+        parse_sweep(["0"], "-t", minimum=1)
 
 
 def test_pg_pairs() -> None:
@@ -230,7 +228,7 @@ def test_json_and_jsonl_carry_llama_bench_fields_in_order() -> None:
 
 
 def test_csv_has_llama_bench_columns_first() -> None:
-    text = format_csv(_results())
+    text = format_csv_header() + "".join(format_csv_row(r) for r in _results())
     rows = list(csv.reader(io.StringIO(text)))
     header = rows[0]
     assert header[: len(LLAMA_BENCH_FIELDS)] == list(LLAMA_BENCH_FIELDS)
@@ -297,8 +295,16 @@ def test_bandwidth_is_measured_once_then_cached(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def _kv_tokens(ctx: object) -> int:
+    """Tokens of sequence 0 in a bench context's KV cache, read from llama.cpp itself."""
+    import llama_cpp
+
+    memory = llama_cpp.llama_get_memory(ctx.ctx)  # type: ignore[attr-defined]
+    return int(llama_cpp.llama_memory_seq_pos_max(memory, 0)) + 1
+
+
 def test_loops_decode_exactly_the_tokens_they_time(smollm2_path: Path) -> None:
-    from localllm.runtime.decode import BenchModel, ContextConfig
+    from localllm.runtime.llama_bench import BenchModel, ContextConfig
 
     with (
         BenchModel(smollm2_path) as model,
@@ -307,15 +313,15 @@ def test_loops_decode_exactly_the_tokens_they_time(smollm2_path: Path) -> None:
         assert ctx.n_ctx >= 64 and ctx.buffers.kv_bytes and ctx.buffers.compute_bytes
         ctx.warmup(20, 4)
         ctx.clear()
-        assert ctx.kv_tokens() == 0
+        assert _kv_tokens(ctx) == 0
         ns = ctx.timed_run(20, 4)  # 20 prompt tokens in chunks of 8, then 4 single steps
-        assert ns > 0 and ctx.kv_tokens() == 24
+        assert ns > 0 and _kv_tokens(ctx) == 24
         for _ in range(2):  # the second prefill restores the saved state
             ctx.clear()
             ctx.prefill_depth(16)
-            assert ctx.kv_tokens() == 16
+            assert _kv_tokens(ctx) == 16
             ctx.timed_run(0, 3)
-            assert ctx.kv_tokens() == 19
+            assert _kv_tokens(ctx) == 19
 
 
 @pytest.mark.skipif(not LLAMA_BENCH_CPP.is_file(), reason="llama.cpp sources not unpacked")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from localllm.bench import EXTRA_FIELDS, LLAMA_BENCH_FIELDS
-from localllm.store import load_catalog
+from localllm.bench.record import EXTRA_FIELDS, LLAMA_BENCH_FIELDS
+from localllm.catalog import load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE_BENCH = REPO / "benchmarks" / "build" / "bin" / "llama-bench"
@@ -46,7 +46,10 @@ def bench_env(
     [
         (["-r", "0"], "repetitions 0 must be at least 1"),
         (["-p", "-1"], "-p '-1' is not a count"),
-        (["--kv-type", "q3_k"], "unknown KV cache type 'q3_k' (--kv-type); use one of f32, f16"),
+        (
+            ["--kv-type", "q3_k"],
+            "unknown KV cache type 'q3_k' (--kv-type); use one of f16, bf16, f32",
+        ),
         (["-o", "xml"], "unknown output format 'xml'; use one of md, csv, json, jsonl"),
         (["-fa", "maybe"], "unknown flash attention mode 'maybe'"),
         (["-p", "64", "--ctx", "32"], "--ctx 32 is too small"),

@@ -9,22 +9,11 @@ from pathlib import Path
 import pytest
 from gguf_factory import DROP, write_gguf
 
-from localllm.chat import (
-    SLASH_COMMANDS,
-    ChatSession,
-    MultilineInput,
-    open_session,
-    parse_slash_command,
-)
+from localllm.chat.repl import SLASH_COMMANDS, MultilineInput, parse_slash_command
+from localllm.chat.session import ChatSession, open_session
 from localllm.errors import ContextOverflow
-from localllm.runtime import (
-    ChatMessage,
-    GenerationStats,
-    RuntimeOptions,
-    SamplingOptions,
-    TextChunk,
-    load_model,
-)
+from localllm.generation import ChatMessage, GenerationStats, TextChunk
+from localllm.runtime import LoadOptions, SamplingOptions, load_model
 
 GREEDY_FLAGS = ("--temp", "0", "--seed", "11", "--max-tokens", "24", "--ctx", "2048")
 QUESTION = "Name three colours."
@@ -146,7 +135,7 @@ def test_missing_default_model_is_one_line(cli) -> None:
 def reference_reply(smollm2_path: Path) -> str:
     """QUESTION straight through the runtime on a fresh context, as the CLI flags ask."""
     text = QUESTION
-    model = load_model(smollm2_path, RuntimeOptions(n_ctx=2048, seed=11))
+    model = load_model(smollm2_path, LoadOptions(n_ctx=2048, seed=11))
     try:
         sampling = SamplingOptions(temperature=0.0, seed=11, max_tokens=24)
         pieces = [
@@ -230,7 +219,7 @@ def _turn(session: ChatSession, text: str) -> tuple[list[object], GenerationStat
 
 @pytest.mark.slow
 def test_overflow_drops_oldest_turns_keeps_system_and_tells_once(small_session) -> None:
-    from localllm.chat import HistoryTrimmed
+    from localllm.chat.session import HistoryTrimmed
 
     trims: list[HistoryTrimmed] = []
     filler = "The quick brown fox jumps over the lazy dog near the river on a sunny day. " * 2
@@ -274,7 +263,7 @@ def test_stop_ends_the_reply_and_keeps_the_partial_text(small_session) -> None:
     # The KV cache is consistent: the next turn reuses the prefix and answers.
     _, after = _turn(small_session, "Thanks.")
     assert after.prompt_evaluated < after.prompt_tokens
-    assert after.prompt_tokens == small_session.runtime.count_chat_tokens(
+    assert after.prompt_tokens == small_session.loaded.count_chat_tokens(
         small_session.messages()[:-1]
     )
 
@@ -325,14 +314,14 @@ def test_status_kv_bytes_are_what_llama_cpp_allocated(
     session = open_session(
         None,
         sampling=SamplingOptions(temperature=0.0, max_tokens=16),
-        runtime=RuntimeOptions(type_k=kv_type, type_v=kv_type),
+        options=LoadOptions(type_k=kv_type, type_v=kv_type),
         n_ctx=n_ctx,
     )
     try:
-        reported = session.runtime.buffers.kv_bytes  # llama.cpp logs MiB with 2 decimals
+        reported = session.loaded.buffers.kv_bytes  # llama.cpp logs MiB with 2 decimals
         assert reported is not None
         assert f"{session.kv_bytes() / 2**20:.2f}" == f"{reported / 2**20:.2f}"
-        assert session.runtime.n_ctx == session.runtime.buffers.kv_cells
+        assert session.loaded.n_ctx == session.loaded.buffers.kv_cells
     finally:
         session.close()
 

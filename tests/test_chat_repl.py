@@ -64,7 +64,7 @@ def _leave(child: pexpect.spawn, how: str) -> int:
 
 
 def _counts(smollm2_loaded, messages: list[dict[str, str]]) -> int:
-    from localllm.runtime import ChatMessage
+    from localllm.generation import ChatMessage
 
     return smollm2_loaded.count_chat_tokens([ChatMessage(**m) for m in messages])
 

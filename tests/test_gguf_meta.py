@@ -10,7 +10,8 @@ import pytest
 from gguf_factory import ARCHS, DROP, write_gguf
 
 from localllm.errors import InvalidModelFile
-from localllm.gguf_meta import escape_untrusted, read_model_spec
+from localllm.gguf_meta import read_model_spec
+from localllm.text import escape_untrusted
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -187,7 +188,7 @@ def test_type_tables_mirror_gguf_py() -> None:
     """Our copies of gguf-py's type tables (kept to avoid importing gguf) stay equal."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-    from localllm.gguf_meta import FILE_TYPES, GGML_TYPES
+    from localllm.ggml_types import FILE_TYPES, GGML_TYPES
 
     theirs = {
         int(t): (t.name, *GGML_QUANT_SIZES[t])

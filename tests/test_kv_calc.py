@@ -14,21 +14,15 @@ from pathlib import Path
 import pytest
 from gguf_factory import write_gguf
 
+from localllm.catalog import load_catalog
 from localllm.errors import InvalidArgument, ModelNotFound
-from localllm.kvcalc import (
-    ArchFlags,
-    KVCalcRequest,
-    available_memory_bytes,
-    kv_calc,
-    parse_int_list,
-    parse_kv_types,
-    parse_size,
-    resolve_architecture,
-)
+from localllm.kvcalc import KVCalcRequest, kv_calc
+from localllm.machine import available_memory_bytes
 from localllm.memory import KV_TYPE_BLOCKS, kv_bytes_per_token, kv_cache_bytes, with_kv_heads
+from localllm.model_facts import ArchFlags, resolve_architecture
+from localllm.options import parse_count_list, parse_kv_types, parse_size
 from localllm.presets import PRESETS, llama_param_count
-from localllm.runtime import RuntimeOptions
-from localllm.store import load_catalog
+from localllm.runtime import LoadOptions
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 JSON_ROW_KEYS = {"ctx", "batch", "type_k", "type_v", "cells", "k_bytes", "v_bytes", "kv_bytes",
@@ -45,7 +39,7 @@ def run_json(cli, *args: str) -> dict:
 
 
 def test_parse_lists_sizes_and_types() -> None:
-    assert parse_int_list("512, 2048,4k,512", "--ctx") == (512, 2048, 4096)
+    assert parse_count_list("512, 2048,4k,512", "--ctx") == (512, 2048, 4096)
     assert parse_size("8GiB") == 8 * GIB
     assert parse_size("8 G") == 8 * GIB
     assert parse_size("16GB") == 16 * 10**9
@@ -54,9 +48,9 @@ def test_parse_lists_sizes_and_types() -> None:
 
 
 @pytest.mark.parametrize("text", ["", "abc", "512,x", "-5", "0", "1.5"])
-def test_parse_int_list_rejects(text: str) -> None:
+def test_parse_count_list_rejects(text: str) -> None:
     with pytest.raises(InvalidArgument, match="--ctx"):
-        parse_int_list(text, "--ctx")
+        parse_count_list(text, "--ctx")
 
 
 @pytest.mark.parametrize("text", ["lots", "8XB", "0GiB", ""])
@@ -311,7 +305,7 @@ def test_budget_skips_types_llama_cpp_would_refuse(cli) -> None:
 
 def test_quantized_v_without_flash_attention_is_the_runtime_error(cli) -> None:
     with pytest.raises(InvalidArgument) as runtime_error:
-        RuntimeOptions(type_v="q8_0", flash_attn=False).validate()
+        LoadOptions(type_v="q8_0", flash_attn=False).validate()
     result = cli("kv-calc", "llama-2-7b", "--kv-type", "q8_0", "--flash-attn", "off")
     assert result.exit_code == 2
     assert result.error_line == str(runtime_error.value)
@@ -362,8 +356,8 @@ def test_unknown_rope_method(cli) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--kv-type", "q3_k"], "--kv-type 'q3_k' is not a KV cache type"),
-        (["--type-v", "int8"], "--type-v 'int8' is not a KV cache type"),
+        (["--kv-type", "q3_k"], "unknown KV cache type 'q3_k' (--kv-type)"),
+        (["--type-v", "int8"], "unknown KV cache type 'int8' (--type-v)"),
         (["--ctx", "4k,lots"], "--ctx '4k,lots'"),
         (["--batch", "0"], "--batch '0': 0 must be at least 1"),
         (["--budget", "lots"], "--budget 'lots' is not a size"),

@@ -16,7 +16,8 @@ import pytest
 
 from localllm.errors import InvalidArgument
 from localllm.gguf_meta import read_model_spec
-from localllm.kvcalc import KVCalcRequest, kv_calc, mib_text
+from localllm.kvcalc import KVCalcRequest, kv_calc
+from localllm.kvverify import mib_text
 from localllm.memory import (
     compute_buffer_bytes,
     context_shape,
@@ -24,7 +25,7 @@ from localllm.memory import (
     kv_cells_per_seq,
     output_buffer_bytes,
 )
-from localllm.runtime import RuntimeOptions, load_model
+from localllm.runtime import LoadOptions, load_model
 from localllm.runtime.buffers import BufferMeasurements, ContextSettings, measure_buffers
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,7 @@ def test_quantized_v_without_flash_attention_fails_in_llama_cpp_and_in_kv_calc(
     with pytest.raises(InvalidArgument, match="quantized V cache") as trapped:
         kv_calc(KVCalcRequest(ctx=(2048,), type_v="q8_0", flash_attn=False))
     with pytest.raises(InvalidArgument) as runtime_error:
-        RuntimeOptions(n_ctx=2048, type_v="q8_0", flash_attn=False).validate()
+        LoadOptions(n_ctx=2048, type_v="q8_0", flash_attn=False).validate()
     assert str(trapped.value) == str(runtime_error.value)
 
 
@@ -133,11 +134,11 @@ def test_weights_buffer_equals_the_tensor_table(
 
 @pytest.mark.parametrize(
     "options",
-    [RuntimeOptions(n_ctx=1000), RuntimeOptions(n_ctx=4096, type_k="q4_0", type_v="q4_0")],
+    [LoadOptions(n_ctx=1000), LoadOptions(n_ctx=4096, type_k="q4_0", type_v="q4_0")],
     ids=["ctx1000-f16", "ctx4096-q4_0"],
 )
 def test_chat_load_path_allocates_what_kv_calc_says(
-    smollm2_path: Path, options: RuntimeOptions
+    smollm2_path: Path, options: LoadOptions
 ) -> None:
     """The same check through runtime.load_model, the path chat takes."""
     spec = read_model_spec(smollm2_path)

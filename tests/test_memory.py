@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from localllm.errors import InvalidArgument
+from localllm.ggml_types import kv_type_is_quantized
 from localllm.gguf_meta import ModelSpec
 from localllm.memory import (
     KV_CELL_PADDING,
@@ -20,7 +21,6 @@ from localllm.memory import (
     check_kv_types,
     compute_buffer_bytes,
     context_shape,
-    is_quantized,
     kv_bytes_per_token,
     kv_cache_bytes,
     kv_cells,
@@ -33,7 +33,7 @@ from localllm.memory import (
 from localllm.presets import PRESETS
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-QUANT_TYPES = [t for t in KV_TYPE_BLOCKS if is_quantized(t)]
+QUANT_TYPES = [t for t in KV_TYPE_BLOCKS if kv_type_is_quantized(t)]
 
 
 @st.composite

@@ -21,7 +21,7 @@ from localllm.ppl import (
     read_text,
 )
 from localllm.rope import RopePlan
-from localllm.runtime import RuntimeOptions, load_model
+from localllm.runtime import LoadOptions, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 NATIVE_PPL = REPO / "benchmarks" / "build" / "bin" / "llama-perplexity"
@@ -79,7 +79,7 @@ def test_read_text_errors(tmp_path: Path, content: str | None, message: str) -> 
 
 def _numpy_reference(model_path: Path, text_path: Path, ctx: int) -> tuple[float, float, int]:
     """ppl and stderr from all the logits llama-cpp-python's own eval returns, in numpy."""
-    model = load_model(model_path, RuntimeOptions(n_ctx=ctx, n_batch=ctx, logits_all=True))
+    model = load_model(model_path, LoadOptions(n_ctx=ctx, n_batch=ctx, logits_all=True))
     try:
         tokens = model.tokenize(text_path.read_text(encoding="utf-8"), add_bos=True)
         bos = model.llama.token_bos()

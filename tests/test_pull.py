@@ -22,9 +22,10 @@ from gguf_factory import write_gguf
 from hub_server import GOOD_TOKEN, FakeHub
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
+from localllm.fileio import sha256_file
 from localllm.gguf_meta import read_model_spec
 from localllm.hub import quant_of
-from localllm.store import ModelStore, sha256_file
+from localllm.store import ModelStore
 
 SMOL_REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 SMOL_FILE = "smollm2-135m-instruct.Q4_1.gguf"
@@ -303,7 +304,7 @@ def test_list_table(cli, fake_hub: FakeHub, smollm2_path: Path):
     assert result.exit_code == 0, result.stderr
     rows = {ln.split()[0]: ln for ln in result.stdout.splitlines()[2:] if ln.strip()}
     assert set(rows) == {"Q4_1", "Q8_0"}  # README.md is not a model
-    from localllm.ui import format_bytes
+    from localllm.text import format_bytes
 
     assert format_bytes(smollm2_path.stat().st_size) in rows["Q4_1"]
     assert SMOL_FILE in rows["Q4_1"]

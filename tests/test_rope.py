@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 from gguf_factory import ARCHS, write_gguf
+from llama_log import parse_applied_rope
 
 from localllm.errors import InvalidArgument
 from localllm.gguf_meta import ModelSpec, read_model_spec
-from localllm.rope import (
-    DEFAULT_METHOD,
-    ROPE_METHODS,
-    parse_applied_rope,
-    plan_rope,
-)
-from localllm.runtime import RopeParams, RuntimeOptions
+from localllm.rope import DEFAULT_METHOD, ROPE_METHODS, plan_rope
+from localllm.runtime import LoadOptions, RopeParams
 
 
 def _spec(tmp_path: Path, model: str = "llama-2-7b", **overrides: object) -> ModelSpec:
@@ -143,7 +139,7 @@ def test_context_must_be_positive(tmp_path: Path, n_ctx: int) -> None:
 @pytest.mark.parametrize("method", ROPE_METHODS)
 def test_every_plan_is_a_valid_runtime_option(tmp_path: Path, method: str) -> None:
     plan = plan_rope(_spec(tmp_path), 16384, method)
-    RuntimeOptions(n_ctx=plan.n_ctx, rope=plan.params).validate()
+    LoadOptions(n_ctx=plan.n_ctx, rope=plan.params).validate()
     assert plan.description.endswith(".")
     assert plan.as_json()["method"] == method
 

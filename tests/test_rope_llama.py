@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from llama_log import parse_applied_rope
 
 from localllm.gguf_meta import read_model_spec
-from localllm.rope import ROPE_METHODS, parse_applied_rope, plan_rope
-from localllm.runtime import RuntimeOptions, load_model
+from localllm.rope import ROPE_METHODS, plan_rope
+from localllm.runtime import LoadOptions, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,7 @@ def _applied(path: Path, n_ctx: int, method: str | None):
     spec = read_model_spec(path)
     plan = plan_rope(spec, n_ctx, method)
     # A small batch keeps the compute buffer (and the test) small at a long context.
-    model = load_model(path, RuntimeOptions(n_ctx=n_ctx, n_batch=32, n_ubatch=32, rope=plan.params))
+    model = load_model(path, LoadOptions(n_ctx=n_ctx, n_batch=32, n_ubatch=32, rope=plan.params))
     try:
         return spec, plan, parse_applied_rope(model.load_log)
     finally:

@@ -7,15 +7,9 @@ from pathlib import Path
 import pytest
 
 from localllm.errors import InvalidArgument, ModelLoadError
-from localllm.runtime import (
-    ChatMessage,
-    GenerationStats,
-    RuntimeOptions,
-    SamplingOptions,
-    TextChunk,
-    load_model,
-    parse_buffer_report,
-)
+from localllm.generation import ChatMessage, GenerationStats, TextChunk
+from localllm.runtime import LoadOptions, SamplingOptions, load_model
+from localllm.runtime.log import parse_buffer_report
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +31,7 @@ def _reply(model, messages=QUESTION, sampling=GREEDY) -> tuple[str, GenerationSt
 def test_greedy_reply_is_non_empty_and_repeatable(smollm2_path: Path) -> None:
     replies = []
     for _ in range(2):
-        model = load_model(smollm2_path, RuntimeOptions(n_ctx=1024, seed=7))
+        model = load_model(smollm2_path, LoadOptions(n_ctx=1024, seed=7))
         try:
             replies.append(_reply(model)[0])
         finally:
@@ -100,7 +94,7 @@ def test_parse_buffer_report_sums_devices() -> None:
 
 def test_quantized_v_without_flash_attention_is_refused_before_loading() -> None:
     with pytest.raises(InvalidArgument, match="needs flash attention"):
-        RuntimeOptions(type_v="q8_0", flash_attn=False).validate()
+        LoadOptions(type_v="q8_0", flash_attn=False).validate()
 
 
 def test_llama_cpp_load_failure_is_a_domain_error(tmp_path: Path) -> None:
@@ -108,7 +102,7 @@ def test_llama_cpp_load_failure_is_a_domain_error(tmp_path: Path) -> None:
 
     broken = write_gguf(tmp_path / "no-weights.gguf", "mha-tiny")  # header, no tensors
     with pytest.raises(ModelLoadError, match=r"could not load no-weights\.gguf"):
-        load_model(broken, RuntimeOptions(n_ctx=256))
+        load_model(broken, LoadOptions(n_ctx=256))
 
 
 def test_llama_cpp_is_not_imported_by_core_modules() -> None:
@@ -128,6 +122,6 @@ def test_llama_cpp_is_not_imported_by_core_modules() -> None:
 def test_kv_cache_type_registries_agree() -> None:
     """The ggml ids the runtime passes and the block sizes memory.py counts name one set."""
     from localllm.memory import KV_TYPE_BLOCKS
-    from localllm.runtime import KV_CACHE_TYPES
+    from localllm.runtime.params import KV_CACHE_TYPE_IDS as KV_CACHE_TYPES
 
     assert set(KV_CACHE_TYPES) == set(KV_TYPE_BLOCKS)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from localllm.catalog import load_catalog
 from localllm.errors import ChecksumMismatch, InvalidArgument
-from localllm.store import ModelStore, load_catalog, store_root
+from localllm.paths import store_root
+from localllm.store import ModelStore
 
 
 def _staged(store: ModelStore, payload: bytes) -> tuple[Path, str]:

@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localllm.errors import ModelLoadError
-from localllm.runtime import (
-    KV_CACHE_TYPES,
+from localllm.runtime.library import import_llama_cpp
+from localllm.runtime.log import (
     BufferReport,
-    RuntimeOptions,
-    _install_log_capture,
-    _log_mark,
-    _log_since,
-    import_llama_cpp,
+    load_model_file,
+    log_mark,
+    log_since,
     parse_buffer_report,
 )
+from localllm.runtime.params import LoadOptions, context_fields
 
 __all__ = ["BufferMeasurements", "ContextBuffers", "ContextSettings", "measure_buffers"]
 
@@ -69,20 +68,13 @@ def measure_buffers(
     for s in settings:
         # Chat's own checks, except the quantized-V one: a refusal of that must come from
         # llama.cpp here, so tests can hold kv-calc's trap against it.
-        RuntimeOptions(
+        LoadOptions(
             n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, type_k=s.type_k, type_v="f16"
         ).validate()
     llama_cpp = import_llama_cpp()
-    _install_log_capture()
-    mark = _log_mark()
-    model_params = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), model_params)
-    if not model:
-        errors = [line for line in _log_since(mark) if "error" in line.lower()]
-        reason = errors[-1].strip() if errors else "unknown error"
-        raise ModelLoadError(f"llama.cpp could not load {path.name}: {reason}")
+    model, load_log = load_model_file(llama_cpp, path, llama_cpp.llama_model_default_params())
     try:
-        weights = parse_buffer_report(_log_since(mark)).weights_bytes
+        weights = parse_buffer_report(load_log).weights_bytes
         results = [_measure_one(llama_cpp, model, s) for s in settings]
     finally:
         llama_cpp.llama_model_free(model)
@@ -101,16 +93,16 @@ def _measure_one(llama_cpp: object, model: object, s: ContextSettings) -> Contex
     params.n_seq_max = s.n_seq
     params.n_threads = 1
     params.n_threads_batch = 1
-    params.type_k = KV_CACHE_TYPES[s.type_k]
-    params.type_v = KV_CACHE_TYPES[s.type_v]
+    for name, value in context_fields(s.type_k, s.type_v).items():
+        setattr(params, name, value)
     params.flash_attn_type = (
         lc.LLAMA_FLASH_ATTN_TYPE_ENABLED  # type: ignore[attr-defined]
         if s.flash_attn
         else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # type: ignore[attr-defined]
     )
-    mark = _log_mark()
+    mark = log_mark()
     ctx = lc.llama_init_from_model(model, params)  # type: ignore[attr-defined]
-    log = _log_since(mark)
+    log = log_since(mark)
     if not ctx:
         # llama_init_from_model logs why it returns NULL as its last line.
         reason = log[-1].strip() if log else "context creation failed"

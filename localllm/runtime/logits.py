@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from localllm.errors import ModelLoadError
-from localllm.runtime import LoadedModel
+from localllm.runtime.llama import LoadedModel
 
 __all__ = ["BatchScored", "bos_policy", "score_chunk"]
 
@@ -93,18 +94,26 @@ def score_chunk(
                     ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
                     shape=(len(wanted) * n_vocab,),
                 )
-                logits = flat.reshape(len(wanted), n_vocab)
                 targets = np.asarray([tokens[p + 1] for p in wanted], dtype=np.int64)
-                for lo in range(0, len(wanted), _ROWS_PER_STEP):
-                    rows = logits[lo : lo + _ROWS_PER_STEP]
-                    # llama.cpp: max in float, exp in float, sum in double.
-                    top = rows.max(axis=1)
-                    shifted = rows - top[:, None]
-                    log_sum = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
-                    picked = shifted[np.arange(len(rows)), targets[lo : lo + _ROWS_PER_STEP]]
-                    values = log_sum - picked.astype(np.float64)
-                    nll += float(values.sum())
-                    nll2 += float((values * values).sum())
+                nll, nll2 = _nll_sums(flat.reshape(len(wanted), n_vocab), targets)
             yield BatchScored(size, len(wanted), nll, nll2, time.perf_counter() - t0)
     finally:
         llama_cpp.llama_batch_free(batch)
+
+
+def _nll_sums(logits: Any, targets: Any) -> tuple[float, float]:
+    """Sum and sum of squares of -log softmax(logits)[target], row by row."""
+    import numpy as np
+
+    nll = nll2 = 0.0
+    for lo in range(0, len(targets), _ROWS_PER_STEP):
+        rows = logits[lo : lo + _ROWS_PER_STEP]
+        # llama.cpp: max in float, exp in float, sum in double.
+        top = rows.max(axis=1)
+        shifted = rows - top[:, None]
+        log_sum = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
+        picked = shifted[np.arange(len(rows)), targets[lo : lo + _ROWS_PER_STEP]]
+        values = log_sum - picked.astype(np.float64)
+        nll += float(values.sum())
+        nll2 += float((values * values).sum())
+    return nll, nll2

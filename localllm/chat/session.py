@@ -1,4 +1,4 @@
-"""Chat sessions: one loaded model, a growing history, streamed replies.
+"""A chat session: one loaded model, a growing history, streamed replies.
 
 The session keeps ONE ``Llama`` for its whole life and sends the full formatted
 history each turn, so llama-cpp-python reuses the KV prefix of earlier turns and only
@@ -9,9 +9,7 @@ the oldest turns are dropped (never the system prompt).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -20,32 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import ContextOverflow, InvalidArgument, InvalidModelFile, LocalLLMError
+from localllm.fileio import write_json_atomic
+from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.gguf_meta import ModelSpec, read_model_spec
 from localllm.memory import kv_cache_bytes
+from localllm.options import check_rope_method
 from localllm.resolver import ResolvedModel, require_local_file, resolve_model
-from localllm.rope import ROPE_METHODS, RopePlan, plan_rope
-from localllm.runtime import (
-    ChatMessage,
-    GenerationStats,
-    LoadedModel,
-    RuntimeOptions,
-    SamplingOptions,
-    TextChunk,
-    load_model,
-)
+from localllm.rope import RopePlan, plan_rope
+from localllm.runtime.llama import LoadedModel, load_model
+from localllm.runtime.params import LoadOptions, SamplingOptions
 
 __all__ = [
     "DEFAULT_CONTEXT",
     "DEFAULT_MAX_TOKENS",
-    "SLASH_COMMANDS",
     "TRANSCRIPT_FORMAT",
     "ChatSession",
     "HistoryTrimmed",
-    "MultilineInput",
     "SessionSummary",
     "check_chat_options",
     "open_session",
-    "parse_slash_command",
     "stats_as_json",
 ]
 
@@ -54,20 +45,6 @@ DEFAULT_CONTEXT = 4096
 # The reply budget when --max-tokens is not given (capped at half the context).
 DEFAULT_MAX_TOKENS = 512
 TRANSCRIPT_FORMAT = "localllm-chat/1"
-
-# name -> (argument, what it does); the REPL's /help is rendered from this.
-SLASH_COMMANDS: dict[str, tuple[str, str]] = {
-    "/help": ("", "show this help"),
-    "/reset": ("", "forget the conversation (the system prompt stays)"),
-    "/system": ("[TEXT]", "set the system prompt (no TEXT: show it)"),
-    "/stats": ("", "session statistics: tokens, speed, KV cache, settings"),
-    "/save": ("FILE", "write the transcript and settings as JSON"),
-    "/exit": ("", "leave (also /quit, /bye, Ctrl-D, Ctrl-C at the prompt)"),
-}
-_ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/clear": "/reset"}
-
-
-# --------------------------------------------------------------------------- events
 
 
 @dataclass(frozen=True)
@@ -118,78 +95,13 @@ def stats_as_json(stats: GenerationStats) -> dict[str, Any]:
     return data
 
 
-# ---------------------------------------------------------------------------- input
-
-
-def parse_slash_command(line: str) -> tuple[str, str] | None:
-    """``"/save a.json"`` -> ``("/save", "a.json")``; ``None`` when it is a message."""
-    stripped = line.strip()
-    if not stripped.startswith("/") or stripped.startswith("//"):
-        return None
-    name, _, arg = stripped.partition(" ")
-    name = name.lower()
-    return _ALIASES.get(name, name), arg.strip()
-
-
-@dataclass
-class MultilineInput:
-    """Joins REPL lines into one message.
-
-    A line ending in a backslash continues on the next line; a line that is exactly
-    ``\"\"\"`` opens a block that the next such line closes (text may follow the opening
-    quotes on the same line).
-    """
-
-    lines: list[str] = field(default_factory=list)
-    in_block: bool = False
-
-    @property
-    def pending(self) -> bool:
-        """Whether more lines are needed before the message is complete."""
-        return self.in_block or bool(self.lines)
-
-    def feed(self, line: str) -> str | None:
-        """Add one line; return the full message once it is complete."""
-        if self.in_block:
-            if line.rstrip().endswith('"""'):
-                self.lines.append(line.rstrip()[:-3])
-                return self._finish()
-            self.lines.append(line)
-            return None
-        if not self.lines and line.lstrip().startswith('"""'):
-            rest = line.lstrip()[3:]
-            if rest.rstrip().endswith('"""') and rest.strip() != "":
-                return rest.rstrip()[:-3]
-            self.in_block = True
-            if rest.strip():
-                self.lines.append(rest)
-            return None
-        if line.endswith("\\"):
-            self.lines.append(line[:-1])
-            return None
-        self.lines.append(line)
-        return self._finish()
-
-    def cancel(self) -> None:
-        self.lines.clear()
-        self.in_block = False
-
-    def _finish(self) -> str:
-        text = "\n".join(self.lines)
-        self.cancel()
-        return text
-
-
-# -------------------------------------------------------------------------- session
-
-
 @dataclass
 class ChatSession:
     """A conversation with one loaded model (kept loaded so the KV prefix is reused)."""
 
-    model: ResolvedModel
+    resolved: ResolvedModel
     spec: ModelSpec
-    runtime: LoadedModel
+    loaded: LoadedModel
     sampling: SamplingOptions
     system: str | None = None
     rope_plan: RopePlan | None = None
@@ -202,16 +114,18 @@ class ChatSession:
 
     @property
     def n_ctx(self) -> int:
-        return self.runtime.n_ctx
+        return self.loaded.n_ctx
 
     @property
     def display_name(self) -> str:
         """The model as the user knows it: its alias, else its file name."""
-        if self.model.alias:
+        if self.resolved.alias:
             return (
-                f"{self.model.alias}:{self.model.quant}" if self.model.quant else self.model.alias
+                f"{self.resolved.alias}:{self.resolved.quant}"
+                if self.resolved.quant
+                else self.resolved.alias
             )
-        return self.runtime.path.name
+        return self.loaded.path.name
 
     def messages(self, extra: ChatMessage | None = None) -> list[ChatMessage]:
         head = [ChatMessage("system", self.system)] if self.system else []
@@ -219,7 +133,7 @@ class ChatSession:
 
     def kv_bytes(self) -> int | None:
         """Bytes of the allocated KV cache (the arithmetic `info` and `kv-calc` use)."""
-        opts = self.runtime.options
+        opts = self.loaded.options
         try:
             est = kv_cache_bytes(self.spec, self.n_ctx, type_k=opts.type_k, type_v=opts.type_v)
         except InvalidArgument:
@@ -230,7 +144,7 @@ class ChatSession:
         """Drop the oldest turns until the prompt plus the reply budget fits."""
         budget = self.sampling.max_tokens or DEFAULT_MAX_TOKENS
         n_ctx = self.n_ctx
-        alone = self.runtime.count_chat_tokens(
+        alone = self.loaded.count_chat_tokens(
             [*([ChatMessage("system", self.system)] if self.system else []), user]
         )
         if alone + budget > n_ctx:
@@ -241,13 +155,13 @@ class ChatSession:
                 f"lower --max-tokens, or restart with a larger --ctx"
             )
         dropped = 0
-        needed = self.runtime.count_chat_tokens(self.messages(user))
+        needed = self.loaded.count_chat_tokens(self.messages(user))
         while needed + budget > n_ctx and self.history:
             # Turns go in pairs (user, assistant) so the template sees a well-formed chat.
             n = 2 if len(self.history) >= 2 else 1
             del self.history[:n]
             dropped += n
-            needed = self.runtime.count_chat_tokens(self.messages(user))
+            needed = self.loaded.count_chat_tokens(self.messages(user))
         if dropped:
             self.dropped_messages += dropped
             first = not self.told_about_trimming
@@ -271,7 +185,7 @@ class ChatSession:
         first: float | None = None
         stats: GenerationStats | None = None
         try:
-            for item in self.runtime.chat_stream(self.messages(), self.sampling, stop=stop):
+            for item in self.loaded.chat_stream(self.messages(), self.sampling, stop=stop):
                 if isinstance(item, TextChunk):
                     if first is None:
                         first = time.perf_counter()
@@ -301,7 +215,7 @@ class ChatSession:
 
     def recover_after_abort(self) -> None:
         """After an exception inside llama-cpp-python, start the next turn from a clean KV."""
-        self.runtime.reset()
+        self.loaded.reset()
 
     def reset(self) -> None:
         """Forget the conversation; the system prompt and the settings stay."""
@@ -321,7 +235,7 @@ class ChatSession:
             generation_seconds=sum(t.generation_seconds for t in self.turns),
             history_messages=len(self.history),
             dropped_messages=self.dropped_messages,
-            kv_used=self.runtime.kv_used,
+            kv_used=self.loaded.kv_used,
             kv_cells=self.n_ctx,
             kv_bytes=self.kv_bytes(),
             last=self.turns[-1] if self.turns else None,
@@ -329,7 +243,7 @@ class ChatSession:
 
     def settings(self) -> dict[str, Any]:
         """The settings a transcript records, enough to reproduce the session."""
-        opts = self.runtime.options
+        opts = self.loaded.options
         return {
             "system": self.system,
             "sampling": asdict(self.sampling),
@@ -350,9 +264,9 @@ class ChatSession:
             "format": TRANSCRIPT_FORMAT,
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": {
-                "ref": self.model.ref,
+                "ref": self.resolved.ref,
                 "name": self.spec.name,
-                "path": str(self.runtime.path),
+                "path": str(self.loaded.path),
             },
             "settings": self.settings(),
             "messages": [asdict(m) for m in head + self.transcript],
@@ -368,48 +282,36 @@ class ChatSession:
             raise InvalidArgument("/save needs a file name, e.g. /save chat.json")
         if target.is_dir():
             raise InvalidArgument(f"{target} is a directory; give a file name")
-        data = json.dumps(self.transcript_json(), indent=2, ensure_ascii=False) + "\n"
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(data)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_json_atomic(target, self.transcript_json(), mode=0o600)  # a private record
         except OSError as exc:
             raise LocalLLMError(f"cannot write {target}: {exc.strerror or exc}") from None
         return target
 
     def close(self) -> None:
-        self.runtime.close()
+        self.loaded.close()
 
 
 def check_chat_options(
     sampling: SamplingOptions,
-    runtime: RuntimeOptions,
+    options: LoadOptions,
     *,
     n_ctx: int | None = None,
     rope_method: str | None = None,
 ) -> None:
     """Reject bad flag values before anything is resolved or loaded (InvalidArgument)."""
     sampling.validate()
-    replace(runtime, n_ctx=n_ctx if n_ctx is not None else runtime.n_ctx).validate()
+    replace(options, n_ctx=n_ctx if n_ctx is not None else options.n_ctx).validate()
     if sampling.max_tokens is not None and n_ctx is not None and sampling.max_tokens >= n_ctx:
         raise InvalidArgument(_budget_message(sampling.max_tokens, n_ctx))
-    if rope_method is not None and rope_method not in ROPE_METHODS:
-        raise InvalidArgument(
-            f"unknown RoPE method {rope_method!r}; use one of {', '.join(ROPE_METHODS)}"
-        )
+    check_rope_method(rope_method)
 
 
 def open_session(
     ref: str | None,
     *,
     sampling: SamplingOptions,
-    runtime: RuntimeOptions | None = None,
+    options: LoadOptions | None = None,
     n_ctx: int | None = None,
     rope_method: str | None = None,
     system: str | None = None,
@@ -420,8 +322,8 @@ def open_session(
     RoPE plan (``rope_method`` or the default) stretches it. ``sampling.max_tokens``
     None means 512 or half the context, whichever is smaller.
     """
-    runtime = runtime or RuntimeOptions()
-    check_chat_options(sampling, runtime, n_ctx=n_ctx, rope_method=rope_method)
+    options = options or LoadOptions()
+    check_chat_options(sampling, options, n_ctx=n_ctx, rope_method=rope_method)
     model = resolve_model(ref)
     path = require_local_file(model)
     spec = read_model_spec(path)
@@ -434,20 +336,20 @@ def open_session(
     plan = None
     if ctx > spec.n_ctx_train or rope_method is not None:
         plan = plan_rope(spec, ctx, rope_method)
-        runtime = replace(runtime, rope=plan.params)
+        options = replace(options, rope=plan.params)
     max_tokens = sampling.max_tokens or min(DEFAULT_MAX_TOKENS, ctx // 2)
     if max_tokens >= ctx:
         raise InvalidArgument(_budget_message(max_tokens, ctx))
     sampling = replace(sampling, max_tokens=max_tokens)
-    seed = sampling.seed if sampling.seed is not None else runtime.seed
-    runtime = replace(runtime, n_ctx=ctx, seed=seed)
+    seed = sampling.seed if sampling.seed is not None else options.seed
+    options = replace(options, n_ctx=ctx, seed=seed)
 
     started = time.perf_counter()
-    loaded = load_model(path, runtime)
+    loaded = load_model(path, options)
     return ChatSession(
-        model=model,
+        resolved=model,
         spec=spec,
-        runtime=loaded,
+        loaded=loaded,
         sampling=sampling,
         system=system or None,
         rope_plan=plan,

@@ -29,111 +29,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import InvalidArgument, LocalLLMError, ModelLoadError
-from localllm.runtime import (
-    KV_CACHE_TYPES,
-    ROPE_SCALING_TYPES,
+from localllm.errors import LocalLLMError, ModelLoadError
+from localllm.runtime.library import import_llama_cpp
+from localllm.runtime.log import (
     BufferReport,
-    RopeParams,
-    _install_log_capture,
-    _log_mark,
-    _log_since,
-    import_llama_cpp,
-    llama_cpp_version,
+    install_log_capture,
+    load_model_file,
+    log_mark,
+    log_since,
     parse_buffer_report,
 )
+from localllm.runtime.params import (
+    FLASH_ATTN_TYPES,
+    RopeParams,
+    context_fields,
+    rope_fields,
+)
 
-__all__ = [
-    "FLASH_ATTN_TYPES",
-    "BenchContext",
-    "BenchModel",
-    "ContextConfig",
-    "DecodeFailed",
-    "LlamaBuild",
-    "llama_build",
-]
-
-# llama-bench's -fa values and the llama_flash_attn_type it records for them.
-FLASH_ATTN_TYPES: dict[str, int] = {"auto": -1, "off": 0, "on": 1}
+__all__ = ["BenchContext", "BenchModel", "ContextConfig", "DecodeFailed"]
 
 
 class DecodeFailed(LocalLLMError):
     """llama.cpp returned an error while a benchmark was decoding."""
-
-
-@dataclass(frozen=True)
-class LlamaBuild:
-    """What llama.cpp build is running and on what devices, as llama-bench reports it."""
-
-    llama_cpp_python: str
-    ggml_version: str
-    commit: str  # ggml_commit(): the llama.cpp commit the library was built from
-    cpu_info: str  # CPU device descriptions, joined like llama-bench's get_cpu_info
-    gpu_info: str
-    backends: str  # registered backends other than CPU, or "CPU"
-    system_info: str  # llama_print_system_info(): the CPU features compiled in
-
-
-def _cstr(lib: Any, name: str, argtypes: list[Any]) -> Any:
-    func = getattr(lib, name)
-    func.argtypes = argtypes
-    func.restype = ctypes.c_char_p
-    return func
-
-
-def llama_build() -> LlamaBuild:
-    """Versions, commit and devices of the loaded llama.cpp (ggml's device registry)."""
-    import llama_cpp
-    from llama_cpp import _ggml
-
-    lib = _ggml.libggml
-    commit = _cstr(lib, "ggml_commit", [])().decode(errors="replace")
-    version = _cstr(lib, "ggml_version", [])().decode(errors="replace")
-
-    lib.ggml_backend_dev_count.argtypes = []
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_type.restype = ctypes.c_int
-    describe = _cstr(lib, "ggml_backend_dev_description", [ctypes.c_void_p])
-    lib.ggml_backend_reg_count.argtypes = []
-    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
-    lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
-    lib.ggml_backend_reg_get.restype = ctypes.c_void_p
-    reg_name = _cstr(lib, "ggml_backend_reg_name", [ctypes.c_void_p])
-    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-
-    # enum ggml_backend_dev_type: 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL (ggml-backend.h)
-    cpus, gpus = [], []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        kind = lib.ggml_backend_dev_type(dev)
-        text = (describe(dev) or b"").decode(errors="replace")
-        if kind in (0, 3):
-            cpus.append(text)
-        elif kind in (1, 2):
-            gpus.append(text)
-    backends, rpc_used = [], False
-    for i in range(lib.ggml_backend_reg_count()):
-        reg = lib.ggml_backend_reg_get(i)
-        name = (reg_name(reg) or b"").decode(errors="replace")
-        if name.startswith("RPC"):
-            rpc_used = rpc_used or lib.ggml_backend_reg_dev_count(reg) > 0
-        elif name != "CPU":
-            backends.append(name)
-    if rpc_used:
-        backends.append("RPC")
-    return LlamaBuild(
-        llama_cpp_python=llama_cpp_version(),
-        ggml_version=version,
-        commit=commit,
-        cpu_info=", ".join(cpus),
-        gpu_info=", ".join(gpus),
-        backends=",".join(backends) if backends else "CPU",
-        system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-    )
 
 
 @dataclass(frozen=True)
@@ -228,16 +145,10 @@ class BenchModel:
             raise ModelLoadError(f"no such model file: {self.path}")
         llama_cpp = import_llama_cpp()
         self._lc: Any = llama_cpp
-        _install_log_capture()
+        install_log_capture()
         llama_cpp.llama_backend_init()
-        mark = _log_mark()
         params = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
-        self.load_log = _log_since(mark)
-        if not self.model:
-            errors = [line.strip() for line in self.load_log if "error" in line.lower()]
-            reason = errors[-1] if errors else "unknown error"
-            raise ModelLoadError(f"llama.cpp could not load {self.path.name}: {reason}")
+        self.model, self.load_log = load_model_file(llama_cpp, self.path, params)
         self.weights_bytes = parse_buffer_report(self.load_log).weights_bytes
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, len(buf))
@@ -273,34 +184,21 @@ class BenchContext:
         self._lc = lc
         self.model = model
         self.config = config
-        if config.type_k not in KV_CACHE_TYPES or config.type_v not in KV_CACHE_TYPES:
-            bad = config.type_k if config.type_k not in KV_CACHE_TYPES else config.type_v
-            raise InvalidArgument(
-                f"unknown KV cache type {bad!r}; use one of {', '.join(KV_CACHE_TYPES)}"
-            )
         params = lc.llama_context_default_params()
         params.n_ctx = config.n_ctx
         params.n_batch = config.n_batch
         params.n_ubatch = config.n_ubatch
-        params.type_k = KV_CACHE_TYPES[config.type_k]
-        params.type_v = KV_CACHE_TYPES[config.type_v]
         params.flash_attn_type = FLASH_ATTN_TYPES[config.flash_attn]
         params.n_threads = config.n_threads
         params.n_threads_batch = config.n_threads
-        rope = config.rope
-        if rope != RopeParams():  # untouched, llama.cpp's own defaults apply (as in llama-bench)
-            if rope.scaling is not None:
-                params.rope_scaling_type = ROPE_SCALING_TYPES[rope.scaling]
-            params.rope_freq_base = rope.freq_base
-            params.rope_freq_scale = rope.freq_scale
-            params.yarn_orig_ctx = rope.yarn_orig_ctx
-            params.yarn_ext_factor = rope.yarn_ext_factor
-            params.yarn_attn_factor = rope.yarn_attn_factor
-            params.yarn_beta_fast = rope.yarn_beta_fast
-            params.yarn_beta_slow = rope.yarn_beta_slow
-        mark = _log_mark()
+        fields = context_fields(config.type_k, config.type_v)
+        if config.rope != RopeParams():  # untouched: llama.cpp's own defaults (as llama-bench)
+            fields.update(rope_fields(config.rope))
+        for name, value in fields.items():
+            setattr(params, name, value)
+        mark = log_mark()
         self.ctx = lc.llama_init_from_model(model.model, params)
-        self.log = _log_since(mark)
+        self.log = log_since(mark)
         if not self.ctx:
             errors = [
                 line.strip() for line in self.log if "error" in line.lower() or "fail" in line
@@ -367,10 +265,6 @@ class BenchContext:
 
     def set_threads(self, n_threads: int) -> None:
         self._lc.llama_set_n_threads(self.ctx, n_threads, n_threads)
-
-    def kv_tokens(self) -> int:
-        """Tokens of sequence 0 in the KV cache (its highest position + 1)."""
-        return int(self._lc.llama_memory_seq_pos_max(self._memory, 0)) + 1
 
     def clear(self) -> None:
         """llama_memory_clear(mem, false): forget the sequence, keep the buffers."""

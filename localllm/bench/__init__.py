@@ -1,0 +1,6 @@
+"""``localllm bench``: llama-bench's tests and numbers, with where the time and memory go.
+
+- :mod:`~localllm.bench.request`: the flags parsed into a request and its tests;
+- :mod:`~localllm.bench.run`: the run (one load, a context per test) and its events;
+- :mod:`~localllm.bench.record`: results as llama-bench records and their formats.
+"""

@@ -1,0 +1,420 @@
+"""Bench results as records: llama-bench's fields, names, order and types, then ours.
+
+Every record carries llama-bench's fields (so tools that read llama-bench output read
+ours) and ours: peak RSS, the buffers llama.cpp allocated, the roofline fraction of
+``tg`` and the machine and software the result was measured with. The formats (md, csv,
+json, jsonl) are llama-bench's printers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localllm.bench.request import DEFAULT_BATCH, DEFAULT_UBATCH, BenchRequest, BenchTest
+from localllm.machine import Bandwidth
+from localllm.runtime.params import FLASH_ATTN_TYPES
+from localllm.text import escape_untrusted
+
+__all__ = [
+    "EXTRA_FIELDS",
+    "LLAMA_BENCH_FIELDS",
+    "BenchResult",
+    "Environment",
+    "describe_environment",
+    "format_csv_header",
+    "format_csv_row",
+    "format_json",
+    "format_jsonl_row",
+    "format_markdown",
+]
+
+# llama-bench's test::get_fields() of the llama.cpp build we run, in order, with the JSON
+# type of each (test::get_field_type): i int, b bool, f float, s string.
+LLAMA_BENCH_FIELDS: dict[str, str] = {
+    "build_commit": "s",
+    "build_number": "i",
+    "cpu_info": "s",
+    "gpu_info": "s",
+    "backends": "s",
+    "model_filename": "s",
+    "model_type": "s",
+    "model_size": "i",
+    "model_n_params": "i",
+    "n_batch": "i",
+    "n_ubatch": "i",
+    "n_threads": "i",
+    "cpu_mask": "s",
+    "cpu_strict": "b",
+    "poll": "i",
+    "type_k": "s",
+    "type_v": "s",
+    "n_gpu_layers": "i",
+    "n_cpu_moe": "i",
+    "split_mode": "s",
+    "main_gpu": "i",
+    "no_kv_offload": "b",
+    "flash_attn": "i",
+    "devices": "s",
+    "tensor_split": "s",
+    "tensor_buft_overrides": "s",
+    "load_mode": "s",
+    "lazy_mode": "s",
+    "embeddings": "b",
+    "no_op_offload": "i",
+    "no_host": "b",
+    "repack": "b",
+    "fit_target": "i",
+    "fit_min_ctx": "i",
+    "n_prompt": "i",
+    "n_gen": "i",
+    "n_depth": "i",
+    "test_time": "s",
+    "avg_ns": "i",
+    "stddev_ns": "i",
+    "avg_ts": "f",
+    "stddev_ts": "f",
+}
+# What llama-bench records for the settings localllm leaves at llama.cpp's defaults
+# (the model loads with llama_model_default_params, contexts with the context defaults).
+_FIXED_FIELDS: dict[str, Any] = {
+    "cpu_mask": "0x0",
+    "cpu_strict": False,
+    "poll": 50,
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": False,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": False,
+    "no_op_offload": 0,
+    "no_host": False,
+    "repack": True,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
+}
+# Ours, after llama-bench's fields and samples (CSV leaves out the samples, as llama-bench).
+EXTRA_FIELDS = (
+    "tool",
+    "localllm_version",
+    "n_ctx",
+    "n_ctx_cells",
+    "flash_attn_used",
+    "rope",
+    "repetitions",
+    "warmup",
+    "peak_rss_bytes",
+    "weights_bytes",
+    "kv_bytes",
+    "compute_bytes",
+    "output_bytes",
+    "bandwidth_bytes_per_s",
+    "tg_bytes_per_token",
+    "roofline_ts",
+    "roofline_fraction",
+    "cpu_model",
+    "cpu_cores",
+    "cpu_threads",
+    "ram_bytes",
+    "os",
+    "python_version",
+    "llama_cpp_python_version",
+    "llama_cpp_build",
+    "ggml_version",
+    "model_sha256",
+)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What a result was measured on and with."""
+
+    cpu_model: str
+    cpu_info: str  # llama.cpp's CPU device description (llama-bench's cpu_info)
+    gpu_info: str
+    backends: str
+    cpu_cores: int  # physical
+    cpu_threads: int  # logical CPUs this process may use
+    ram_bytes: int
+    os: str
+    python_version: str
+    llama_cpp_python_version: str
+    llama_cpp_build: str  # ggml_commit() of the loaded library
+    ggml_version: str
+    system_info: str
+    localllm_version: str
+    model_path: str
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One finished test: its samples and everything needed to make its record."""
+
+    test: BenchTest
+    samples_ns: tuple[int, ...]
+    test_time: str
+    model_filename: str
+    model_type: str
+    model_size: int
+    model_n_params: int
+    n_ctx_cells: int
+    flash_attn_used: bool | None
+    rope: str
+    peak_rss_bytes: int
+    weights_bytes: int | None
+    kv_bytes: int | None
+    compute_bytes: int | None
+    output_bytes: int | None
+    tg_bytes_per_token: int | None
+    bandwidth: Bandwidth | None
+    environment: Environment
+    repetitions: int
+    warmup: bool
+
+    # -- llama-bench's statistics (avg and stdev in llama-bench.cpp)
+    @property
+    def samples_ts(self) -> list[float]:
+        return [1e9 * self.test.n_tokens / ns for ns in self.samples_ns]
+
+    @property
+    def avg_ns(self) -> int:
+        return int(sum(self.samples_ns) // len(self.samples_ns))
+
+    @property
+    def stddev_ns(self) -> int:
+        return int(_stdev([float(x) for x in self.samples_ns]))
+
+    @property
+    def avg_ts(self) -> float:
+        ts = self.samples_ts
+        return sum(ts) / len(ts)
+
+    @property
+    def stddev_ts(self) -> float:
+        return _stdev(self.samples_ts)
+
+    @property
+    def roofline_ts(self) -> float | None:
+        if self.tg_bytes_per_token is None or self.bandwidth is None:
+            return None
+        return self.bandwidth.bytes_per_s / self.tg_bytes_per_token
+
+    @property
+    def roofline_fraction(self) -> float | None:
+        roof = self.roofline_ts
+        return self.avg_ts / roof if roof else None
+
+    def record(self) -> dict[str, Any]:
+        """llama-bench's fields (names, order, types), its samples, then ours."""
+        t, env = self.test, self.environment
+        values: dict[str, Any] = {
+            "build_commit": env.llama_cpp_build,
+            "build_number": 0,  # llama-cpp-python does not carry llama.cpp's build count
+            "cpu_info": env.cpu_info,
+            "gpu_info": env.gpu_info,
+            "backends": env.backends,
+            "model_filename": self.model_filename,
+            "model_type": self.model_type,
+            "model_size": self.model_size,
+            "model_n_params": self.model_n_params,
+            "n_batch": t.n_batch,
+            "n_ubatch": t.n_ubatch,
+            "n_threads": t.n_threads,
+            "type_k": t.type_k,
+            "type_v": t.type_v,
+            "flash_attn": FLASH_ATTN_TYPES[t.flash_attn],
+            "n_prompt": t.n_prompt,
+            "n_gen": t.n_gen,
+            "n_depth": t.n_depth,
+            "test_time": self.test_time,
+            "avg_ns": self.avg_ns,
+            "stddev_ns": self.stddev_ns,
+            "avg_ts": round(self.avg_ts, 6),
+            "stddev_ts": round(self.stddev_ts, 6),
+            **_FIXED_FIELDS,
+        }
+        record = {name: values[name] for name in LLAMA_BENCH_FIELDS}
+        record["samples_ns"] = list(self.samples_ns)
+        record["samples_ts"] = [round(x, 6) for x in self.samples_ts]
+        ours = self._our_fields()
+        record.update((name, ours[name]) for name in EXTRA_FIELDS)
+        return record
+
+    def _our_fields(self) -> dict[str, Any]:
+        env, bw = self.environment, self.bandwidth
+        return {
+            "tool": "localllm",
+            "localllm_version": env.localllm_version,
+            "n_ctx": self.test.n_ctx,
+            "n_ctx_cells": self.n_ctx_cells,
+            "flash_attn_used": self.flash_attn_used,
+            "rope": self.rope,
+            "repetitions": self.repetitions,
+            "warmup": self.warmup,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "weights_bytes": self.weights_bytes,
+            "kv_bytes": self.kv_bytes,
+            "compute_bytes": self.compute_bytes,
+            "output_bytes": self.output_bytes,
+            "bandwidth_bytes_per_s": round(bw.bytes_per_s) if bw else None,
+            "tg_bytes_per_token": self.tg_bytes_per_token,
+            "roofline_ts": _round(self.roofline_ts, 3),
+            "roofline_fraction": _round(self.roofline_fraction, 4),
+            "cpu_model": env.cpu_model,
+            "cpu_cores": env.cpu_cores,
+            "cpu_threads": env.cpu_threads,
+            "ram_bytes": env.ram_bytes,
+            "os": env.os,
+            "python_version": env.python_version,
+            "llama_cpp_python_version": env.llama_cpp_python_version,
+            "llama_cpp_build": env.llama_cpp_build,
+            "ggml_version": env.ggml_version,
+            "model_sha256": env.model_sha256,
+        }
+
+
+def _stdev(values: Sequence[float]) -> float:
+    """llama-bench's stdev: the sample standard deviation, 0 for a single sample."""
+    n = len(values)
+    if n <= 1:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _csv_value(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"  # std::to_string(bool), as llama-bench writes it
+    if name in ("avg_ts", "stddev_ts") or isinstance(value, float):
+        return f"{value:f}"
+    return str(value)
+
+
+def _csv_line(values: Sequence[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n").writerow(values)
+    return buf.getvalue()
+
+
+def _csv_fields() -> list[str]:
+    return [*LLAMA_BENCH_FIELDS, *EXTRA_FIELDS]
+
+
+def format_csv_header() -> str:
+    """llama-bench's CSV header line, then our columns."""
+    return ",".join(_csv_fields()) + "\n"
+
+
+def format_csv_row(result: BenchResult) -> str:
+    record = result.record()
+    return _csv_line([_csv_value(name, record[name]) for name in _csv_fields()])
+
+
+def format_json(results: Sequence[BenchResult]) -> str:
+    """A JSON array of records, as llama-bench's ``-o json``."""
+    return json.dumps([r.record() for r in results], indent=2) + "\n"
+
+
+def format_jsonl_row(result: BenchResult) -> str:
+    return json.dumps(result.record()) + "\n"
+
+
+# Markdown columns as llama-bench's markdown_printer lays them out (width < 0: left-aligned).
+_MD_WIDTHS = {"model": -30, "size": 10, "params": 10, "backend": -10, "n_threads": 7,
+              "n_batch": 7, "n_ubatch": 8, "type_k": 6, "type_v": 6, "flash_attn": 3,
+              "n_ctx": 7, "test": 15, "t/s": 20, "roofline": 8}  # fmt: skip
+_MD_NAMES = {"n_threads": "threads", "flash_attn": "fa", "n_ctx": "ctx"}
+
+
+def _md_fields(request: BenchRequest, results: Sequence[BenchResult]) -> list[str]:
+    fields = ["model", "size", "params", "backend", "n_threads"]  # threads: always on CPU
+    for name, default in (("n_batch", (DEFAULT_BATCH,)), ("n_ubatch", (DEFAULT_UBATCH,)),
+                          ("type_k", ("f16",)), ("type_v", ("f16",)),
+                          ("flash_attn", ("auto",))):  # fmt: skip
+        if getattr(request, name) != default:
+            fields.append(name)
+    if any(r.test.ctx_asked for r in results):
+        fields.append("n_ctx")
+    fields += ["test", "t/s"]
+    if any(r.roofline_fraction is not None for r in results):
+        fields.append("roofline")
+    return fields
+
+
+def format_markdown(
+    request: BenchRequest,
+    results: Sequence[BenchResult],
+    environment: Environment | None = None,
+    bandwidth: Bandwidth | None = None,
+) -> str:
+    """llama-bench's markdown table (same columns and widths), a roofline column, the build."""
+    fields = _md_fields(request, results)
+    header, rule = "|", "|"
+    for f in fields:
+        width = _MD_WIDTHS[f]
+        header += f" {_MD_NAMES.get(f, f):{'<' if width < 0 else '>'}{abs(width)}} |"
+        rule += f" {'-' * (abs(width) - 1)}{':' if width > 0 else '-'} |"
+    lines = [header, rule]
+    for r in results:
+        size = r.model_size
+        cells = {
+            "model": escape_untrusted(r.model_type),
+            "size": f"{size / 2**20:.2f} MiB" if size < 2**30 else f"{size / 2**30:.2f} GiB",
+            "params": f"{r.model_n_params / 1e6:.2f} M"
+            if r.model_n_params < 1e9
+            else f"{r.model_n_params / 1e9:.2f} B",
+            "backend": r.environment.backends,
+            "n_threads": str(r.test.n_threads),
+            "n_batch": str(r.test.n_batch),
+            "n_ubatch": str(r.test.n_ubatch),
+            "type_k": r.test.type_k,
+            "type_v": r.test.type_v,
+            "flash_attn": str(FLASH_ATTN_TYPES[r.test.flash_attn]),
+            "n_ctx": str(r.test.n_ctx),
+            "test": r.test.name,
+            "t/s": f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
+            "roofline": f"{r.roofline_fraction:.1%}" if r.roofline_fraction is not None else "",
+        }
+        line = "|"
+        for f in fields:
+            width = _MD_WIDTHS[f]
+            line += f" {cells[f]:{'<' if width < 0 else '>'}{abs(width)}} |"
+        lines.append(line)
+    env = environment or (results[0].environment if results else None)
+    if env is not None:
+        lines += ["", f"build: {env.llama_cpp_build} (0)", *describe_environment(env)]
+        bandwidth = bandwidth or (results[0].bandwidth if results else None)
+        if bandwidth is not None and any(r.roofline_fraction is not None for r in results):
+            lines.append(
+                f"roofline: tg t/s as a share of {bandwidth.bytes_per_s / 1e9:.1f} GB/s memory "
+                "read bandwidth / bytes read per generated token (weights + KV)"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def describe_environment(env: Environment) -> list[str]:
+    """The machine and software behind a result, in a few human lines."""
+    return [
+        f"localllm {env.localllm_version}, llama-cpp-python {env.llama_cpp_python_version}, "
+        f"ggml {env.ggml_version}; Python {env.python_version}; {env.os}",
+        f"{env.cpu_model}: {env.cpu_cores} cores, {env.cpu_threads} threads, "
+        f"{env.ram_bytes / 2**30:.1f} GiB RAM",
+        f"model: {escape_untrusted(Path(env.model_path).name)} sha256 {env.model_sha256}",
+    ]

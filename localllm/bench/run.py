@@ -1,0 +1,256 @@
+"""Running ``localllm bench``: one model load, a context per test, llama-bench's loops.
+
+The method is llama-bench's (tools/llama-bench/llama-bench.cpp), so a row here compares
+with a row there: random tokens, one warm-up, ``r`` repetitions from a cleared KV cache;
+``pp`` times a batched decode of the prompt in ``n_batch`` chunks, ``tg`` times ``n``
+single-token decodes with no sampling. The loops live in
+:mod:`localllm.runtime.llama_bench`; the roofline of ``tg`` is computed here.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from localllm.bench.record import BenchResult, Environment
+from localllm.bench.request import BenchRequest, BenchTest
+from localllm.errors import InvalidArgument
+from localllm.fileio import cached_sha256
+from localllm.ggml_types import tensor_bytes
+from localllm.gguf_header import read_header
+from localllm.gguf_meta import ModelSpec, read_model_spec
+from localllm.machine import (
+    Bandwidth,
+    cpu_model,
+    memory_bandwidth,
+    online_cpus,
+    peak_rss_bytes,
+    physical_cores,
+    ram_bytes,
+)
+from localllm.memory import kv_bytes_per_token
+from localllm.resolver import require_local_file, resolve_model
+from localllm.rope import RopePlan, plan_rope
+from localllm.runtime.library import LlamaBuild, llama_build
+from localllm.runtime.llama_bench import BenchModel, ContextConfig
+
+__all__ = [
+    "BenchEvent",
+    "BenchPlan",
+    "BenchProgress",
+    "BenchRun",
+    "run_bench",
+    "weights_read_per_token",
+]
+
+
+def weights_read_per_token(path: Path, model_size: int) -> int:
+    """Weight bytes one generated token reads: all of them, except the token embedding
+    table when a separate output matrix exists (then only one embedding row is read)."""
+    names = {t.name: t for t in read_header(path).tensors}
+    embd = names.get("token_embd.weight")
+    if embd is None or "output.weight" not in names:
+        return model_size  # tied embeddings: the output matmul reads the whole table
+    return max(model_size - tensor_bytes(embd.type_id, embd.n_elements), 0)
+
+
+def _tg_bytes_per_token(test: BenchTest, weights_read: int, spec: ModelSpec | None) -> int | None:
+    """Bytes a tg step reads on average: weights plus the K and V of the cells attended."""
+    if test.n_prompt > 0 or test.n_gen == 0:
+        return None  # only tg rows time generation alone
+    kv = 0
+    if spec is not None:
+        try:
+            per_token = kv_bytes_per_token(spec, type_k=test.type_k, type_v=test.type_v)
+        except InvalidArgument:
+            per_token = 0
+        # Step i attends to n_depth + i + 1 cells; the mean over n_gen steps:
+        kv = round(per_token * (test.n_depth + (test.n_gen + 1) / 2))
+    return weights_read + kv
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """The first event of a run: what will be measured, and what to tell the user first."""
+
+    model_path: Path
+    tests: tuple[BenchTest, ...]
+    repetitions: int
+    warmup: bool
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BenchProgress:
+    """Where a run is: ``stage`` is bandwidth, hashing, loading, warmup, depth or rep."""
+
+    stage: str
+    index: int = 0  # 1-based test number, 0 before the tests
+    total: int = 0
+    test: str = ""
+    rep: int = 0
+    reps: int = 0
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """The last event: every result, and the machine they were measured on."""
+
+    results: tuple[BenchResult, ...]
+    environment: Environment
+    bandwidth: Bandwidth | None
+
+
+BenchEvent = BenchPlan | BenchProgress | BenchResult | BenchRun
+
+
+def run_bench(request: BenchRequest) -> Iterator[BenchEvent]:
+    """Run a benchmark: yields the plan, progress, one result per test, then the run.
+
+    Everything is checked before anything heavy happens; the model is loaded once and
+    each test gets its own context, as in llama-bench.
+    """
+    tests = request.tests()
+    path = require_local_file(resolve_model(request.model))
+    spec = read_model_spec(path)
+    plan, ropes = _plan(request, tests, path, spec)
+    yield plan
+    yield BenchProgress("bandwidth")
+    bandwidth = memory_bandwidth(refresh=request.refresh_bandwidth)
+    yield BenchProgress("loading")
+    results: list[BenchResult] = []
+    with BenchModel(path) as model:
+        yield BenchProgress("hashing")
+        environment = _environment(llama_build(), path)
+        measured = _Measured(bandwidth, environment, weights_read_per_token(path, model.size_bytes))
+        for index, test in enumerate(tests, start=1):
+            where = (index, len(tests))
+            result = yield from _run_test(
+                model, request, test, where, ropes[test.n_ctx], spec, measured
+            )
+            results.append(result)
+            yield result
+    yield BenchRun(tuple(results), environment, bandwidth)
+
+
+def _plan(
+    request: BenchRequest, tests: list[BenchTest], path: Path, spec: ModelSpec
+) -> tuple[BenchPlan, dict[int, RopePlan]]:
+    """The first event (with its warnings) and the RoPE plan of every context size."""
+    warnings: list[str] = []
+    notes: list[str] = []
+    cpus = online_cpus()
+    for n in sorted({t.n_threads for t in tests}):
+        if n > cpus:
+            warnings.append(
+                f"-t {n} is more threads than the {cpus} CPU cores this process may use; "
+                f"they will share cores and measure slower than -t {cpus}"
+            )
+    ropes = {}
+    for n_ctx in sorted({t.n_ctx for t in tests}):
+        plan = plan_rope(spec, n_ctx, request.rope)
+        ropes[n_ctx] = plan
+        if plan.extended:
+            notes.append(plan.description)
+        if plan.warning:
+            warnings.append(plan.warning)
+    first = BenchPlan(
+        path, tuple(tests), request.repetitions, request.warmup, tuple(warnings), tuple(notes)
+    )
+    return first, ropes
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What every test of a run shares: the machine and the model's bytes per token."""
+
+    bandwidth: Bandwidth
+    environment: Environment
+    weights_read: int
+
+
+def _run_test(
+    model: BenchModel,
+    request: BenchRequest,
+    test: BenchTest,
+    where: tuple[int, int],
+    rope: RopePlan,
+    spec: ModelSpec,
+    measured: _Measured,
+) -> Generator[BenchEvent, None, BenchResult]:
+    """One test in its own context: warm-up, then the timed repetitions (``where``: n of m)."""
+    progress = BenchProgress("warmup", *where, test.name, 0, request.repetitions)
+    yield progress
+    config = ContextConfig(
+        n_ctx=test.n_ctx,
+        n_batch=test.n_batch,
+        n_ubatch=test.n_ubatch,
+        type_k=test.type_k,
+        type_v=test.type_v,
+        flash_attn=test.flash_attn,
+        n_threads=test.n_threads,
+        rope=rope.params,
+    )
+    with model.new_context(config) as ctx:
+        test_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ctx.clear()
+        if request.warmup:
+            ctx.warmup(test.n_prompt, test.n_gen)
+        samples = []
+        for rep in range(1, request.repetitions + 1):
+            ctx.clear()
+            if test.n_depth > 0:
+                yield replace(progress, stage="depth", rep=rep)
+                ctx.prefill_depth(test.n_depth)
+            yield replace(progress, stage="rep", rep=rep)
+            samples.append(ctx.timed_run(test.n_prompt, test.n_gen))
+        buffers = ctx.buffers
+        return BenchResult(
+            test=test,
+            samples_ns=tuple(samples),
+            test_time=test_time,
+            model_filename=str(model.path),
+            model_type=model.desc,
+            model_size=model.size_bytes,
+            model_n_params=model.n_params,
+            n_ctx_cells=ctx.n_ctx,
+            flash_attn_used=ctx.flash_attn_used,
+            rope=rope.method,
+            peak_rss_bytes=peak_rss_bytes(),
+            weights_bytes=model.weights_bytes,
+            kv_bytes=buffers.kv_bytes,
+            compute_bytes=buffers.compute_bytes,
+            output_bytes=buffers.output_bytes,
+            tg_bytes_per_token=_tg_bytes_per_token(test, measured.weights_read, spec),
+            bandwidth=measured.bandwidth,
+            environment=measured.environment,
+            repetitions=request.repetitions,
+            warmup=request.warmup,
+        )
+
+
+def _environment(build: LlamaBuild, path: Path) -> Environment:
+    from localllm import __version__
+
+    return Environment(
+        cpu_model=cpu_model(),
+        cpu_info=build.cpu_info,
+        gpu_info=build.gpu_info,
+        backends=build.backends,
+        cpu_cores=physical_cores(),
+        cpu_threads=online_cpus(),
+        ram_bytes=ram_bytes(),
+        os=platform.platform(),
+        python_version=platform.python_version(),
+        llama_cpp_python_version=build.llama_cpp_python,
+        llama_cpp_build=build.commit,
+        ggml_version=build.ggml_version,
+        system_info=build.system_info,
+        localllm_version=__version__,
+        model_path=str(path),
+        model_sha256=cached_sha256(path),
+    )

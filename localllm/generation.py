@@ -1,0 +1,49 @@
+"""The records a generation streams: messages in, text chunks and final stats out.
+
+A leaf module: the runtime produces these, chat and serve consume them, views render them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ChatMessage", "GenerationStats", "TextChunk"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """A piece of streamed reply text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """The last record of a stream: what was generated, why it stopped, how fast."""
+
+    text: str
+    finish_reason: str  # stop | length | interrupted
+    prompt_tokens: int  # tokens of the whole formatted prompt
+    prompt_evaluated: int  # of those, evaluated this turn (the rest reused from the KV cache)
+    generated_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+    ttft_seconds: float
+    kv_used: int
+    kv_cells: int
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        if self.generation_seconds <= 0:
+            return 0.0
+        return self.generated_tokens / self.generation_seconds

@@ -1,0 +1,163 @@
+"""This machine: CPUs, memory, and its memory read bandwidth (measured once, cached)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from localllm.errors import LocalLLMError
+from localllm.fileio import read_json_object, write_json_atomic
+from localllm.paths import cache_root
+
+__all__ = [
+    "BANDWIDTH_METHOD",
+    "Bandwidth",
+    "available_memory_bytes",
+    "cpu_model",
+    "measure_bandwidth",
+    "memory_bandwidth",
+    "online_cpus",
+    "peak_rss_bytes",
+    "physical_cores",
+    "ram_bytes",
+]
+
+BANDWIDTH_METHOD = "numpy int64 add.reduce over 256 MiB, one slice per CPU thread, best of 7"
+
+
+def online_cpus() -> int:
+    """Logical CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def physical_cores() -> int:
+    """Physical cores, one per sibling set: llama.cpp's own thread default (cpu_get_num_math).
+
+    llama-cpp-python would otherwise generate on cpu_count // 2 threads, half of what
+    llama-cli and llama-bench use.
+    """
+    siblings = set()
+    cpu = 0
+    while True:
+        path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings")
+        try:
+            siblings.add(path.read_text().strip())
+        except OSError:
+            break
+        cpu += 1
+    return len(siblings) if siblings else (os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ram_bytes() -> int:
+    """Physical memory installed (0 when the platform does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def available_memory_bytes() -> int | None:
+    """RAM available to a new process: MemAvailable on Linux, free pages elsewhere."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+
+
+def _machine_key() -> str:
+    raw = f"{platform.node()}|{cpu_model()}|{online_cpus()}|{ram_bytes()}|{platform.machine()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Bandwidth:
+    """This machine's memory read bandwidth, measured once and cached."""
+
+    bytes_per_s: float
+    method: str
+    measured_at: str
+    cached: bool
+
+
+def measure_bandwidth(size_bytes: int = 256 << 20, passes: int = 7) -> float:
+    """Read bandwidth in bytes/s: every CPU sums its slice of a buffer far larger than cache.
+
+    numpy releases the GIL in reductions, so threads read in parallel the way llama.cpp's
+    threads stream the weights; the best pass is the least disturbed one.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    data = np.ones(size_bytes // 8, dtype=np.int64)
+    workers = max(online_cpus(), 1)
+    slices = np.array_split(data, workers)
+    best = float("inf")
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(np.add.reduce, slices))  # fault the pages in, warm the threads
+        for _ in range(passes):
+            start = time.perf_counter()
+            list(pool.map(np.add.reduce, slices))
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def memory_bandwidth(refresh: bool = False) -> Bandwidth:
+    """The cached bandwidth of this machine, measured (in a child process) when missing.
+
+    The child keeps the 256 MiB buffer out of this process's peak RSS, which bench reports.
+    """
+    path = cache_root() / "bandwidth.json"
+    key = _machine_key()
+    cache = read_json_object(path)
+    entry = cache.get(key)
+    if not refresh and isinstance(entry, dict) and isinstance(entry.get("bytes_per_s"), float):
+        return Bandwidth(
+            entry["bytes_per_s"], entry.get("method", ""), entry.get("measured_at", ""), True
+        )
+    code = "from localllm.machine import measure_bandwidth; print(repr(measure_bandwidth()))"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        )
+        value = float(proc.stdout.strip())
+    except (subprocess.SubprocessError, OSError, ValueError) as exc:
+        raise LocalLLMError(f"could not measure memory bandwidth: {exc}") from None
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    cache[key] = {"bytes_per_s": value, "method": BANDWIDTH_METHOD, "measured_at": now,
+                  "cpu_model": cpu_model(), "cpu_threads": online_cpus()}  # fmt: skip
+    write_json_atomic(path, cache, sort_keys=True)
+    return Bandwidth(value, BANDWIDTH_METHOD, now, False)

@@ -1,0 +1,198 @@
+"""A model kept loaded through llama-cpp-python's ``Llama``: tokenize, format, stream a chat.
+
+Keeping one ``Llama`` alive is what lets llama-cpp-python reuse the KV prefix of the
+previous chat turn; callers load once and stream many times.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from localllm.errors import ContextOverflow, ModelLoadError
+from localllm.generation import ChatMessage, GenerationStats, TextChunk
+from localllm.runtime.library import import_llama_cpp
+from localllm.runtime.log import (
+    install_log_capture,
+    log_mark,
+    log_since,
+    parse_buffer_report,
+    set_log_echo,
+)
+from localllm.runtime.params import LoadOptions, SamplingOptions, context_fields, rope_fields
+
+__all__ = ["LoadedModel", "load_model"]
+
+
+def _messages_json(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+class LoadedModel:
+    """A model with its context, kept loaded for a whole session."""
+
+    def __init__(self, llama: Any, path: Path, options: LoadOptions, log: list[str]):
+        self.llama = llama
+        self.path = path
+        self.options = options
+        self.load_log = log
+        self.buffers = parse_buffer_report(log)
+
+    # -- facts
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llama.n_ctx())
+
+    @property
+    def kv_used(self) -> int:
+        """Cells of the KV cache that hold tokens of the current conversation."""
+        return int(self.llama.n_tokens)
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def format_chat(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt text the model's own chat template makes of ``messages``.
+
+        Built the way llama-cpp-python builds its handler for the GGUF template, so
+        the count matches what ``chat_stream`` will evaluate.
+        """
+        from llama_cpp import llama_chat_format
+
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelLoadError(f"{self.path.name} has no chat template in its GGUF")
+        model = self.llama._model
+        eos, bos = self.llama.token_eos(), self.llama.token_bos()
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+        return str(formatter(messages=_messages_json(messages)).prompt)
+
+    def count_chat_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return len(self.tokenize(self.format_chat(messages), add_bos=False, special=True))
+
+    # -- generation
+    def chat_stream(
+        self,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingOptions,
+        stop: Callable[[], bool] | None = None,
+    ) -> Iterator[TextChunk | GenerationStats]:
+        """Stream a reply with the model's chat template; the last item is the stats.
+
+        ``stop`` is polled after each chunk: when it returns true the reply ends there
+        (finish reason "interrupted") with the KV cache consistent for the next turn.
+        """
+        sampling.validate()
+        import llama_cpp
+
+        ctx = self.llama._ctx.ctx
+        llama_cpp.llama_perf_context_reset(ctx)
+        if sampling.seed is not None:
+            self.llama.set_seed(sampling.seed)
+        start = time.perf_counter()
+        pieces: list[str] = []
+        finish = "interrupted"
+        stream: Any = None
+        first: float | None = None
+        try:
+            stream = self.llama.create_chat_completion(
+                messages=_messages_json(messages),
+                stream=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repeat_penalty=sampling.repeat_penalty,
+                max_tokens=sampling.max_tokens,
+                seed=sampling.seed,
+            )
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                if text := choice.get("delta", {}).get("content"):
+                    first = first or time.perf_counter()
+                    pieces.append(text)
+                    yield TextChunk(text)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+                elif stop is not None and stop():
+                    break
+        except ValueError as exc:
+            # llama-cpp-python raises ValueError when the prompt exceeds the context.
+            raise ContextOverflow(str(exc)) from None
+        finally:
+            if stream is not None:
+                # Finish llama-cpp-python's generator now, not at garbage collection
+                # in the middle of a later turn.
+                stream.close()
+        yield self._stats("".join(pieces), finish, (first or time.perf_counter()) - start)
+
+    def _stats(self, text: str, finish: str, ttft: float) -> GenerationStats:
+        import llama_cpp
+
+        perf = llama_cpp.llama_perf_context(self.llama._ctx.ctx)
+        generated = int(perf.n_eval)
+        # One sampled token is evaluated per step; the last sampled token is not.
+        return GenerationStats(
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=max(self.kv_used - generated, 0),
+            prompt_evaluated=int(perf.n_p_eval),
+            generated_tokens=generated + (1 if text else 0),
+            prompt_seconds=perf.t_p_eval_ms / 1000.0,
+            generation_seconds=perf.t_eval_ms / 1000.0,
+            ttft_seconds=ttft,
+            kv_used=self.kv_used,
+            kv_cells=self.n_ctx,
+        )
+
+    def reset(self) -> None:
+        """Forget the conversation held in the KV cache."""
+        self.llama.reset()
+        self.llama._ctx.kv_cache_clear()
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedModel:
+    """Load a GGUF through llama.cpp with ``options``; failures become ModelLoadError."""
+    options.validate()
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"no such model file: {path}")
+    llama_cpp = import_llama_cpp()
+    install_log_capture()
+    set_log_echo(options.verbose)
+    mark = log_mark()
+    try:
+        llama = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=options.n_ctx,
+            n_batch=options.n_batch,
+            n_ubatch=options.n_ubatch,
+            n_threads=options.threads,
+            n_threads_batch=options.threads_batch,
+            n_gpu_layers=options.n_gpu_layers,
+            seed=options.seed,
+            flash_attn=options.flash_attn,
+            logits_all=options.logits_all,
+            verbose=options.verbose,
+            **context_fields(options.type_k, options.type_v),
+            **rope_fields(options.rope),
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        errors = [line for line in log_since(mark) if "error" in line.lower()]
+        reason = errors[-1].strip() if errors else str(exc)
+        raise ModelLoadError(f"llama.cpp could not load {path.name}: {reason}") from None
+    return LoadedModel(llama, path, options, log_since(mark))

@@ -1,0 +1,137 @@
+"""The package's shape: no import cycles, llama_cpp only under localllm/runtime/, views pure.
+
+Imports are read from the source with ast, including those inside functions and under
+``if TYPE_CHECKING`` (a cycle through a function-level import still ties two modules).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "localllm"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imported(module: str, path: Path) -> set[str]:
+    """Every name ``module`` imports (absolute), wherever in the file the import is."""
+    is_package = path.name == "__init__.py"
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = module.split(".")
+                keep = len(parts) - node.level + (1 if is_package else 0)
+                base = ".".join(parts[:keep] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _edges() -> dict[str, set[str]]:
+    edges = {}
+    for module, path in MODULES.items():
+        targets = {name for name in _imported(module, path) if name in MODULES}
+        edges[module] = targets - {module}
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in edges:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_package_has_modules_to_check() -> None:
+    assert {"localllm.cli", "localllm.runtime.llama", "localllm.views.console"} <= set(MODULES)
+
+
+def test_no_import_cycles_counting_function_level_imports() -> None:
+    assert _cycles(_edges()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    # The check above must be able to fail: a two-module and a three-module cycle.
+    edges = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
+    assert sorted(_cycles(edges)) == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_llama_cpp_is_imported_only_under_runtime() -> None:
+    offenders = [
+        module
+        for module, path in MODULES.items()
+        if not module.startswith("localllm.runtime")
+        and any(n.split(".")[0] == "llama_cpp" for n in _imported(module, path))
+    ]
+    assert offenders == []
+
+
+def test_the_llama_cpp_check_sees_function_level_imports(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from llama_cpp import llama_chat_format\n")
+    assert any(n.split(".")[0] == "llama_cpp" for n in _imported("localllm.probe", probe))
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("localllm.views")))
+def test_views_import_no_runtime_and_no_store(module: str) -> None:
+    imported = _imported(module, MODULES[module])
+    bad = sorted(
+        n for n in imported if n.startswith(("localllm.runtime", "localllm.store", "llama_cpp"))
+    )
+    assert bad == []
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    crossings = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("localllm"):
+                crossings += [
+                    f"{module} <- {node.module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                ]
+    assert crossings == []
