@@ -88,8 +88,8 @@ def _expand_range(item: str, flag: str, minimum: int) -> list[int]:
     while n <= last:
         numbers.append(n)
         n = n + step if op == "+" else n * step
-    if len(numbers) > _MAX_RANGE_VALUES:
-        raise InvalidArgument(f"{flag} range {item!r} expands to too many values")
+        if len(numbers) > _MAX_RANGE_VALUES:
+            raise InvalidArgument(f"{flag} range {item!r} expands to too many values")
     return numbers
 
 

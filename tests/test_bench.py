@@ -303,6 +303,13 @@ def _kv_tokens(ctx: object) -> int:
     return int(llama_cpp.llama_memory_seq_pos_max(memory, 0)) + 1
 
 
+def test_a_huge_range_is_refused_at_once() -> None:
+    # Found by the restructure: the size check ran after the whole expansion, so this
+    # range (10^12 values) looped until memory ran out instead of failing.
+    with pytest.raises(InvalidArgument, match="expands to too many values"):
+        parse_sweep(["1-1000000000000"], "-p")
+
+
 def test_loops_decode_exactly_the_tokens_they_time(smollm2_path: Path) -> None:
     from localllm.runtime.llama_bench import BenchModel, ContextConfig
 
