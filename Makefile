@@ -6,6 +6,8 @@ BIN    := $(VENV)/bin
 # Reinstall only when the project's dependencies change; pip's wheel cache keeps the
 # llama.cpp build, so even a reinstall does not recompile it.
 STAMP  := $(VENV)/.installed
+# llama.cpp's RPC backend (localllm rpc-server, --rpc) is off in llama-cpp-python's default build.
+LLAMA_CMAKE_ARGS := -DGGML_RPC=ON
 
 .PHONY: setup model native chat test test-fast lint format clean
 
@@ -15,15 +17,21 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "localllm needs Python >= 3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --disable-pip-version-check -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --disable-pip-version-check -e ".[dev]"
+	@# pip's wheel cache is keyed by version, not by build flags: an older build without
+	@# the RPC backend may have been reused. Detect that and rebuild from source once.
+	@$(PY) -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)' || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --disable-pip-version-check \
+	    --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$$($(PY) -c 'from importlib.metadata import version; print(version("llama-cpp-python"))')"
+	$(PY) -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else "llama-cpp-python was built without GGML_RPC")'
 	touch $(STAMP)
 
 model: $(STAMP)
 	$(BIN)/localllm pull smollm2-135m
 
-# llama-bench and llama-perplexity from the same llama.cpp commit: the native reference
-# the tests and benchmarks compare against (built once, ~5 minutes on 2 cores).
-NATIVE := benchmarks/build/bin/llama-bench benchmarks/build/bin/llama-perplexity
+# llama-bench, llama-perplexity and test-llama-archs from the same llama.cpp commit: the
+# native reference the tests and benchmarks compare against (built once, ~6 minutes on 2 cores).
+NATIVE := benchmarks/build/bin/llama-bench benchmarks/build/bin/llama-perplexity benchmarks/build/bin/test-llama-archs
 native: $(NATIVE)
 
 $(NATIVE) &: benchmarks/build_native.sh | $(STAMP)
