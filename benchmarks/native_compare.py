@@ -62,13 +62,23 @@ def main() -> None:
     ap.add_argument("-n", default="128")
     ap.add_argument("-t", default="2")
     ap.add_argument("-r", default="5")
+    ap.add_argument(
+        "--repack",
+        choices=("0", "1"),
+        help="use_extra_bufts on both sides (default: localllm's choice, 0 on AMX CPUs)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = ap.parse_args()
 
     native = build_native()
     localllm = [sys.executable, "-m", "localllm", "bench"]
+    if args.repack is None:
+        from localllm.runtime.library import choose_repack
+
+        args.repack = "1" if choose_repack(None).repack else "0"
     settings = ["-p", args.p, "-n", args.n, "-t", args.t, "-r", args.r, "-o", "json"]
+    settings += ["--repack", args.repack]
     commands = {
         "native": [str(native), "-m", str(args.model), *settings],
         "localllm": [*localllm, str(args.model), *settings],

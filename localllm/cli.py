@@ -8,12 +8,12 @@ and ``kv-calc`` never load llama_cpp, numpy or huggingface_hub.
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from localllm.errors import InvalidArgument, LocalLLMError
-from localllm.options import parse_on_off
+from localllm.options import parse_on_off, parse_repack
 from localllm.views.console import err, error, note, out, print_json, spinner, warn
 
 app = typer.Typer(
@@ -44,6 +44,25 @@ RopeOpt = Annotated[
     ),
 ]
 OnOffOpt = Annotated[str, typer.Option("--flash-attn", help="Flash attention: on or off.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", "-t", help="CPU threads (1-512).", show_default="physical cores"),
+]
+RepackOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--repack",
+        help="1: repack weights for faster CPU kernels (llama.cpp's default), 0: don't. "
+        "Default: 1, but 0 on AMX CPUs (llama.cpp#20824).",
+        show_default=False,
+    ),
+]
+NoMemoryCheckOpt = Annotated[
+    bool,
+    typer.Option("--no-memory-check", help="Load even when the memory plan does not fit."),
+]
+# `--resume` alone means the latest session: main() inserts this before the next option.
+RESUME_LATEST = "latest"
 
 
 def _version_callback(value: bool) -> None:
@@ -168,6 +187,7 @@ def pull_cmd(
 
 @app.command("chat")
 def chat_cmd(
+    cli: typer.Context,
     model: ModelArg = None,
     prompt: Annotated[
         str | None,
@@ -190,34 +210,74 @@ def chat_cmd(
         int | None,
         typer.Option("--ctx", help="Context in tokens (default: min(trained, 4096))."),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads.")] = None,
+    threads: ThreadsOpt = None,
     kv_type: Annotated[
         str, typer.Option("--kv-type", help="KV cache type for K and V: f16, q8_0, q4_0, ...")
     ] = "f16",
     flash_attn: OnOffOpt = "on",
     rope: RopeOpt = None,
+    repack: RepackOpt = None,
+    no_memory_check: NoMemoryCheckOpt = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Continue the latest saved session, or the one named: --resume ID.",
+            show_default=False,
+        ),
+    ] = None,
+    no_history: Annotated[
+        bool,
+        typer.Option("--no-history", help="Do not save this session (also LOCALLLM_NO_HISTORY=1)."),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="One-shot: print reply and stats as one JSON object.")
     ] = False,
 ) -> None:
     """Chat with a model: a streaming REPL, or one reply with -p / piped stdin."""
     # Long: one Typer parameter per flag; the body parses, opens one session, hands it over.
+    from localllm.chat.history import history_enabled
     from localllm.chat.repl import chat_one_shot, chat_repl
-    from localllm.chat.session import check_chat_options, open_session
+    from localllm.chat.session import ChatRequest, check_chat_options, open_session
     from localllm.runtime.params import LoadOptions, SamplingOptions
     from localllm.views.chat import chat_opened
 
-    sampling = SamplingOptions(
-        temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
-    )  # fmt: skip
-    options = LoadOptions(
-        n_threads=threads,
-        type_k=kv_type,
-        type_v=kv_type,
-        flash_attn=parse_on_off(flash_attn, "--flash-attn"),
-    )
-    check_chat_options(sampling, options, n_ctx=ctx, rope_method=rope)
+    if resume is not None:
+        _refuse_flags_with_resume(cli)
+        request, saved = _resumed_request(resume, no_memory_check)
+    else:
+        saved = None
+        sampling = SamplingOptions(
+            temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+            repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
+        )  # fmt: skip
+        options = LoadOptions(
+            n_threads=threads,
+            type_k=kv_type,
+            type_v=kv_type,
+            flash_attn=parse_on_off(flash_attn, "--flash-attn"),
+            repack=parse_repack(repack),
+        )
+        request = ChatRequest(model, sampling, options, ctx, rope, system, not no_memory_check)
+    check_chat_options(request)
+    prompt = _one_shot_prompt(prompt, as_json)
+    with spinner(f"loading {request.model or 'the default model'}"):
+        session = open_session(request)
+    try:
+        if saved is not None:
+            session.restore(saved.messages, saved.dropped_messages)
+            session.session_id = saved.id
+        chat_opened(session)
+        if prompt is not None:
+            chat_one_shot(session, prompt, as_json=as_json)
+        else:
+            chat_repl(session, keep_history=history_enabled(no_history))
+    finally:
+        session.close()
+
+
+def _one_shot_prompt(prompt: str | None, as_json: bool) -> str | None:
+    """The one question of -p or piped stdin; None in a terminal (the REPL)."""
     one_shot = prompt is not None or not sys.stdin.isatty()
     if as_json and not one_shot:
         raise InvalidArgument("--json needs a prompt: pass -p TEXT or pipe it on stdin")
@@ -229,18 +289,33 @@ def chat_cmd(
             )
     if prompt is not None and not prompt.strip():
         raise InvalidArgument("the prompt given with -p is empty")
-    with spinner(f"loading {model or 'the default model'}"):
-        session = open_session(
-            model, sampling=sampling, options=options, n_ctx=ctx, rope_method=rope, system=system
+    return prompt
+
+
+# Flags that go with --resume; every other one would be silently overridden by the session.
+_RESUME_FLAGS = {"resume", "no_history", "no_memory_check", "prompt", "as_json"}
+
+
+def _refuse_flags_with_resume(cli: typer.Context) -> None:
+    given = [
+        name
+        for name in cli.params
+        if name not in _RESUME_FLAGS and cli.get_parameter_source(name).name == "COMMANDLINE"
+    ]
+    if given:
+        flag = "MODEL" if given[0] == "model" else "--" + given[0].replace("_", "-")
+        raise InvalidArgument(
+            f"--resume continues a session with its own model and settings; drop {flag} "
+            "(or start a new chat without --resume)"
         )
-    try:
-        chat_opened(session)
-        if prompt is not None:
-            chat_one_shot(session, prompt, as_json=as_json)
-        else:
-            chat_repl(session)
-    finally:
-        session.close()
+
+
+def _resumed_request(resume: str, no_memory_check: bool) -> tuple[Any, Any]:
+    from localllm.chat.history import load_session
+    from localllm.chat.session import request_from_saved
+
+    saved = load_session(None if resume == RESUME_LATEST else resume)
+    return request_from_saved(saved, memory_check=not no_memory_check), saved
 
 
 # --------------------------------------------------------------------------- kv-calc
@@ -290,6 +365,7 @@ def kv_calc_cmd(
     verify: Annotated[
         bool, typer.Option("--verify", help="Load the model in llama.cpp and compare.")
     ] = False,
+    repack: RepackOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """KV cache, GQA savings and the memory plan of a model, before anything loads."""
@@ -297,13 +373,18 @@ def kv_calc_cmd(
     from localllm.kvcalc import KVCalcRequest, kv_calc
     from localllm.kvverify import verify_kv_calc
     from localllm.model_facts import ArchFlags
-    from localllm.options import parse_count_list, parse_kv_types, parse_size
+    from localllm.options import MAX_SEQUENCES, check_count, parse_count_list, parse_kv_types
+    from localllm.text import parse_size
     from localllm.views.kvcalc import render_kv_calc, render_kv_verify
 
+    check_count(ubatch, "--ubatch")
+    for value, flag in ((layers, "--layers"), (heads, "--heads"), (kv_heads, "--kv-heads"),
+                        (head_dim, "--head-dim")):  # fmt: skip
+        check_count(value, flag, high=1 << 16)
     request = KVCalcRequest(
         model=model,
         ctx=parse_count_list(ctx, "--ctx") if ctx else (),
-        batch=parse_count_list(batch, "--batch"),
+        batch=parse_count_list(batch, "--batch", maximum=MAX_SEQUENCES),
         kv_types=parse_kv_types(kv_type) if kv_type else (),
         type_k=parse_kv_types(type_k, "--type-k")[0] if type_k else None,
         type_v=parse_kv_types(type_v, "--type-v")[0] if type_v else None,
@@ -317,7 +398,9 @@ def kv_calc_cmd(
     report = None
     if verify:
         with spinner("creating the contexts in llama.cpp"):
-            report = verify_kv_calc(result)
+            report = verify_kv_calc(result, parse_repack(repack))
+        for message in report.notes:
+            note(message)
     if as_json:
         data = result.as_json()
         if report is not None:
@@ -355,20 +438,26 @@ def ppl_cmd(
         int | None,
         typer.Option("--chunks", help="Score at most this many chunks.", show_default="all"),
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads.")] = None,
+    threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
+    no_memory_check: NoMemoryCheckOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Perplexity on a text, computed the way llama-perplexity computes it."""
+    from localllm.generation import Notice
     from localllm.ppl import PerplexityProgress, PerplexityResult, iter_perplexity
     from localllm.rope import RopePlan
     from localllm.runtime.params import LoadOptions
     from localllm.views.ppl import PplProgress, render_ppl, show_rope_plan
 
-    options = LoadOptions(n_threads=threads)
+    options = LoadOptions(n_threads=threads, repack=parse_repack(repack))
+    run = iter_perplexity(model, file, ctx, rope, chunks, options, not no_memory_check)
     with PplProgress() as progress:
-        for item in iter_perplexity(model, file, ctx, rope, chunks, options):
+        for item in run:
             if isinstance(item, RopePlan):
                 show_rope_plan(item)
+            elif isinstance(item, Notice):
+                note(item.text)
             elif isinstance(item, PerplexityProgress):
                 progress.update(item)
             elif isinstance(item, PerplexityResult):
@@ -444,6 +533,15 @@ def bench_cmd(
     refresh_bandwidth: Annotated[
         bool, typer.Option("--refresh-bandwidth", help="Measure memory bandwidth again.")
     ] = False,
+    repack: Annotated[
+        str | None,
+        typer.Option(
+            "--repack",
+            help="0 or 1, as llama-bench (default 1; 0 on AMX CPUs).",
+            show_default=False,
+        ),
+    ] = None,
+    no_memory_check: NoMemoryCheckOpt = False,
 ) -> None:
     """Speed as llama-bench measures it (pp and tg tokens/s), plus memory and roofline."""
     # Long: one Typer parameter per flag (llama-bench's names); the body is one call.
@@ -470,6 +568,8 @@ def bench_cmd(
         rope=rope,
         output=output,
         refresh_bandwidth=refresh_bandwidth,
+        repack=repack,
+        no_memory_check=no_memory_check,
     )
     render_bench(request, run_bench(request))
 
@@ -477,10 +577,20 @@ def bench_cmd(
 # ------------------------------------------------------------------------ entry point
 
 
+def _resume_without_id(argv: list[str]) -> list[str]:
+    """``--resume`` with no ID means the latest session (Typer options need a value)."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(RESUME_LATEST)
+    return out
+
+
 def main() -> None:
     """Console-script entry: run the app; domain errors become one red line."""
     try:
-        app()
+        app(args=_resume_without_id(sys.argv[1:]))
     except LocalLLMError as exc:
         error(str(exc))
         sys.exit(exc.exit_code)

@@ -7,13 +7,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ChatMessage", "GenerationStats", "TextChunk"]
+__all__ = ["ChatMessage", "GenerationStats", "Notice", "TextChunk"]
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: str
     content: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should be told once on stderr (e.g. a default changed for them)."""
+
+    text: str
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class VerifyLine:
 class VerifyReport:
     path: str
     lines: tuple[VerifyLine, ...]
+    notes: tuple[str, ...] = ()
 
     def as_json(self) -> list[dict[str, object]]:
         return [
@@ -69,7 +70,7 @@ def mib_text(n: int) -> str:
     return f"{n / MIB:.2f}"
 
 
-def verify_kv_calc(result: KVCalcResult) -> VerifyReport:
+def verify_kv_calc(result: KVCalcResult, repack: bool | None = None) -> VerifyReport:
     """Create each row's context in llama.cpp (one model load) and compare its buffers."""
     facts = result.facts
     if facts.path is None:
@@ -83,6 +84,7 @@ def verify_kv_calc(result: KVCalcResult) -> VerifyReport:
             "--verify compares against the real file: drop --layers/--heads/--kv-heads/--head-dim"
         )
     from localllm.runtime.buffers import ContextSettings, measure_buffers
+    from localllm.runtime.library import choose_repack
 
     request = result.request
     settings = [
@@ -97,7 +99,8 @@ def verify_kv_calc(result: KVCalcResult) -> VerifyReport:
         )
         for r in result.rows
     ]
-    measured = measure_buffers(Path(facts.path), settings)
+    choice = choose_repack(repack)
+    measured = measure_buffers(Path(facts.path), settings, repack=choice.repack)
     lines: list[VerifyLine] = []
     first = result.rows[0] if result.rows else None
     if first is not None:
@@ -122,4 +125,4 @@ def verify_kv_calc(result: KVCalcResult) -> VerifyReport:
         ):
             exact = est is not None and act is not None and mib_text(est) == mib_text(act)
             lines.append(VerifyLine(*key, name, est, act, exact))
-    return VerifyReport(facts.path, tuple(lines))
+    return VerifyReport(facts.path, tuple(lines), (choice.note,) if choice.note else ())

@@ -15,9 +15,11 @@ from pathlib import Path
 from localllm.errors import LocalLLMError
 from localllm.fileio import read_json_object, write_json_atomic
 from localllm.paths import cache_root
+from localllm.text import parse_size
 
 __all__ = [
     "BANDWIDTH_METHOD",
+    "ENV_AVAILABLE_MEMORY",
     "Bandwidth",
     "available_memory_bytes",
     "cpu_model",
@@ -76,8 +78,18 @@ def ram_bytes() -> int:
         return 0
 
 
+ENV_AVAILABLE_MEMORY = "LOCALLLM_AVAILABLE_MEMORY"
+
+
 def available_memory_bytes() -> int | None:
-    """RAM available to a new process: MemAvailable on Linux, free pages elsewhere."""
+    """RAM available to a new process: MemAvailable on Linux, free pages elsewhere.
+
+    $LOCALLLM_AVAILABLE_MEMORY (e.g. ``16GiB``) plans as if that much were available: the
+    laptop a model is meant for, or a test that must not depend on this machine.
+    """
+    override = os.environ.get(ENV_AVAILABLE_MEMORY)
+    if override:
+        return parse_size(override, ENV_AVAILABLE_MEMORY)
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:

@@ -13,21 +13,69 @@ from collections.abc import Sequence
 from localllm.errors import InvalidArgument
 from localllm.ggml_types import check_kv_type
 from localllm.runtime.params import FLASH_ATTN_TYPES
+from localllm.text import parse_size
 
 __all__ = [
+    "MAX_SEQUENCES",
+    "MAX_THREADS",
+    "MAX_TOKENS",
     "ROPE_METHODS",
+    "check_count",
     "check_rope_method",
+    "check_threads",
     "parse_count_list",
     "parse_flash_attn_modes",
     "parse_kv_type_list",
     "parse_kv_types",
     "parse_on_off",
     "parse_pairs",
+    "parse_repack",
     "parse_size",
     "parse_sweep",
+    "threads_warning",
 ]
 
 ROPE_METHODS = ("none", "linear", "ntk", "yarn")
+# ggml's GGML_MAX_N_THREADS: a threadpool cannot hold more.
+MAX_THREADS = 512
+# Contexts, prompts and batches: 2^24 tokens (16.7M) is past every trained context and
+# any plan a machine holds; beyond it the numbers are typos.
+MAX_TOKENS = 1 << 24
+# llama.cpp's LLAMA_MAX_SEQ: parallel sequences one context can hold.
+MAX_SEQUENCES = 256
+
+
+def check_count(value: int | None, flag: str, *, low: int = 1, high: int = MAX_TOKENS) -> None:
+    """A whole number flag within [low, high], or the one line that says what would work."""
+    if value is not None and not low <= value <= high:
+        raise InvalidArgument(f"{flag} {value} is out of range; use {low} to {high}")
+
+
+def check_threads(value: int | None, flag: str = "--threads") -> None:
+    """Threads 1..512 (ggml's limit); more than the machine has is allowed, with a warning."""
+    check_count(value, flag, high=MAX_THREADS)
+
+
+def threads_warning(value: int | None, flag: str = "--threads") -> str | None:
+    """The warning for more threads than this process may run on (allowed, but slower)."""
+    from localllm.machine import online_cpus
+
+    cpus = online_cpus()
+    if value is None or value <= cpus:
+        return None
+    return (
+        f"{flag} {value} is more threads than the {cpus} CPU cores this process may use; "
+        f"they will share cores and run slower than {flag} {cpus}"
+    )
+
+
+def parse_repack(value: str | None) -> bool | None:
+    """llama-bench's ``--repack 0|1`` (weights into llama.cpp's extra buffer types)."""
+    if value is None:
+        return None
+    if value.strip() not in ("0", "1"):
+        raise InvalidArgument(f"--repack {value!r}: use 0 or 1, as llama-bench's --repack")
+    return value.strip() == "1"
 
 
 def check_rope_method(method: str | None) -> str | None:
@@ -46,7 +94,7 @@ def parse_on_off(value: str, flag: str) -> bool:
     return value.lower() == "on"
 
 
-def parse_count_list(text: str, flag: str) -> tuple[int, ...]:
+def parse_count_list(text: str, flag: str, *, maximum: int = MAX_TOKENS) -> tuple[int, ...]:
     """kv-calc's lists: ``"512,2048,4k"`` -> (512, 2048, 4096); a k suffix means x1024."""
     values = []
     for part in text.split(","):
@@ -60,6 +108,7 @@ def parse_count_list(text: str, flag: str) -> tuple[int, ...]:
         value = int(m[1]) * (1024 if m[2] else 1)
         if value <= 0:
             raise InvalidArgument(f"{flag} {text!r}: {value} must be at least 1")
+        check_count(value, flag, high=maximum)
         values.append(value)
     return tuple(dict.fromkeys(values))
 
@@ -93,7 +142,9 @@ def _expand_range(item: str, flag: str, minimum: int) -> list[int]:
     return numbers
 
 
-def parse_sweep(values: Sequence[str], flag: str, *, minimum: int = 0) -> tuple[int, ...]:
+def parse_sweep(
+    values: Sequence[str], flag: str, *, minimum: int = 0, maximum: int = MAX_TOKENS
+) -> tuple[int, ...]:
     """llama-bench's number lists: ``128,512``, repeated flags, ``first-last[+step|*mult]``."""
     out: list[int] = []
     for value in values:
@@ -101,6 +152,7 @@ def parse_sweep(values: Sequence[str], flag: str, *, minimum: int = 0) -> tuple[
             for n in _expand_range(item.strip(), flag, minimum):
                 if n < minimum:
                     raise InvalidArgument(f"{flag} {n} must be at least {minimum}")
+                check_count(n, flag, low=minimum, high=maximum)
                 out.append(n)
     return tuple(out)
 
@@ -149,24 +201,3 @@ def parse_flash_attn_modes(values: Sequence[str], flag: str = "--flash-attn") ->
                 )
             modes.append(name)
     return tuple(modes)
-
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
-    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
-    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
-    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
-}  # fmt: skip
-
-
-def parse_size(text: str, flag: str = "--budget") -> int:
-    """``"8GiB"`` -> 8589934592; GiB/MiB are binary, GB/MB decimal, a bare G means GiB."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    unit = m[2].lower() if m else ""
-    if not m or unit not in _UNITS:
-        raise InvalidArgument(f"{flag} {text!r} is not a size; write e.g. 8GiB, 512MiB or 16GB")
-    value = int(float(m[1]) * _UNITS[unit])
-    if value <= 0:
-        raise InvalidArgument(f"{flag} {text!r} must be more than zero bytes")
-    return value

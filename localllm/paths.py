@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["CHECKOUT_MODELS", "ENV_CACHE", "ENV_HOME", "cache_root", "store_root"]
+__all__ = ["CHECKOUT_MODELS", "ENV_CACHE", "ENV_HOME", "cache_root", "state_root", "store_root"]
 
 ENV_HOME = "LOCALLLM_HOME"
 ENV_CACHE = "LOCALLLM_CACHE"
@@ -35,3 +35,8 @@ def cache_root() -> Path:
     cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache_home) / "localllm"
 
+
+def state_root() -> Path:
+    """Where state worth keeping across runs lives (chat sessions): $XDG_STATE_HOME/localllm."""
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state_home) / "localllm"

@@ -25,8 +25,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localllm.errors import InvalidArgument
-from localllm.gguf_meta import read_model_spec
-from localllm.options import check_rope_method
+from localllm.generation import Notice
+from localllm.gguf_meta import ModelSpec, read_model_spec
+from localllm.memcheck import LoadPlan, check_load_fits, plan_load
+from localllm.options import check_count, check_rope_method, check_threads, threads_warning
 from localllm.resolver import require_local_file, resolve_model
 from localllm.rope import RopePlan, plan_rope
 from localllm.runtime.llama import LoadedModel, load_model
@@ -146,6 +148,7 @@ def validate_request(ctx: int, chunks: int | None, rope: str | None = None) -> N
         raise InvalidArgument(f"--ctx {ctx} must be a positive token count, e.g. --ctx 512")
     if ctx < MIN_CTX:
         raise InvalidArgument(f"--ctx {ctx} is too small to score; use at least {MIN_CTX}")
+    check_count(ctx, "--ctx")
     if chunks is not None and chunks <= 0:
         raise InvalidArgument(f"--chunks {chunks} must be positive (omit it to use every chunk)")
 
@@ -157,16 +160,20 @@ def iter_perplexity(
     rope: str | None = None,
     chunks: int | None = None,
     options: LoadOptions | None = None,
-) -> Iterator[RopePlan | PerplexityProgress | PerplexityResult]:
+    memory_check: bool = True,
+) -> Iterator[RopePlan | Notice | PerplexityProgress | PerplexityResult]:
     """Score the text in chunks of ``ctx`` tokens.
 
-    Yields the RoPE plan first (before the model loads), then progress after every
-    decoded batch, and last the result.
+    Yields the RoPE plan first (before the model loads), any notice about the load, then
+    progress after every decoded batch, and last the result.
     """
     validate_request(ctx, chunks, rope)
+    check_threads((options or LoadOptions()).n_threads)
     text, text_name = read_text(file)
-    path = require_local_file(resolve_model(model_ref))
-    plan = plan_rope(read_model_spec(path), ctx, rope)
+    resolved = resolve_model(model_ref)
+    path = require_local_file(resolved)
+    spec = read_model_spec(path)
+    plan = plan_rope(spec, ctx, rope)
     yield plan
     n_batch = min(PPL_BATCH, ctx)
     options = replace(
@@ -176,17 +183,16 @@ def iter_perplexity(
         n_ubatch=min(512, n_batch),
         rope=plan.params,
     )
+    if memory_check:
+        check_load_fits(_memory_plan(resolved.alias or path.name, spec, options, plan))
+    if message := threads_warning(options.n_threads):
+        yield Notice(message)
     model = load_model(path, options)
     try:
+        if model.repack.note:
+            yield Notice(model.repack.note)
         tokens = model.tokenize(text, add_bos=True, special=False)
-        if len(tokens) < 2 * ctx:
-            raise InvalidArgument(
-                f"{text_name} is {len(tokens)} tokens; --ctx {ctx} needs at least "
-                f"{2 * ctx} (two chunks): use a smaller --ctx or a longer text"
-            )
-        n_chunks = len(tokens) // ctx
-        if chunks is not None:
-            n_chunks = min(chunks, n_chunks)
+        n_chunks = _chunk_count(len(tokens), ctx, chunks, text_name)
         sums = _Sums()
         yield from _score_chunks(model, tokens, ctx, n_chunks, n_batch, sums)
         ppl, stderr = perplexity_stats(sums.nll, sums.nll2, sums.count)
@@ -205,6 +211,27 @@ def iter_perplexity(
         )
     finally:
         model.close()
+
+
+def _chunk_count(n_tokens: int, ctx: int, chunks: int | None, text_name: str) -> int:
+    """Chunks of ``ctx`` tokens to score (--chunks caps them); two at least, as llama.cpp."""
+    if n_tokens < 2 * ctx:
+        raise InvalidArgument(
+            f"{text_name} is {n_tokens} tokens; --ctx {ctx} needs at least "
+            f"{2 * ctx} (two chunks): use a smaller --ctx or a longer text"
+        )
+    return min(chunks, n_tokens // ctx) if chunks is not None else n_tokens // ctx
+
+
+def _memory_plan(label: str, spec: ModelSpec, options: LoadOptions, rope: RopePlan) -> LoadPlan:
+    return plan_load(
+        label,
+        spec,
+        n_ctx=options.n_ctx,
+        flash_attn=options.flash_attn,
+        ubatch=options.n_ubatch,
+        rope=rope.method,
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localllm.catalog import Catalog, CatalogEntry, QuantFile, load_catalog
-from localllm.errors import DefaultModelMissing, InvalidArgument, ModelNotFound
+from localllm.errors import DefaultModelMissing, InvalidArgument, InvalidModelFile, ModelNotFound
 from localllm.store import ModelStore
 
 __all__ = ["ResolvedModel", "require_local_file", "resolve_model"]
@@ -42,7 +42,13 @@ class ResolvedModel:
 
     @property
     def present(self) -> bool:
-        return self.path is not None and self.path.is_file()
+        """Whether the file is here: a regular file, or any readable path the user named
+        (a device or a pipe is read as what it is, and refused as not a GGUF)."""
+        if self.path is None:
+            return False
+        if self.kind == "path":
+            return self.path.exists() and not self.path.is_dir()
+        return self.path.is_file()
 
     @property
     def pull_ref(self) -> str:
@@ -83,13 +89,13 @@ def resolve_model(ref: str | None, store: ModelStore | None = None) -> ResolvedM
         path = Path(ref).expanduser()
         if not path.exists():
             raise ModelNotFound(f"no such model file: {ref}")
-        if path.is_dir():
-            raise ModelNotFound(f"{ref} is a directory; give the path of a .gguf file in it")
-        return ResolvedModel(ref=ref, kind="path", path=path, is_default=is_default)
+        return _local_path(ref, path, is_default)
     name, quant = _split_quant(ref)
     entry = catalog.lookup(name)
     if entry is not None:
         return _resolve_catalog(ref, entry, quant, store, is_default)
+    if Path(ref).expanduser().exists():  # a file named without .gguf: read it, never "pull" it
+        return _local_path(ref, Path(ref).expanduser(), is_default)
     if "/" in name and name.count("/") == 1 and all(name.split("/")):
         stored = store.find(name, quant)
         return ResolvedModel(
@@ -102,6 +108,14 @@ def resolve_model(ref: str | None, store: ModelStore | None = None) -> ResolvedM
             is_default=is_default,
         )
     raise ModelNotFound(_unknown_model_message(ref, name, catalog, store))
+
+
+def _local_path(ref: str, path: Path, is_default: bool) -> ResolvedModel:
+    if path.is_dir():
+        raise InvalidModelFile(
+            f"{ref} is a directory, not a GGUF file; give the path of a .gguf file in it"
+        )
+    return ResolvedModel(ref=ref, kind="path", path=path, is_default=is_default)
 
 
 def _resolve_hub_file(ref: str, store: ModelStore, is_default: bool) -> ResolvedModel:

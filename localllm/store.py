@@ -105,6 +105,15 @@ class ModelStore:
             )
         return found
 
+    def record(self, path: Path) -> StoredModel | None:
+        """What the index remembers of ``path``, when it is a file of this store."""
+        try:
+            if path.resolve().parent != self.root.resolve() and path.parent != self.root:
+                return None
+        except OSError:
+            return None
+        return next((m for m in self.models() if m.filename == path.name), None)
+
     def find(self, repo: str, quant: str | None) -> list[StoredModel]:
         """Stored files pulled from a hub repo, optionally of one quant."""
         return [

@@ -1,8 +1,12 @@
-"""Text for people: byte counts as llama.cpp prints them, untrusted strings made safe."""
+"""Text for people: byte counts as llama.cpp prints them and back, untrusted strings made safe."""
 
 from __future__ import annotations
 
-__all__ = ["escape_untrusted", "format_bytes", "format_count"]
+import re
+
+from localllm.errors import InvalidArgument
+
+__all__ = ["escape_untrusted", "format_bytes", "format_count", "parse_size"]
 
 # Bidirectional overrides can disguise what a string says (trojan source).
 _BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
@@ -51,3 +55,24 @@ def escape_untrusted(text: str, limit: int | None = None) -> str:
     if limit is not None and len(escaped) > limit:
         escaped = escaped[: limit - 1] + "…"
     return escaped
+
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1 << 10, "kib": 1 << 10, "kb": 10**3,
+    "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+    "g": 1 << 30, "gib": 1 << 30, "gb": 10**9,
+    "t": 1 << 40, "tib": 1 << 40, "tb": 10**12,
+}  # fmt: skip
+
+
+def parse_size(text: str, flag: str = "--budget") -> int:
+    """``"8GiB"`` -> 8589934592; GiB/MiB are binary, GB/MB decimal, a bare G means GiB."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = m[2].lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise InvalidArgument(f"{flag} {text!r} is not a size; write e.g. 8GiB, 512MiB or 16GB")
+    value = int(float(m[1]) * _UNITS[unit])
+    if value <= 0:
+        raise InvalidArgument(f"{flag} {text!r} must be more than zero bytes")
+    return value

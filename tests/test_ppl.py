@@ -133,9 +133,22 @@ def test_ppl_agrees_with_llama_perplexity(
     store_with_smollm2: Path, smollm2_path: Path, short_text: Path
 ) -> None:
     """The same file and settings through the native tool built from the same sources."""
+    from localllm.runtime.library import choose_repack
+
     ctx = 128
+    # On AMX CPUs repacked weights crash llama.cpp (localllm turns repacking off there).
+    repack = ["--repack"] if choose_repack(None).repack else ["--no-repack"]
     proc = subprocess.run(
-        [str(NATIVE_PPL), "-m", str(smollm2_path), "-f", str(short_text), "-c", str(ctx)],
+        [
+            str(NATIVE_PPL),
+            "-m",
+            str(smollm2_path),
+            "-f",
+            str(short_text),
+            "-c",
+            str(ctx),
+            *repack,
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,

@@ -99,7 +99,6 @@ _FIXED_FIELDS: dict[str, Any] = {
     "embeddings": False,
     "no_op_offload": 0,
     "no_host": False,
-    "repack": True,
     "fit_target": 0,
     "fit_min_ctx": 0,
 }
@@ -181,6 +180,7 @@ class BenchResult:
     environment: Environment
     repetitions: int
     warmup: bool
+    repack: bool = True  # weights in llama.cpp's extra (repacked) buffers: use_extra_bufts
 
     # -- llama-bench's statistics (avg and stdev in llama-bench.cpp)
     @property
@@ -242,6 +242,7 @@ class BenchResult:
             "stddev_ns": self.stddev_ns,
             "avg_ts": round(self.avg_ts, 6),
             "stddev_ts": round(self.stddev_ts, 6),
+            "repack": self.repack,
             **_FIXED_FIELDS,
         }
         record = {name: values[name] for name in LLAMA_BENCH_FIELDS}

@@ -9,10 +9,13 @@ from typing import Any
 from localllm.errors import InvalidArgument
 from localllm.machine import physical_cores
 from localllm.options import (
+    MAX_THREADS,
+    check_count,
     check_rope_method,
     parse_flash_attn_modes,
     parse_kv_type_list,
     parse_pairs,
+    parse_repack,
     parse_sweep,
 )
 from localllm.runtime.params import check_v_cache_attention
@@ -33,6 +36,7 @@ OUTPUT_FORMATS = ("md", "csv", "json", "jsonl")
 # llama-bench's defaults (cmd_params_defaults).
 DEFAULT_PROMPT, DEFAULT_GEN, DEFAULT_REPS = 512, 128, 5
 DEFAULT_BATCH, DEFAULT_UBATCH = 2048, 512
+MAX_REPETITIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class _BenchFlags:
     rope: str | None = None
     output: str = "md"
     refresh_bandwidth: bool = False
+    repack: str | None = None
+    no_memory_check: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class BenchRequest:
     rope: str | None = None
     output: str = "md"
     refresh_bandwidth: bool = False
+    repack: bool | None = None  # None: llama.cpp's default, except off on AMX CPUs
+    memory_check: bool = True
 
     @classmethod
     def from_flags(cls, model: str | None = None, **flags: Any) -> BenchRequest:
@@ -93,6 +101,7 @@ class BenchRequest:
             raise InvalidArgument(
                 f"repetitions {f.repetitions} must be at least 1 (-r 5 is the default)"
             )
+        check_count(f.repetitions, "-r", high=MAX_REPETITIONS)
         if f.output not in OUTPUT_FORMATS:
             raise InvalidArgument(
                 f"unknown output format {f.output!r}; use one of {', '.join(OUTPUT_FORMATS)}"
@@ -112,12 +121,16 @@ class BenchRequest:
             type_k=parse_kv_type_list(f.type_k, "--type-k") if f.type_k else kv_names,
             type_v=parse_kv_type_list(f.type_v, "--type-v") if f.type_v else kv_names,
             flash_attn=parse_flash_attn_modes(f.flash_attn) if f.flash_attn else ("auto",),
-            n_threads=parse_sweep(f.threads, "-t", minimum=1) if f.threads else None,
+            n_threads=(
+                parse_sweep(f.threads, "-t", minimum=1, maximum=MAX_THREADS) if f.threads else None
+            ),
             repetitions=f.repetitions,
             warmup=f.warmup,
             rope=check_rope_method(f.rope),
             output=f.output,
             refresh_bandwidth=f.refresh_bandwidth,
+            repack=parse_repack(f.repack),
+            memory_check=not f.no_memory_check,
         )
         request.tests()  # every combination checked before anything loads
         return request

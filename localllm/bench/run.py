@@ -31,10 +31,12 @@ from localllm.machine import (
     physical_cores,
     ram_bytes,
 )
+from localllm.memcheck import check_load_fits, plan_load
 from localllm.memory import kv_bytes_per_token
+from localllm.options import threads_warning
 from localllm.resolver import require_local_file, resolve_model
 from localllm.rope import RopePlan, plan_rope
-from localllm.runtime.library import LlamaBuild, llama_build
+from localllm.runtime.library import LlamaBuild, choose_repack, llama_build
 from localllm.runtime.llama_bench import BenchModel, ContextConfig
 
 __all__ = [
@@ -115,15 +117,21 @@ def run_bench(request: BenchRequest) -> Iterator[BenchEvent]:
     each test gets its own context, as in llama-bench.
     """
     tests = request.tests()
-    path = require_local_file(resolve_model(request.model))
+    resolved = resolve_model(request.model)
+    path = require_local_file(resolved)
     spec = read_model_spec(path)
     plan, ropes = _plan(request, tests, path, spec)
+    if request.memory_check:
+        _check_memory(resolved.alias or path.name, spec, tests, ropes)
+    repack = choose_repack(request.repack)
+    if repack.note:
+        plan = replace(plan, notes=(*plan.notes, repack.note))
     yield plan
     yield BenchProgress("bandwidth")
     bandwidth = memory_bandwidth(refresh=request.refresh_bandwidth)
     yield BenchProgress("loading")
     results: list[BenchResult] = []
-    with BenchModel(path) as model:
+    with BenchModel(path, repack=repack.repack) as model:
         yield BenchProgress("hashing")
         environment = _environment(llama_build(), path)
         measured = _Measured(bandwidth, environment, weights_read_per_token(path, model.size_bytes))
@@ -143,13 +151,9 @@ def _plan(
     """The first event (with its warnings) and the RoPE plan of every context size."""
     warnings: list[str] = []
     notes: list[str] = []
-    cpus = online_cpus()
     for n in sorted({t.n_threads for t in tests}):
-        if n > cpus:
-            warnings.append(
-                f"-t {n} is more threads than the {cpus} CPU cores this process may use; "
-                f"they will share cores and measure slower than -t {cpus}"
-            )
+        if message := threads_warning(n, "-t"):
+            warnings.append(message)
     ropes = {}
     for n_ctx in sorted({t.n_ctx for t in tests}):
         plan = plan_rope(spec, n_ctx, request.rope)
@@ -162,6 +166,20 @@ def _plan(
         path, tuple(tests), request.repetitions, request.warmup, tuple(warnings), tuple(notes)
     )
     return first, ropes
+
+
+def _check_memory(
+    label: str, spec: ModelSpec, tests: list[BenchTest], ropes: dict[int, RopePlan]
+) -> None:
+    """Refuse, before loading, a test whose context would not fit (kv-calc's plan)."""
+    shapes = {(t.n_ctx, t.type_k, t.type_v, t.flash_attn != "off", min(t.n_ubatch, t.n_batch))
+              for t in tests}  # fmt: skip
+    for n_ctx, type_k, type_v, flash_attn, ubatch in sorted(shapes, reverse=True):
+        memory = plan_load(
+            label, spec, n_ctx=n_ctx, type_k=type_k, type_v=type_v,
+            flash_attn=flash_attn, ubatch=ubatch, rope=ropes[n_ctx].method,
+        )  # fmt: skip
+        check_load_fits(memory)
 
 
 @dataclass(frozen=True)
@@ -230,6 +248,7 @@ def _run_test(
             environment=measured.environment,
             repetitions=request.repetitions,
             warmup=request.warmup,
+            repack=model.repack,
         )
 
 

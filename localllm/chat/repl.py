@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from localllm.chat.history import list_sessions, new_session_id, save_session
 from localllm.chat.session import ChatSession, HistoryTrimmed, stats_as_json
 from localllm.errors import LocalLLMError
 from localllm.generation import GenerationStats, TextChunk
@@ -26,6 +27,7 @@ from localllm.views.chat import (
     chat_prompt,
     format_turn_status,
     render_chat_stats,
+    render_sessions,
 )
 from localllm.views.console import err, error, note, print_json, safe, warn
 
@@ -44,6 +46,7 @@ SLASH_COMMANDS: dict[str, tuple[str, str]] = {
     "/system": ("[TEXT]", "set the system prompt (no TEXT: show it)"),
     "/stats": ("", "session statistics: tokens, speed, KV cache, settings"),
     "/save": ("FILE", "write the transcript and settings as JSON"),
+    "/sessions": ("", "saved sessions; `localllm chat --resume ID` continues one"),
     "/exit": ("", "leave (also /quit, /bye, Ctrl-D, Ctrl-C at the prompt)"),
 }
 _ALIASES = {"/quit": "/exit", "/bye": "/exit", "/?": "/help", "/clear": "/reset"}
@@ -202,6 +205,8 @@ def _run_slash_command(session: ChatSession, name: str, arg: str) -> bool:
     elif name == "/save":
         path = session.save(arg)
         note(f"saved the transcript ({len(session.transcript)} messages) and settings to {path}")
+    elif name == "/sessions":
+        render_sessions(list_sessions(), current=session.session_id)
     else:
         warn(f"unknown command {safe(name, 40)}; /help lists the commands")
     return True
@@ -230,10 +235,37 @@ def _line_editing() -> Callable[[], None]:
     return save
 
 
-def chat_repl(session: ChatSession) -> None:
-    """The interactive chat: read a message or /command, stream the reply, repeat."""
+class _Recorder:
+    """Writes the session to disk after every turn; a failure is said once, never fatal."""
+
+    def __init__(self, session: ChatSession, enabled: bool) -> None:
+        self.session = session
+        self.enabled = enabled
+        self.failed = False
+        if enabled and session.session_id is None:
+            session.session_id = new_session_id()
+
+    def __call__(self) -> None:
+        if not self.enabled or self.session.session_id is None:
+            return
+        try:
+            save_session(self.session.session_id, self.session.transcript_json())
+        except OSError as exc:
+            if not self.failed:
+                warn(f"cannot save this session ({exc.strerror or exc}); the chat goes on")
+            self.failed = True
+
+
+def chat_repl(session: ChatSession, keep_history: bool = True) -> None:
+    """The interactive chat: read a message or /command, stream the reply, repeat.
+
+    With ``keep_history`` the conversation is written to disk after every turn.
+    """
     save_history = _line_editing()
+    record = _Recorder(session, keep_history)
     chat_banner(session)
+    if record.enabled:
+        note(f"session {session.session_id} is saved after every turn (--no-history: off)")
     pending = MultilineInput()
     writer = ReplyWriter()
     try:
@@ -258,11 +290,16 @@ def chat_repl(session: ChatSession) -> None:
                 if command is not None:
                     if not _run_slash_command(session, *command):
                         break
+                    if command[0] in ("/reset", "/system"):
+                        record()
                 elif text.strip():
                     # "//..." is a message that starts with "/", not a command.
                     if text.lstrip().startswith("//"):
                         text = text.lstrip()[1:]
-                    _stream_turn(session, text, writer)
+                    try:
+                        _stream_turn(session, text, writer)
+                    finally:
+                        record()  # completed or interrupted, the turn is on disk
             except LocalLLMError as exc:
                 writer.end_line()
                 error(str(exc))

@@ -11,32 +11,37 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from localllm.chat.history import SavedSession
 from localllm.errors import ContextOverflow, InvalidArgument, InvalidModelFile, LocalLLMError
 from localllm.fileio import write_json_atomic
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.gguf_meta import ModelSpec, read_model_spec
+from localllm.memcheck import LoadPlan, check_load_fits, plan_load
 from localllm.memory import kv_cache_bytes
-from localllm.options import check_rope_method
+from localllm.options import check_count, check_rope_method, check_threads, threads_warning
 from localllm.resolver import ResolvedModel, require_local_file, resolve_model
 from localllm.rope import RopePlan, plan_rope
 from localllm.runtime.llama import LoadedModel, load_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
+from localllm.store import ModelStore
 
 __all__ = [
     "DEFAULT_CONTEXT",
     "DEFAULT_MAX_TOKENS",
     "TRANSCRIPT_FORMAT",
+    "ChatRequest",
     "ChatSession",
     "HistoryTrimmed",
     "SessionSummary",
     "check_chat_options",
     "open_session",
+    "request_from_saved",
     "stats_as_json",
 ]
 
@@ -111,6 +116,9 @@ class ChatSession:
     turns: list[GenerationStats] = field(default_factory=list)
     dropped_messages: int = 0
     told_about_trimming: bool = False
+    model_sha256: str | None = None
+    session_id: str | None = None  # set when the conversation is kept on disk
+    notes: tuple[str, ...] = ()  # what the user is told once the model is loaded
 
     @property
     def n_ctx(self) -> int:
@@ -254,6 +262,7 @@ class ChatSession:
                 "type_k": opts.type_k,
                 "type_v": opts.type_v,
                 "flash_attn": opts.flash_attn,
+                "repack": self.loaded.repack.repack,
                 "rope": self.rope_plan.as_json() if self.rope_plan is not None else None,
             },
         }
@@ -267,6 +276,7 @@ class ChatSession:
                 "ref": self.resolved.ref,
                 "name": self.spec.name,
                 "path": str(self.loaded.path),
+                "sha256": self.model_sha256,
             },
             "settings": self.settings(),
             "messages": [asdict(m) for m in head + self.transcript],
@@ -274,6 +284,13 @@ class ChatSession:
             "dropped_messages": self.dropped_messages,
             "turns": [stats_as_json(t) for t in self.turns],
         }
+
+    def restore(self, messages: Sequence[ChatMessage], dropped_messages: int = 0) -> None:
+        """Continue a saved conversation: its transcript, of which the model sees all but
+        the ``dropped_messages`` leading ones (the next turn evaluates them once)."""
+        self.transcript = list(messages)
+        self.history = list(messages[dropped_messages:])
+        self.dropped_messages = dropped_messages
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the transcript and settings as JSON (atomically: temp file, then rename)."""
@@ -292,39 +309,40 @@ class ChatSession:
         self.loaded.close()
 
 
-def check_chat_options(
-    sampling: SamplingOptions,
-    options: LoadOptions,
-    *,
-    n_ctx: int | None = None,
-    rope_method: str | None = None,
-) -> None:
+@dataclass(frozen=True)
+class ChatRequest:
+    """What ``chat`` was asked for, before anything is resolved or loaded."""
+
+    model: str | None = None
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    options: LoadOptions = field(default_factory=LoadOptions)
+    n_ctx: int | None = None  # None: min(trained context, 4096)
+    rope_method: str | None = None
+    system: str | None = None
+    memory_check: bool = True
+
+
+def check_chat_options(request: ChatRequest) -> None:
     """Reject bad flag values before anything is resolved or loaded (InvalidArgument)."""
+    sampling, n_ctx, options = request.sampling, request.n_ctx, request.options
     sampling.validate()
     replace(options, n_ctx=n_ctx if n_ctx is not None else options.n_ctx).validate()
+    check_count(n_ctx, "--ctx")
+    check_count(sampling.max_tokens, "--max-tokens")
+    check_threads(options.n_threads)
     if sampling.max_tokens is not None and n_ctx is not None and sampling.max_tokens >= n_ctx:
         raise InvalidArgument(_budget_message(sampling.max_tokens, n_ctx))
-    check_rope_method(rope_method)
+    check_rope_method(request.rope_method)
 
 
-def open_session(
-    ref: str | None,
-    *,
-    sampling: SamplingOptions,
-    options: LoadOptions | None = None,
-    n_ctx: int | None = None,
-    rope_method: str | None = None,
-    system: str | None = None,
-) -> ChatSession:
-    """Check the flags, resolve ``ref``, load it once, return a session ready for ``send``.
+def open_session(request: ChatRequest) -> ChatSession:
+    """Check the flags, resolve the model, check its memory plan, load it once.
 
-    ``n_ctx`` None means min(trained context, 4096); past the trained context the
-    RoPE plan (``rope_method`` or the default) stretches it. ``sampling.max_tokens``
-    None means 512 or half the context, whichever is smaller.
+    Past the trained context the RoPE plan (``rope_method`` or the default) stretches
+    it. ``sampling.max_tokens`` None means 512 or half the context, whichever is smaller.
     """
-    options = options or LoadOptions()
-    check_chat_options(sampling, options, n_ctx=n_ctx, rope_method=rope_method)
-    model = resolve_model(ref)
+    check_chat_options(request)
+    model = resolve_model(request.model)
     path = require_local_file(model)
     spec = read_model_spec(path)
     if not spec.has_chat_template:
@@ -332,10 +350,11 @@ def open_session(
             f"{path.name} has no chat template in its GGUF (tokenizer.chat_template); "
             "chat needs an instruct or chat model"
         )
-    ctx = n_ctx if n_ctx is not None else min(spec.n_ctx_train, DEFAULT_CONTEXT)
+    options, sampling = request.options, request.sampling
+    ctx = request.n_ctx if request.n_ctx is not None else min(spec.n_ctx_train, DEFAULT_CONTEXT)
     plan = None
-    if ctx > spec.n_ctx_train or rope_method is not None:
-        plan = plan_rope(spec, ctx, rope_method)
+    if ctx > spec.n_ctx_train or request.rope_method is not None:
+        plan = plan_rope(spec, ctx, request.rope_method)
         options = replace(options, rope=plan.params)
     max_tokens = sampling.max_tokens or min(DEFAULT_MAX_TOKENS, ctx // 2)
     if max_tokens >= ctx:
@@ -343,7 +362,9 @@ def open_session(
     sampling = replace(sampling, max_tokens=max_tokens)
     seed = sampling.seed if sampling.seed is not None else options.seed
     options = replace(options, n_ctx=ctx, seed=seed)
-
+    if request.memory_check:
+        label = model.alias or path.name
+        check_load_fits(plan_memory(label, spec, options, plan.method if plan else None))
     started = time.perf_counter()
     loaded = load_model(path, options)
     return ChatSession(
@@ -351,10 +372,61 @@ def open_session(
         spec=spec,
         loaded=loaded,
         sampling=sampling,
-        system=system or None,
+        system=request.system or None,
         rope_plan=plan,
         load_seconds=time.perf_counter() - started,
+        model_sha256=_recorded_sha256(model),
+        notes=tuple(n for n in (threads_warning(options.n_threads), loaded.repack.note) if n),
     )
+
+
+def request_from_saved(saved: SavedSession, *, memory_check: bool = True) -> ChatRequest:
+    """The request that reopens a saved session: same model, same settings."""
+    settings = saved.settings
+    runtime = settings.get("runtime") or {}
+    sampling_fields = {f.name for f in fields(SamplingOptions)}
+    sampling = SamplingOptions(
+        **{k: v for k, v in (settings.get("sampling") or {}).items() if k in sampling_fields}
+    )
+    rope = runtime.get("rope") or {}
+    options = LoadOptions(
+        n_threads=runtime.get("n_threads"),
+        type_k=runtime.get("type_k", "f16"),
+        type_v=runtime.get("type_v", "f16"),
+        flash_attn=bool(runtime.get("flash_attn", True)),
+        repack=runtime.get("repack"),
+    )
+    return ChatRequest(
+        model=saved.model_ref or saved.model_path,
+        sampling=sampling,
+        options=options,
+        n_ctx=runtime.get("n_ctx"),
+        rope_method=rope.get("method") if rope else None,
+        system=saved.system,
+        memory_check=memory_check,
+    )
+
+
+def plan_memory(label: str, spec: ModelSpec, options: LoadOptions, rope: str | None) -> LoadPlan:
+    """kv-calc's plan for a model loaded with ``options`` (one sequence)."""
+    return plan_load(
+        label,
+        spec,
+        n_ctx=options.n_ctx,
+        type_k=options.type_k,
+        type_v=options.type_v,
+        flash_attn=options.flash_attn,
+        ubatch=min(options.n_ubatch, options.n_batch),
+        rope=rope,
+    )
+
+
+def _recorded_sha256(model: ResolvedModel) -> str | None:
+    """The sha256 the store verified the file against (never a re-hash)."""
+    if model.path is None:
+        return None
+    stored = ModelStore().record(model.path)
+    return stored.sha256 if stored is not None else None
 
 
 def _budget_message(max_tokens: int, n_ctx: int) -> str:

@@ -59,7 +59,7 @@ class BufferMeasurements:
 
 
 def measure_buffers(
-    path: str | os.PathLike[str], settings: Sequence[ContextSettings]
+    path: str | os.PathLike[str], settings: Sequence[ContextSettings], *, repack: bool = True
 ) -> BufferMeasurements:
     """Load ``path`` once (mmap, CPU) and create one context per settings entry."""
     path = Path(path)
@@ -72,7 +72,9 @@ def measure_buffers(
             n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, type_k=s.type_k, type_v="f16"
         ).validate()
     llama_cpp = import_llama_cpp()
-    model, load_log = load_model_file(llama_cpp, path, llama_cpp.llama_model_default_params())
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.use_extra_bufts = repack
+    model, load_log = load_model_file(llama_cpp, path, model_params)
     try:
         weights = parse_buffer_report(load_log).weights_bytes
         results = [_measure_one(llama_cpp, model, s) for s in settings]

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import ctypes
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from localllm.errors import ModelLoadError
 
-__all__ = ["LlamaBuild", "import_llama_cpp", "llama_build", "llama_cpp_version"]
+__all__ = [
+    "AMX_REPACK_NOTE",
+    "LlamaBuild",
+    "RepackChoice",
+    "choose_repack",
+    "cpu_has_amx",
+    "import_llama_cpp",
+    "llama_build",
+    "llama_cpp_version",
+    "load_log_uses_amx",
+    "system_info",
+]
+
+# llama.cpp at the pinned commit crashes in its AMX kernels when weights are repacked
+# (SIGSEGV in ggml_backend_amx_mul_mat, SIGILL in tinygemm_kernel_amx): llama.cpp#20824.
+AMX_REPACK_NOTE = (
+    "this CPU has AMX, whose kernels in this llama.cpp build crash when weights are "
+    "repacked (ggml-org/llama.cpp#20824): loading without repacking; --repack 1 forces it"
+)
 
 
 def import_llama_cpp() -> Any:
@@ -68,7 +89,7 @@ def _bind_registry(lib: Any) -> None:
 
 def llama_build() -> LlamaBuild:
     """Versions, commit and devices of the loaded llama.cpp (ggml's device registry)."""
-    llama_cpp = import_llama_cpp()
+    import_llama_cpp()
     from llama_cpp import _ggml
 
     lib = _ggml.libggml
@@ -102,5 +123,39 @@ def llama_build() -> LlamaBuild:
         cpu_info=", ".join(cpus),
         gpu_info=", ".join(gpus),
         backends=",".join(backends) if backends else "CPU",
-        system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        system_info=system_info(),
     )
+
+
+@cache
+def system_info() -> str:
+    """llama_print_system_info(): the CPU features this llama.cpp build uses here."""
+    llama_cpp = import_llama_cpp()
+    return str(llama_cpp.llama_print_system_info().decode(errors="replace").strip())
+
+
+def cpu_has_amx(info: str) -> bool:
+    """Whether ggml's system info reports AMX (``AMX_INT8 = 1``)."""
+    return re.search(r"\bAMX_INT8\s*=\s*1\b", info) is not None
+
+
+def load_log_uses_amx(lines: Sequence[str]) -> bool:
+    """Whether a load put weights in ggml's AMX buffer (``AMX model buffer size``)."""
+    return any(re.search(r"\bAMX model buffer size\b", line) for line in lines)
+
+
+@dataclass(frozen=True)
+class RepackChoice:
+    """Whether weights are repacked (llama.cpp's use_extra_bufts), and why it says so."""
+
+    repack: bool
+    note: str | None = None  # set when localllm changed llama.cpp's default
+
+
+def choose_repack(requested: bool | None) -> RepackChoice:
+    """--repack as given, else llama.cpp's default (on) except on AMX CPUs (off)."""
+    if requested is not None:
+        return RepackChoice(requested)
+    if cpu_has_amx(system_info()):
+        return RepackChoice(False, AMX_REPACK_NOTE)
+    return RepackChoice(True)

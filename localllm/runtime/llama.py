@@ -7,14 +7,16 @@ previous chat turn; callers load once and stream many times.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from localllm.errors import ContextOverflow, ModelLoadError
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
-from localllm.runtime.library import import_llama_cpp
+from localllm.runtime.library import RepackChoice, choose_repack, import_llama_cpp
 from localllm.runtime.log import (
     install_log_capture,
     log_mark,
@@ -34,12 +36,15 @@ def _messages_json(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
 class LoadedModel:
     """A model with its context, kept loaded for a whole session."""
 
-    def __init__(self, llama: Any, path: Path, options: LoadOptions, log: list[str]):
+    def __init__(
+        self, llama: Any, path: Path, options: LoadOptions, log: list[str], repack: RepackChoice
+    ):
         self.llama = llama
         self.path = path
         self.options = options
         self.load_log = log
         self.buffers = parse_buffer_report(log)
+        self.repack = repack
 
     # -- facts
     @property
@@ -165,6 +170,33 @@ class LoadedModel:
         self.llama.close()
 
 
+_PARAMS_PATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def _model_params(llama_cpp: Any, **fields: Any) -> Iterator[None]:
+    """Make ``Llama()`` load with extra ``llama_model_params`` fields.
+
+    ``Llama()`` has no argument for some fields (use_extra_bufts) and drops unknown
+    keywords silently, so the defaults it starts from are patched while it loads.
+    """
+    low = llama_cpp.llama_cpp
+    original = low.llama_model_default_params
+
+    def patched() -> Any:
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    with _PARAMS_PATCH_LOCK:
+        low.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
+
+
 def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedModel:
     """Load a GGUF through llama.cpp with ``options``; failures become ModelLoadError."""
     options.validate()
@@ -174,25 +206,27 @@ def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedMode
     llama_cpp = import_llama_cpp()
     install_log_capture()
     set_log_echo(options.verbose)
+    repack = choose_repack(options.repack)
     mark = log_mark()
     try:
-        llama = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=options.n_ctx,
-            n_batch=options.n_batch,
-            n_ubatch=options.n_ubatch,
-            n_threads=options.threads,
-            n_threads_batch=options.threads_batch,
-            n_gpu_layers=options.n_gpu_layers,
-            seed=options.seed,
-            flash_attn=options.flash_attn,
-            logits_all=options.logits_all,
-            verbose=options.verbose,
-            **context_fields(options.type_k, options.type_v),
-            **rope_fields(options.rope),
-        )
+        with _model_params(llama_cpp, use_extra_bufts=repack.repack):
+            llama = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=options.n_ctx,
+                n_batch=options.n_batch,
+                n_ubatch=options.n_ubatch,
+                n_threads=options.threads,
+                n_threads_batch=options.threads_batch,
+                n_gpu_layers=options.n_gpu_layers,
+                seed=options.seed,
+                flash_attn=options.flash_attn,
+                logits_all=options.logits_all,
+                verbose=options.verbose,
+                **context_fields(options.type_k, options.type_v),
+                **rope_fields(options.rope),
+            )
     except (ValueError, RuntimeError, OSError) as exc:
         errors = [line for line in log_since(mark) if "error" in line.lower()]
         reason = errors[-1].strip() if errors else str(exc)
         raise ModelLoadError(f"llama.cpp could not load {path.name}: {reason}") from None
-    return LoadedModel(llama, path, options, log_since(mark))
+    return LoadedModel(llama, path, options, log_since(mark), repack)

@@ -139,7 +139,7 @@ def _token_ptr(tokens: Any, index: int) -> Any:
 class BenchModel:
     """A model loaded the way llama-bench loads it, shared by every test's context."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, repack: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"no such model file: {self.path}")
@@ -148,6 +148,8 @@ class BenchModel:
         install_log_capture()
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = repack  # llama-bench's --repack
+        self.repack = repack
         self.model, self.load_log = load_model_file(llama_cpp, self.path, params)
         self.weights_bytes = parse_buffer_report(self.load_log).weights_bytes
         buf = ctypes.create_string_buffer(256)

@@ -73,6 +73,7 @@ class LoadOptions:
     rope: RopeParams = field(default_factory=RopeParams)
     logits_all: bool = False
     verbose: bool = False
+    repack: bool | None = None  # None: llama.cpp's default, except off on AMX CPUs
 
     def validate(self) -> None:
         if self.n_ctx <= 0:

@@ -15,6 +15,7 @@ from localllm.views.console import err, note, safe
 from localllm.views.ppl import show_rope_plan
 
 if TYPE_CHECKING:
+    from localllm.chat.history import SessionListing
     from localllm.chat.session import ChatSession, SessionSummary
     from localllm.generation import GenerationStats
 
@@ -27,6 +28,7 @@ __all__ = [
     "chat_prompt",
     "format_turn_status",
     "render_chat_stats",
+    "render_sessions",
     "sampling_summary",
 ]
 
@@ -112,7 +114,9 @@ def sampling_summary(session: ChatSession) -> str:
 
 
 def chat_opened(session: ChatSession) -> None:
-    """What stderr says once the model is loaded: RoPE stretching, if any."""
+    """What stderr says once the model is loaded: a changed default, RoPE stretching."""
+    for message in session.notes:
+        note(message)
     plan = session.rope_plan
     if plan is None:
         return
@@ -173,3 +177,23 @@ def render_chat_stats(summary: SessionSummary, session: ChatSession) -> None:
     table.add_row("settings", sampling_summary(session))
     table.add_row("system", Text(safe(session.system, 300) if session.system else "(none)"))
     err.print(table)
+
+
+def render_sessions(rows: list[SessionListing], current: str | None = None) -> None:
+    """/sessions: the newest saved sessions, this one marked."""
+    if not rows:
+        note("no saved sessions yet")
+        return
+    table = Table(box=None, header_style="label", pad_edge=False)
+    for col in ("", "id", "saved", "model", "messages", "first message"):
+        table.add_column(col, no_wrap=col != "first message", overflow="ellipsis")
+    for row in rows:
+        mark = "*" if row.id == current else ""
+        if row.problem:
+            table.add_row(mark, row.id, "", Text(safe(row.problem, 80), style="error"), "", "")
+            continue
+        first = safe(row.first_message.replace("\n", " "), 50)
+        table.add_row(mark, row.id, row.saved_at, Text(safe(row.model, 40)), str(row.messages),
+                      Text(first))  # fmt: skip
+    err.print(table)
+    note("continue one with `localllm chat --resume ID`")
