@@ -18,6 +18,7 @@ __all__ = [
     "LocalLLMError",
     "ModelLoadError",
     "ModelNotFound",
+    "TemplateError",
 ]
 
 
@@ -69,3 +70,9 @@ class DownloadInterrupted(DownloadError):
 
 class InsufficientMemory(LocalLLMError):
     """A plan that does not fit in the memory available."""
+
+
+class TemplateError(LocalLLMError):
+    """A chat template that cannot be used: syntax, sandbox, budget, or none to be found."""
+
+    exit_code = 2
