@@ -44,6 +44,7 @@ class CatalogEntry:
     pypi: str | None = None
     pypi_member: str | None = None
     spec: ModelSpec | None = None
+    template: str | None = None  # chat template for its files that carry none (a name)
 
     def quant(self, name: str | None) -> QuantFile | None:
         wanted = (name or self.default_quant).upper()
@@ -82,7 +83,7 @@ def _catalog_path() -> Path:
     return packaged if packaged.is_file() else CHECKOUT_MODELS / "catalog.toml"
 
 
-def _arch_spec(alias: str, arch: dict[str, Any]) -> ModelSpec:
+def _arch_spec(alias: str, arch: dict[str, Any], template: str | None) -> ModelSpec:
     return ModelSpec(
         name=alias,
         architecture=arch["architecture"],
@@ -97,7 +98,7 @@ def _arch_spec(alias: str, arch: dict[str, Any]) -> ModelSpec:
         rope_freq_base=float(arch.get("rope_freq_base", 10000.0)),
         sliding_window=int(arch.get("sliding_window", 0)),
         n_params=arch.get("n_params"),
-        has_chat_template=bool(arch.get("chat_template_family")),
+        has_chat_template=bool(template),
         source="catalog",
     )
 
@@ -135,7 +136,8 @@ def load_catalog(path: str | None = None) -> Catalog:
                 repo=raw.get("repo"),
                 pypi=source.get("pypi"),
                 pypi_member=source.get("member"),
-                spec=_arch_spec(alias, raw["arch"]) if "arch" in raw else None,
+                spec=_arch_spec(alias, raw["arch"], raw.get("template")) if "arch" in raw else None,
+                template=raw.get("template"),
             )
         )
     return Catalog(default=data.get("default", entries[0].alias), entries=tuple(entries))

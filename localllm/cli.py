@@ -230,6 +230,18 @@ def chat_cmd(
         bool,
         typer.Option("--no-history", help="Do not save this session (also LOCALLLM_NO_HISTORY=1)."),
     ] = False,
+    template: Annotated[
+        str | None,
+        typer.Option(
+            "--template",
+            help="Chat template: a NAME (list: --template list) or a Jinja FILE. "
+            "Default: the GGUF's own, else the catalog's, else localllm's rules.",
+            show_default=False,
+        ),
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="No template: continue the text (base models).")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="One-shot: print reply and stats as one JSON object.")
     ] = False,
@@ -242,6 +254,11 @@ def chat_cmd(
     from localllm.runtime.params import LoadOptions, SamplingOptions
     from localllm.views.chat import chat_opened
 
+    if template == "list":
+        from localllm.templates.formats import template_names
+
+        out.print("\n".join(template_names()))
+        return
     if resume is not None:
         _refuse_flags_with_resume(cli)
         request, saved = _resumed_request(resume, no_memory_check)
@@ -258,7 +275,9 @@ def chat_cmd(
             flash_attn=parse_on_off(flash_attn, "--flash-attn"),
             repack=parse_repack(repack),
         )
-        request = ChatRequest(model, sampling, options, ctx, rope, system, not no_memory_check)
+        request = ChatRequest(
+            model, sampling, options, ctx, rope, system, not no_memory_check, template, raw
+        )
     check_chat_options(request)
     prompt = _one_shot_prompt(prompt, as_json)
     with spinner(f"loading {request.model or 'the default model'}"):

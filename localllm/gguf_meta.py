@@ -34,6 +34,7 @@ __all__ = [
 # Key templates, as gguf-py's constants spell them ({arch} is general.architecture).
 KEY_ARCHITECTURE = "general.architecture"
 KEY_NAME = "general.name"
+KEY_BASENAME = "general.basename"
 KEY_FILE_TYPE = "general.file_type"
 KEY_CONTEXT_LENGTH = "{arch}.context_length"
 KEY_EMBEDDING_LENGTH = "{arch}.embedding_length"
@@ -95,6 +96,7 @@ class ModelSpec:
     file_bytes: int | None = None
     has_chat_template: bool = False
     chat_template: str | None = field(default=None, repr=False)
+    basename: str | None = None  # general.basename: the model family as its converter named it
     n_kv_heads_per_layer: tuple[int, ...] | None = None
     source: str = "gguf"
     path: str | None = None
@@ -227,6 +229,10 @@ def _quant_mix(
     return mix, n_params, (sum(sizes.values()) if sizes else None)
 
 
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def _optional_int(value: Any) -> int | None:
     return int(value) if value is not None else None
 
@@ -283,6 +289,7 @@ def spec_from_header(
         file_bytes=file_bytes,
         has_chat_template=bool(chat_template),
         chat_template=chat_template if isinstance(chat_template, str) else None,
+        basename=_optional_str(header.kv.get(KEY_BASENAME)),
         n_kv_heads_per_layer=kv_per_layer,
         source="gguf",
         path=path,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from gguf_factory import DROP, write_gguf
+from reference_chat import reference_prompt_tokens
 
 from localllm.chat.repl import SLASH_COMMANDS, MultilineInput, parse_slash_command
 from localllm.chat.session import ChatRequest, ChatSession, open_session
@@ -104,8 +105,9 @@ def test_flags_are_checked_before_the_model_is_resolved(cli) -> None:
 def test_model_without_chat_template_is_one_line(tmp_path: Path, cli) -> None:
     path = write_gguf(tmp_path / "base.gguf", overrides={"tokenizer.chat_template": DROP})
     result = cli("chat", str(path), "-p", "hi")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "base.gguf has no chat template" in result.error_line
+    assert "--template NAME" in result.error_line and "--raw" in result.error_line
 
 
 def test_model_llama_cpp_cannot_load_is_one_line(tmp_path: Path, cli) -> None:
@@ -140,7 +142,11 @@ def reference_reply(smollm2_path: Path) -> str:
         sampling = SamplingOptions(temperature=0.0, seed=11, max_tokens=24)
         pieces = [
             item.text
-            for item in model.chat_stream([ChatMessage("user", text)], sampling)
+            for item in model.stream_completion(
+                reference_prompt_tokens(model, [ChatMessage("user", text)]),
+                sampling,
+                stop_strings=[model.eos_text],
+            )
             if isinstance(item, TextChunk)
         ]
     finally:
@@ -264,8 +270,8 @@ def test_stop_ends_the_reply_and_keeps_the_partial_text(small_session) -> None:
     # The KV cache is consistent: the next turn reuses the prefix and answers.
     _, after = _turn(small_session, "Thanks.")
     assert after.prompt_evaluated < after.prompt_tokens
-    assert after.prompt_tokens == small_session.loaded.count_chat_tokens(
-        small_session.messages()[:-1]
+    assert after.prompt_tokens == len(
+        reference_prompt_tokens(small_session.loaded, small_session.messages()[:-1])
     )
 
 

@@ -64,9 +64,11 @@ def _leave(child: pexpect.spawn, how: str) -> int:
 
 
 def _counts(smollm2_loaded, messages: list[dict[str, str]]) -> int:
+    from reference_chat import reference_prompt_tokens
+
     from localllm.generation import ChatMessage
 
-    return smollm2_loaded.count_chat_tokens([ChatMessage(**m) for m in messages])
+    return len(reference_prompt_tokens(smollm2_loaded, [ChatMessage(**m) for m in messages]))
 
 
 def test_two_turns_keep_history_and_reset_forgets(

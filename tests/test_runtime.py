@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from reference_chat import reference_prompt, reference_prompt_tokens, reference_reply
 
 from localllm.errors import InvalidArgument, ModelLoadError
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
@@ -19,7 +20,8 @@ QUESTION = [ChatMessage("user", "Name three colours.")]
 
 def _reply(model, messages=QUESTION, sampling=GREEDY) -> tuple[str, GenerationStats]:
     text, stats = [], None
-    for item in model.chat_stream(messages, sampling):
+    prompt = reference_prompt_tokens(model, messages)
+    for item in model.stream_completion(prompt, sampling, stop_strings=[model.eos_text]):
         if isinstance(item, TextChunk):
             text.append(item.text)
         else:
@@ -46,7 +48,7 @@ def test_stats_describe_the_turn(smollm2_loaded) -> None:
     assert stats.text == text
     assert stats.finish_reason in ("stop", "length")
     assert stats.generated_tokens > 0 and stats.prompt_evaluated > 0
-    assert stats.prompt_tokens == smollm2_loaded.count_chat_tokens(QUESTION)
+    assert stats.prompt_tokens == len(reference_prompt_tokens(smollm2_loaded, QUESTION))
     assert stats.kv_cells == smollm2_loaded.n_ctx == 2048
     assert 0 < stats.kv_used <= stats.kv_cells
     assert stats.generation_tps > 0 and stats.ttft_seconds > 0
@@ -62,8 +64,28 @@ def test_second_turn_reuses_the_kv_prefix(smollm2_loaded) -> None:
     assert s2.prompt_evaluated < s2.prompt_tokens - s1.prompt_tokens + 8
 
 
-def test_chat_template_comes_from_the_gguf(smollm2_loaded) -> None:
-    prompt = smollm2_loaded.format_chat([ChatMessage("system", "S"), ChatMessage("user", "U")])
+def test_streamed_reply_is_llama_cpp_pythons_chat_completion(smollm2_loaded) -> None:
+    """The same tokens through create_completion as through llama-cpp-python's own chat
+    handler with the GGUF's template: the replies are the same text."""
+    smollm2_loaded.reset()
+    ours, _ = _reply(smollm2_loaded)
+    smollm2_loaded.reset()
+    assert ours == reference_reply(smollm2_loaded, QUESTION, GREEDY)
+
+
+def test_chat_template_comes_from_the_gguf(smollm2_loaded, smollm2_path: Path) -> None:
+    from localllm.gguf_meta import read_model_spec
+    from localllm.templates.formats import choose_format
+
+    fmt = choose_format(read_model_spec(smollm2_path), smollm2_path.name)
+    assert (fmt.name, fmt.source, fmt.kind) == ("gguf", "gguf", "jinja")
+    messages = [ChatMessage("system", "S"), ChatMessage("user", "U")]
+    prompt = fmt.render(
+        [{"role": m.role, "content": m.content} for m in messages],
+        bos_token=smollm2_loaded.bos_text,
+        eos_token=smollm2_loaded.eos_text,
+    )
+    assert prompt == reference_prompt(smollm2_loaded, messages)
     assert prompt.startswith("<|im_start|>system\nS<|im_end|>")
     assert "<|im_start|>user\nU<|im_end|>" in prompt
     assert prompt.endswith("<|im_start|>assistant\n")

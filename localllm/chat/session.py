@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from localllm.catalog import load_catalog
 from localllm.chat.history import SavedSession
-from localllm.errors import ContextOverflow, InvalidArgument, InvalidModelFile, LocalLLMError
+from localllm.errors import ContextOverflow, InvalidArgument, LocalLLMError
 from localllm.fileio import write_json_atomic
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.gguf_meta import ModelSpec, read_model_spec
@@ -30,6 +31,7 @@ from localllm.rope import RopePlan, plan_rope
 from localllm.runtime.llama import LoadedModel, load_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
 from localllm.store import ModelStore
+from localllm.templates.formats import ChatFormat, choose_format
 
 __all__ = [
     "DEFAULT_CONTEXT",
@@ -108,6 +110,7 @@ class ChatSession:
     spec: ModelSpec
     loaded: LoadedModel
     sampling: SamplingOptions
+    chat_format: ChatFormat
     system: str | None = None
     rope_plan: RopePlan | None = None
     load_seconds: float = 0.0
@@ -139,6 +142,26 @@ class ChatSession:
         head = [ChatMessage("system", self.system)] if self.system else []
         return head + self.history + ([extra] if extra else [])
 
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The tokens the chat format makes of ``messages``, ready to evaluate."""
+        text = self.chat_format.render(
+            [{"role": m.role, "content": m.content} for m in messages],
+            bos_token=self.loaded.bos_text,
+            eos_token=self.loaded.eos_text,
+        )
+        return self.loaded.prompt_tokens(text, add_bos=self.chat_format.add_bos)
+
+    def count_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return len(self.prompt_tokens(messages))
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """What ends a reply besides end-of-generation tokens: the template's end marks."""
+        if self.chat_format.kind == "raw":
+            return ()
+        eos = self.loaded.eos_text
+        return (*self.chat_format.stop_strings, *([eos] if eos else []))
+
     def kv_bytes(self) -> int | None:
         """Bytes of the allocated KV cache (the arithmetic `info` and `kv-calc` use)."""
         opts = self.loaded.options
@@ -152,7 +175,7 @@ class ChatSession:
         """Drop the oldest turns until the prompt plus the reply budget fits."""
         budget = self.sampling.max_tokens or DEFAULT_MAX_TOKENS
         n_ctx = self.n_ctx
-        alone = self.loaded.count_chat_tokens(
+        alone = self.count_tokens(
             [*([ChatMessage("system", self.system)] if self.system else []), user]
         )
         if alone + budget > n_ctx:
@@ -163,13 +186,13 @@ class ChatSession:
                 f"lower --max-tokens, or restart with a larger --ctx"
             )
         dropped = 0
-        needed = self.loaded.count_chat_tokens(self.messages(user))
+        needed = self.count_tokens(self.messages(user))
         while needed + budget > n_ctx and self.history:
             # Turns go in pairs (user, assistant) so the template sees a well-formed chat.
             n = 2 if len(self.history) >= 2 else 1
             del self.history[:n]
             dropped += n
-            needed = self.loaded.count_chat_tokens(self.messages(user))
+            needed = self.count_tokens(self.messages(user))
         if dropped:
             self.dropped_messages += dropped
             first = not self.told_about_trimming
@@ -193,7 +216,11 @@ class ChatSession:
         first: float | None = None
         stats: GenerationStats | None = None
         try:
-            for item in self.loaded.chat_stream(self.messages(), self.sampling, stop=stop):
+            prompt = self.prompt_tokens(self.messages())
+            stream = self.loaded.stream_completion(
+                prompt, self.sampling, stop_strings=self.stop_strings, stop=stop
+            )
+            for item in stream:
                 if isinstance(item, TextChunk):
                     if first is None:
                         first = time.perf_counter()
@@ -254,6 +281,7 @@ class ChatSession:
         opts = self.loaded.options
         return {
             "system": self.system,
+            "template": self.chat_format.as_json(),
             "sampling": asdict(self.sampling),
             "runtime": {
                 "n_ctx": self.n_ctx,
@@ -320,6 +348,8 @@ class ChatRequest:
     rope_method: str | None = None
     system: str | None = None
     memory_check: bool = True
+    template: str | None = None  # --template NAME|FILE
+    raw: bool = False  # --raw: no template, the text is continued
 
 
 def check_chat_options(request: ChatRequest) -> None:
@@ -333,6 +363,8 @@ def check_chat_options(request: ChatRequest) -> None:
     if sampling.max_tokens is not None and n_ctx is not None and sampling.max_tokens >= n_ctx:
         raise InvalidArgument(_budget_message(sampling.max_tokens, n_ctx))
     check_rope_method(request.rope_method)
+    if request.raw and request.system:
+        raise InvalidArgument("--raw continues the text as it is; drop --system")
 
 
 def open_session(request: ChatRequest) -> ChatSession:
@@ -345,11 +377,13 @@ def open_session(request: ChatRequest) -> ChatSession:
     model = resolve_model(request.model)
     path = require_local_file(model)
     spec = read_model_spec(path)
-    if not spec.has_chat_template:
-        raise InvalidModelFile(
-            f"{path.name} has no chat template in its GGUF (tokenizer.chat_template); "
-            "chat needs an instruct or chat model"
-        )
+    chat_format = choose_format(
+        spec,
+        path.name,
+        template=request.template,
+        raw=request.raw,
+        catalog_template=_catalog_template(model),
+    )
     options, sampling = request.options, request.sampling
     ctx = request.n_ctx if request.n_ctx is not None else min(spec.n_ctx_train, DEFAULT_CONTEXT)
     plan = None
@@ -367,17 +401,49 @@ def open_session(request: ChatRequest) -> ChatSession:
         check_load_fits(plan_memory(label, spec, options, plan.method if plan else None))
     started = time.perf_counter()
     loaded = load_model(path, options)
+    try:
+        chat_format.validate(bos_token=loaded.bos_text, eos_token=loaded.eos_text)
+    except BaseException:
+        loaded.close()
+        raise
     return ChatSession(
         resolved=model,
         spec=spec,
         loaded=loaded,
         sampling=sampling,
+        chat_format=chat_format,
         system=request.system or None,
         rope_plan=plan,
         load_seconds=time.perf_counter() - started,
         model_sha256=_recorded_sha256(model),
-        notes=tuple(n for n in (threads_warning(options.n_threads), loaded.repack.note) if n),
+        notes=tuple(
+            n
+            for n in (
+                threads_warning(options.n_threads),
+                loaded.repack.note,
+                # The GGUF's own template goes without saying; any other choice is said.
+                None
+                if chat_format.source == "gguf"
+                else f"chat template: {chat_format.describe()}",
+            )
+            if n
+        ),
     )
+
+
+def _catalog_template(model: ResolvedModel) -> str | None:
+    """The template the catalog names for this file: by alias, file name or store record."""
+    if model.entry is not None:
+        return model.entry.template
+    if model.path is None:
+        return None
+    catalog = load_catalog()
+    known = catalog.by_file(model.path.name)
+    if known is not None:
+        return known[0].template
+    stored = ModelStore().record(model.path)
+    entry = catalog.lookup(stored.alias) if stored is not None and stored.alias else None
+    return entry.template if entry is not None else None
 
 
 def request_from_saved(saved: SavedSession, *, memory_check: bool = True) -> ChatRequest:
@@ -396,6 +462,7 @@ def request_from_saved(saved: SavedSession, *, memory_check: bool = True) -> Cha
         flash_attn=bool(runtime.get("flash_attn", True)),
         repack=runtime.get("repack"),
     )
+    template = settings.get("template") or {}
     return ChatRequest(
         model=saved.model_ref or saved.model_path,
         sampling=sampling,
@@ -404,6 +471,11 @@ def request_from_saved(saved: SavedSession, *, memory_check: bool = True) -> Cha
         rope_method=rope.get("method") if rope else None,
         system=saved.system,
         memory_check=memory_check,
+        # The GGUF's own template is found again; a named or file template is asked for.
+        template=template.get("name")
+        if template.get("source") != "gguf" and template.get("source") != "--raw"
+        else None,
+        raw=template.get("source") == "--raw",
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import ContextOverflow, ModelLoadError
-from localllm.generation import ChatMessage, GenerationStats, TextChunk
+from localllm.generation import GenerationStats, TextChunk
 from localllm.runtime.library import RepackChoice, choose_repack, import_llama_cpp
 from localllm.runtime.log import (
     install_log_capture,
@@ -27,10 +27,6 @@ from localllm.runtime.log import (
 from localllm.runtime.params import LoadOptions, SamplingOptions, context_fields, rope_fields
 
 __all__ = ["LoadedModel", "load_model"]
-
-
-def _messages_json(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 class LoadedModel:
@@ -62,57 +58,53 @@ class LoadedModel:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
-    def format_chat(self, messages: Sequence[ChatMessage]) -> str:
-        """The prompt text the model's own chat template makes of ``messages``.
+    def token_text(self, token: int) -> str:
+        """A special token's text (``<s>``, ``</s>``, ``<|im_end|>``), "" for none (-1)."""
+        return "" if token == -1 else str(self.llama._model.token_get_text(token))
 
-        Built the way llama-cpp-python builds its handler for the GGUF template, so
-        the count matches what ``chat_stream`` will evaluate.
-        """
-        from llama_cpp import llama_chat_format
+    @property
+    def bos_text(self) -> str:
+        return self.token_text(self.llama.token_bos())
 
-        template = self.llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ModelLoadError(f"{self.path.name} has no chat template in its GGUF")
-        model = self.llama._model
-        eos, bos = self.llama.token_eos(), self.llama.token_bos()
-        formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.token_get_text(eos) if eos != -1 else "",
-            bos_token=model.token_get_text(bos) if bos != -1 else "",
-            stop_token_ids=[eos],
-        )
-        return str(formatter(messages=_messages_json(messages)).prompt)
+    @property
+    def eos_text(self) -> str:
+        return self.token_text(self.llama.token_eos())
 
-    def count_chat_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        return len(self.tokenize(self.format_chat(messages), add_bos=False, special=True))
+    def prompt_tokens(self, prompt: str, *, add_bos: bool) -> list[int]:
+        """A formatted prompt as tokens: special tokens parsed, BOS as the vocabulary asks."""
+        return self.tokenize(prompt, add_bos=add_bos, special=True)
 
     # -- generation
-    def chat_stream(
+    def stream_completion(
         self,
-        messages: Sequence[ChatMessage],
+        prompt: Sequence[int],
         sampling: SamplingOptions,
+        *,
+        stop_strings: Sequence[str] = (),
         stop: Callable[[], bool] | None = None,
     ) -> Iterator[TextChunk | GenerationStats]:
-        """Stream a reply with the model's chat template; the last item is the stats.
+        """Continue ``prompt`` (tokens); streams text, the last item is the stats.
 
+        This is what llama-cpp-python's chat completion does once it has formatted the
+        chat: the same ``create_completion`` call, so a chat reply is the same either way.
         ``stop`` is polled after each chunk: when it returns true the reply ends there
         (finish reason "interrupted") with the KV cache consistent for the next turn.
         """
         sampling.validate()
         import llama_cpp
 
-        ctx = self.llama._ctx.ctx
-        llama_cpp.llama_perf_context_reset(ctx)
+        llama_cpp.llama_perf_context_reset(self.llama._ctx.ctx)
         if sampling.seed is not None:
             self.llama.set_seed(sampling.seed)
+        eos = self.llama.token_eos()
         start = time.perf_counter()
         pieces: list[str] = []
         finish = "interrupted"
         stream: Any = None
         first: float | None = None
         try:
-            stream = self.llama.create_chat_completion(
-                messages=_messages_json(messages),
+            stream = self.llama.create_completion(
+                prompt=list(prompt),
                 stream=True,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
@@ -121,10 +113,14 @@ class LoadedModel:
                 repeat_penalty=sampling.repeat_penalty,
                 max_tokens=sampling.max_tokens,
                 seed=sampling.seed,
+                stop=list(stop_strings),
+                stopping_criteria=llama_cpp.StoppingCriteriaList(
+                    [lambda tokens, _logits: eos != -1 and tokens[-1] == eos]
+                ),
             )
             for chunk in stream:
                 choice = chunk["choices"][0]
-                if text := choice.get("delta", {}).get("content"):
+                if text := choice.get("text"):
                     first = first or time.perf_counter()
                     pieces.append(text)
                     yield TextChunk(text)
@@ -173,28 +169,49 @@ class LoadedModel:
 _PARAMS_PATCH_LOCK = threading.Lock()
 
 
+class _NoFormatter:
+    """Stands in for llama-cpp-python's Jinja2ChatFormatter while ``Llama()`` loads.
+
+    ``Llama()`` compiles every chat template in the GGUF with an unguarded Jinja
+    environment (constant folding included: ``{{ 'x' * 300000000 }}`` costs seconds and
+    hundreds of MB at load). localllm renders templates itself, through the guarded
+    renderer, and never uses those handlers.
+    """
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def to_chat_handler(self) -> None:
+        return None
+
+
 @contextmanager
-def _model_params(llama_cpp: Any, **fields: Any) -> Iterator[None]:
-    """Make ``Llama()`` load with extra ``llama_model_params`` fields.
+def _patched_llama(llama_cpp: Any, **model_fields: Any) -> Iterator[None]:
+    """Make ``Llama()`` load with extra ``llama_model_params`` fields, templates unread.
 
     ``Llama()`` has no argument for some fields (use_extra_bufts) and drops unknown
     keywords silently, so the defaults it starts from are patched while it loads.
     """
-    low = llama_cpp.llama_cpp
-    original = low.llama_model_default_params
+    low, formats = llama_cpp.llama_cpp, llama_cpp.llama_chat_format
+    original_params, original_formatter = (
+        low.llama_model_default_params,
+        formats.Jinja2ChatFormatter,
+    )
 
     def patched() -> Any:
-        params = original()
-        for name, value in fields.items():
+        params = original_params()
+        for name, value in model_fields.items():
             setattr(params, name, value)
         return params
 
     with _PARAMS_PATCH_LOCK:
         low.llama_model_default_params = patched
+        formats.Jinja2ChatFormatter = _NoFormatter
         try:
             yield
         finally:
-            low.llama_model_default_params = original
+            low.llama_model_default_params = original_params
+            formats.Jinja2ChatFormatter = original_formatter
 
 
 def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedModel:
@@ -209,7 +226,7 @@ def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedMode
     repack = choose_repack(options.repack)
     mark = log_mark()
     try:
-        with _model_params(llama_cpp, use_extra_bufts=repack.repack):
+        with _patched_llama(llama_cpp, use_extra_bufts=repack.repack):
             llama = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=options.n_ctx,

@@ -175,6 +175,7 @@ def render_chat_stats(summary: SessionSummary, session: ChatSession) -> None:
         f"{format_bytes(summary.kv_bytes)} allocated",
     )
     table.add_row("settings", sampling_summary(session))
+    table.add_row("template", Text(session.chat_format.describe()))
     table.add_row("system", Text(safe(session.system, 300) if session.system else "(none)"))
     err.print(table)
 
