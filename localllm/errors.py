@@ -18,6 +18,7 @@ __all__ = [
     "LocalLLMError",
     "ModelLoadError",
     "ModelNotFound",
+    "RpcError",
     "TemplateError",
 ]
 
@@ -76,3 +77,7 @@ class TemplateError(LocalLLMError):
     """A chat template that cannot be used: syntax, sandbox, budget, or none to be found."""
 
     exit_code = 2
+
+
+class RpcError(LocalLLMError):
+    """An RPC server (llama.cpp's rpc-server protocol) that cannot be reached or used."""
