@@ -7,8 +7,6 @@ prompt format written out by hand, and the models' own GGUF metadata read by ggu
 
 from __future__ import annotations
 
-import functools
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -19,6 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
+from gguf_copy import gguf_reader, gguf_with_chat_template, token_text
 
 from localllm.errors import TemplateError
 from localllm.gguf_meta import read_model_spec
@@ -214,18 +213,6 @@ def test_llama2_prompt_is_metas_published_format() -> None:
         "<s>[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nHi there [/INST] Hello! </s>"
         "<s>[INST] What is 2+2? [/INST]"
     )
-
-
-@functools.lru_cache(maxsize=2)
-def gguf_reader(path: Path) -> gguf.GGUFReader:
-    """One parsed reader per file: gguf-py takes ~3 s to parse SmolLM2's 49k-token vocab."""
-    return gguf.GGUFReader(path, "r")
-
-
-def token_text(path: Path, key: str) -> str:
-    reader = gguf_reader(path)
-    token_id = int(reader.get_field(key).contents())
-    return str(reader.get_field(gguf.Keys.Tokenizer.LIST).contents()[token_id])
 
 
 def test_smollm2_gguf_template_renders_exactly_as_llama_cpp_python(smollm2_path: Path) -> None:
@@ -630,53 +617,7 @@ def test_sample_conversation_is_two_turns() -> None:
     assert [m["role"] for m in SAMPLE_CONVERSATION] == ["user", "assistant", "user"]
 
 
-# -- copies of SmolLM2 with another chat template (for CLI tests)
-
-
-def gguf_with_chat_template(source: Path, dest: Path, template: str | None) -> Path:
-    """A copy of ``source`` whose ``tokenizer.chat_template`` is ``template`` (None: removed).
-
-    gguf-py's new-metadata approach (GGUFReader + GGUFWriter, as gguf_new_metadata.py), except
-    that the tensor data is copied as one block: tensor offsets are relative to the data
-    section, so only the header, key/values and tensor infos need rewriting.
-    """
-    reader = gguf_reader(source)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = gguf.GGUFWriter(dest, arch=arch, endianess=reader.endianess)
-    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
-    if alignment is not None:
-        writer.data_alignment = alignment.contents()
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue  # written by GGUFWriter itself
-        if field.name.startswith(gguf.Keys.Tokenizer.CHAT_TEMPLATE):
-            continue  # the default template and any named ones
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
-    if template is not None:
-        writer.add_chat_template(template)
-    offset = 0
-    for tensor in reader.tensors:
-        assert tensor.data_offset - reader.data_offset == offset, tensor.name
-        offset += gguf.GGUFWriter.ggml_pad(tensor.n_bytes, writer.data_alignment)
-        writer.add_tensor_info(
-            tensor.name,
-            tensor.data.shape,
-            tensor.data.dtype,
-            tensor.data.nbytes,
-            tensor.tensor_type,
-        )
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    out = writer.fout[0]
-    writer.write_padding(out, out.tell())
-    with source.open("rb") as src:
-        src.seek(reader.data_offset)
-        shutil.copyfileobj(src, out, 16 << 20)
-    writer.close()
-    return dest
+# -- copies of SmolLM2 with another chat template (tests/gguf_copy.py, for CLI tests)
 
 
 @pytest.mark.parametrize("template", ["{{ 'hostile' * 3 }}", None])

@@ -63,6 +63,9 @@ class RenderBudget:
     max_work: int = 16_000_000  # chars+items of all the values built, summed
     max_recursion_depth: int = 32  # nested macro, block and recursive-loop calls
     max_output_chars: int = 4_000_000  # the rendered prompt
+    # A backstop behind the limits above, scaled with the conversation as max_operations
+    # is: enforced by a timer signal, so only in the main thread (the CLI; deadline.py).
+    max_wall_seconds: float | None = 10.0
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,9 @@ class Meter:
         self.work_cap = budget.max_work + (16 + 4 * n_messages) * input_size
         self.output_cap = budget.max_output_chars + 2 * input_size
         self.depth_cap = budget.max_recursion_depth
+        wall = budget.max_wall_seconds
+        scale = self.operation_cap / max(budget.max_operations, 1)
+        self.wall_cap = wall * scale if wall is not None and wall > 0 else None
         self.iterations = self.operations = self.work = self.output = 0
         self.depth = self.max_depth = 0
         self._cache: dict[int, tuple[Any, int, int]] = {}

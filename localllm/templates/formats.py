@@ -156,7 +156,9 @@ def _from_argument(value: str) -> ChatFormat:
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidArgument(f"--template {value!r} cannot be read: {exc}") from None
         label = f"template file {escape_untrusted(path.name, 60)}"
-        return ChatFormat(str(path), "--template", "jinja", GuardedTemplate.compile(text, label))
+        # The absolute path: a saved session resumed from another directory finds it again.
+        template = GuardedTemplate.compile(text, label)
+        return ChatFormat(str(path.resolve()), "--template", "jinja", template)
     return _named(value, "--template")
 
 

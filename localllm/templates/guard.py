@@ -8,7 +8,8 @@ spends time or memory is metered against a :class:`RenderBudget` (see ``budget.p
 How the meter sees everything: the parsed template is rewritten before it is compiled so
 that every ``for`` iterates through a counting filter and every ``~``, list, tuple and dict
 literal goes through a size check; binary operators and calls are intercepted by the sandbox;
-every filter is wrapped; ``finalize`` sees every printed value.
+every filter is wrapped; ``finalize`` sees every printed value. Behind the meter, renders in
+the main thread (the CLI's) also have a wall-time backstop (``deadline.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from localllm.templates.budget import (
     filter_estimate,
     str_method_estimate,
 )
+from localllm.templates.deadline import wall_time_backstop
 from localllm.text import escape_untrusted
 
 __all__ = ["DEFAULT_HINT", "GuardedTemplate"]
@@ -365,9 +367,10 @@ class GuardedTemplate:
         env = _GuardedEnvironment(budget)
         instrument = _Instrument()
         try:
-            tree = instrument.visit(env.parse(text))
-            env.weights, env.recursive_weight = instrument.weights, instrument.recursive_weight
-            template = env.from_string(tree)
+            with wall_time_backstop(budget.max_wall_seconds):
+                tree = instrument.visit(env.parse(text))
+                env.weights, env.recursive_weight = instrument.weights, instrument.recursive_weight
+                template = env.from_string(tree)
         except jinja2.TemplateSyntaxError as exc:
             where = f" (line {exc.lineno})" if exc.lineno else ""
             raise TemplateError(
@@ -433,9 +436,10 @@ class GuardedTemplate:
         pieces = self._template.generate(variables)
         out: list[str] = []
         try:
-            for piece in pieces:
-                meter.emit(piece)
-                out.append(piece)
+            with wall_time_backstop(meter.wall_cap):
+                for piece in pieces:
+                    meter.emit(piece)
+                    out.append(piece)
         except Exception as exc:
             # Untrusted input at a trust boundary: whatever breaks, the user gets one line.
             raise _failure(self.label, self.hint, exc) from None
