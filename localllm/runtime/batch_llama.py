@@ -1,0 +1,159 @@
+"""The batch engine's llama.cpp objects: the model and its N-sequence context, a sampler
+chain per request, grammars, logprobs.
+
+The context is the one llama-cpp-python's ``Llama`` creates, plus ``n_seq_max = N`` and a
+non-unified KV cache (each sequence its own ``n_ctx / N`` cells, as llama-server). The
+sampler chain is the one ``Llama._init_sampler`` builds (llama-cpp-python 0.3.36), so a
+request sampled here draws what ``localllm chat`` draws with the same settings and seed:
+logit bias, penalties over the last 64 generated tokens (the prompt is not fed to
+them, as in ``Llama``), a grammar if any, then greedy at temperature 0, else top-k,
+typical (p = 1, a no-op kept for the same chain), top-p, min-p, temperature and a
+seeded draw.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from localllm.errors import InvalidArgument, ModelLoadError
+from localllm.runtime.batch_records import GenerationParams, TokenLogprob, TopLogprob
+from localllm.runtime.library import RepackChoice, choose_repack, import_llama_cpp
+from localllm.runtime.log import (
+    install_log_capture,
+    load_model_file,
+    log_mark,
+    log_since,
+    set_log_echo,
+)
+from localllm.runtime.params import LoadOptions, context_fields, rope_fields
+
+__all__ = [
+    "PENALTY_LAST_N",
+    "json_grammar",
+    "load_model_and_context",
+    "sampler_chain",
+    "token_logprob",
+]
+
+PENALTY_LAST_N = 64  # llama-cpp-python's last_n_tokens_size
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for any JSON object (``schema`` None) or for a JSON schema (InvalidArgument)."""
+    from llama_cpp import llama_grammar
+
+    if schema is None:
+        return llama_grammar.JSON_GBNF
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
+        raise InvalidArgument(f"cannot turn this JSON schema into a grammar: {exc}") from None
+
+
+def sampler_chain(lc: Any, vocab: Any, n_vocab: int, p: GenerationParams) -> Any:
+    """A new ``llama_sampler`` chain for one request (the caller frees it)."""
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+
+    def add(sampler: Any) -> None:
+        lc.llama_sampler_chain_add(chain, sampler)
+
+    if p.logit_bias:
+        biases = (lc.llama_logit_bias * len(p.logit_bias))(*p.logit_bias)
+        add(lc.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
+    add(
+        lc.llama_sampler_init_penalties(
+            n_vocab, PENALTY_LAST_N, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+        )
+    )
+    if p.grammar is not None:
+        grammar = lc.llama_sampler_init_grammar(vocab, p.grammar.encode(), b"root")
+        if not grammar:
+            lc.llama_sampler_free(chain)
+            raise InvalidArgument("llama.cpp could not parse the grammar for response_format")
+        add(grammar)
+    if p.temperature == 0:
+        add(lc.llama_sampler_init_greedy())
+    else:
+        add(lc.llama_sampler_init_top_k(p.top_k))
+        add(lc.llama_sampler_init_typical(1.0, 1))
+        add(lc.llama_sampler_init_top_p(p.top_p, 1))
+        add(lc.llama_sampler_init_min_p(p.min_p, 1))
+        add(lc.llama_sampler_init_temp(p.temperature))
+        add(lc.llama_sampler_init_dist(p.seed if p.seed is not None else lc.LLAMA_DEFAULT_SEED))
+    return chain
+
+
+def token_logprob(
+    logits_ptr: Any, n_vocab: int, token: int, top: int, piece: Callable[[int], bytes]
+) -> TokenLogprob:
+    """``token``'s log-probability under the model's distribution (before any sampler
+    narrows it), with the ``top`` likeliest alternatives."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(logits_ptr, shape=(n_vocab,)).astype(np.float64)
+    peak = logits.max()
+    lse = peak + np.log(np.exp(logits - peak).sum())
+    alternatives = []
+    if top > 0:
+        best = np.argpartition(logits, -top)[-top:]
+        for t in sorted(best.tolist(), key=lambda t: -logits[t]):
+            alternatives.append(TopLogprob(t, piece(t), float(logits[t] - lse)))
+    return TokenLogprob(token, piece(token), float(logits[token] - lse), tuple(alternatives))
+
+
+def load_model_and_context(
+    path: Path, options: LoadOptions, parallel: int
+) -> tuple[Any, Any, Any, list[str], RepackChoice]:
+    """llama_cpp, the model, its context of ``parallel`` sequences, the load log, repack."""
+    if not path.is_file():
+        raise ModelLoadError(f"no such model file: {path}")
+    lc = import_llama_cpp()
+    install_log_capture()
+    set_log_echo(options.verbose)
+    repack = choose_repack(options.repack)
+    mparams = lc.llama_model_default_params()
+    mparams.n_gpu_layers = 0x7FFFFFFF if options.n_gpu_layers == -1 else options.n_gpu_layers
+    mparams.use_extra_bufts = repack.repack
+    model, log = load_model_file(lc, path, mparams)
+    mark = log_mark()
+    ctx = lc.llama_init_from_model(model, _context_params(lc, options, parallel))
+    if not ctx:
+        lc.llama_model_free(model)
+        raise ModelLoadError(
+            f"llama.cpp could not create a {options.n_ctx}-token context with {parallel} "
+            f"slots for {path.name}: {_last_error(mark)}"
+        )
+    return lc, model, ctx, log + log_since(mark), repack
+
+
+def _context_params(lc: Any, options: LoadOptions, parallel: int) -> Any:
+    """llama_context_params as llama-cpp-python's Llama sets them, plus N sequences."""
+    params = lc.llama_context_default_params()
+    params.n_ctx = options.n_ctx
+    params.n_batch = options.n_batch
+    params.n_ubatch = min(options.n_batch, options.n_ubatch)
+    params.n_seq_max = parallel
+    params.kv_unified = False  # one KV stream per slot: ctx/N cells each, as llama-server
+    params.swa_full = options.swa_full
+    params.n_threads = options.threads
+    params.n_threads_batch = options.threads_batch
+    params.flash_attn_type = (
+        lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        if options.flash_attn
+        else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    for name, value in {
+        **context_fields(options.type_k, options.type_v),
+        **rope_fields(options.rope),
+    }.items():
+        setattr(params, name, value)
+    params.no_perf = False
+    return params
+
+
+def _last_error(mark: int) -> str:
+    errors = [line.strip() for line in log_since(mark) if "error" in line.lower()]
+    return errors[-1] if errors else "see llama.cpp's log (--verbose)"
