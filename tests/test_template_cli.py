@@ -239,9 +239,12 @@ def test_backstop_does_not_fire_on_a_render_within_budget() -> None:
 
 def test_backstop_is_not_armed_in_a_worker_thread() -> None:
     """Signals reach only the main thread: serve's workers rely on the budget alone."""
-    template = GuardedTemplate.compile(ECHO, "L", budget=RenderBudget(max_wall_seconds=0.001))
     before = signal.getsignal(signal.SIGALRM)
+    budget = RenderBudget(max_wall_seconds=0.001)
     with ThreadPoolExecutor(max_workers=1) as pool:
+        # Compiled in the worker too: in the main thread the 1 ms backstop would be armed
+        # (and a loaded machine can take longer than that to compile).
+        template = pool.submit(GuardedTemplate.compile, ECHO, "L", budget=budget).result()
         available = pool.submit(backstop_available).result()
         rendered = pool.submit(render_once, template).result()
     assert available is False and backstop_available() is True
