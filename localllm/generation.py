@@ -44,6 +44,9 @@ class GenerationStats:
     ttft_seconds: float
     kv_used: int
     kv_cells: int
+    # The cached prefix was dropped and the whole prompt evaluated again: the sliding
+    # window had moved past it (the SWA cache no longer held what the next token attends to).
+    window_reevaluated: bool = False
 
     @property
     def prompt_tps(self) -> float:

@@ -7,6 +7,13 @@ table parse.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
 from localllm.errors import InvalidArgument, InvalidModelFile
 from localllm.gguf_header import HeaderIncomplete
 from localllm.gguf_meta import ModelSpec, read_model_spec_from_prefix
@@ -15,7 +22,7 @@ from localllm.resolver import ResolvedModel
 from localllm.store import ModelStore
 from localllm.text import format_bytes
 
-__all__ = ["remote_spec"]
+__all__ = ["HeaderPreview", "header_file", "remote_header", "remote_spec"]
 
 # The header preview starts with 1 MiB and doubles; Llama-3's header (128k tokens and
 # merges) is about 8 MiB, so 64 MiB is far past any real header.
@@ -53,8 +60,22 @@ def _read_range(url: str, start: int, stop: int) -> tuple[bytes, int | None]:
     return b"".join(chunks)[: stop - start], total
 
 
+@dataclass(frozen=True)
+class HeaderPreview:
+    """A hub file's header bytes (its first bytes, whole header included) and facts."""
+
+    spec: ModelSpec
+    prefix: bytes
+    file_bytes: int
+
+
 def remote_spec(model: ResolvedModel) -> ModelSpec:
-    """Architecture facts of a hub file that is not here, from its header alone.
+    """Architecture facts of a hub file that is not here, from its header alone."""
+    return remote_header(model).spec
+
+
+def remote_header(model: ResolvedModel) -> HeaderPreview:
+    """The header of a hub file that is not here, and the facts it gives.
 
     Reads the first MiB of the file with an HTTP range request, then twice as much until
     the header and tensor table parse: a few MB, never the weights.
@@ -87,4 +108,19 @@ def remote_spec(model: ResolvedModel) -> ModelSpec:
                     ) from None
                 want *= 2
                 continue
-            return spec.with_source("hub header")
+            return HeaderPreview(spec.with_source("hub header"), prefix, size or len(prefix))
+
+
+@contextmanager
+def header_file(prefix: bytes, file_bytes: int, name: str = "preview.gguf") -> Iterator[Path]:
+    """The header bytes in a temporary sparse file of the model's full size.
+
+    The rest of the file is a hole that reads as zeros and takes no disk: llama.cpp's
+    dry run checks every tensor against the file's size but reads none of them.
+    """
+    with TemporaryDirectory(prefix="localllm-header-") as tmp:
+        path = Path(tmp) / name
+        with path.open("wb") as fh:
+            fh.write(prefix)
+        os.truncate(path, max(file_bytes, len(prefix)))
+        yield path

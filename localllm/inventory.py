@@ -1,24 +1,28 @@
-"""What the store holds and what a model is: the cores of ``list``, ``info`` and ``rm``,
-and :func:`model_spec`, the architecture facts of any resolved model."""
+"""What the store holds and what a model is: the cores of ``list``, ``info`` and ``rm``."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from localllm.catalog import load_catalog
-from localllm.errors import InvalidArgument, InvalidModelFile, ModelNotFound
+from localllm.errors import InvalidArgument, InvalidModelFile
 from localllm.gguf_meta import ModelSpec, read_model_spec
-from localllm.memory import kv_bytes_per_token, kv_cache_bytes
-from localllm.resolver import ResolvedModel, require_local_file, resolve_model
+from localllm.kvcalc import KVCalcRequest, KVRow, kv_calc
+from localllm.memory import layout_bytes_per_token
+from localllm.model_facts import facts_of
+from localllm.resolver import ResolvedModel, resolve_model
 from localllm.store import ModelStore
+
+if TYPE_CHECKING:
+    from localllm.templates import TemplateCaps
 
 __all__ = [
     "ModelInfo",
     "ModelListing",
     "list_models",
     "model_info",
-    "model_spec",
     "plan_removal",
     "remove_model",
 ]
@@ -38,15 +42,24 @@ class ModelListing:
     problem: str | None = None  # set when the header cannot be read
 
 
+# info's plan: chat's default context (min(trained, 4096)), f16 cache, as chat loads.
+_INFO_CTX = 4096
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     model: ResolvedModel
     spec: ModelSpec
     kv_per_token_bytes: int
     kv_at_train_bytes: int
+    plans: tuple[KVRow, ...] = ()  # chat's default context, then the trained one
+    plan_source: str | None = None
+    weights_bytes: int | None = None
+    template: TemplateCaps | None = None  # None: the GGUF has no chat template
 
     def as_json(self) -> dict[str, object]:
         s = self.spec
+        caps = self.template
         return {
             "ref": self.model.ref,
             "path": s.path,
@@ -76,9 +89,33 @@ class ModelInfo:
             "has_chat_template": s.has_chat_template,
             "kv_bytes_per_token_f16": self.kv_per_token_bytes,
             "kv_bytes_at_trained_context_f16": self.kv_at_train_bytes,
-            "weights_bytes": s.weights_bytes,
+            "weights_bytes": self.weights_bytes,
             "file_bytes": s.file_bytes,
+            "memory": {
+                "source": self.plan_source,
+                "plans": [_plan_json(r) for r in self.plans],
+            },
+            "chat_template_status": _caps_json(caps) if caps is not None else None,
         }
+
+
+def _plan_json(row: KVRow) -> dict[str, object]:
+    keys = ("ctx", "cells", "kv_bytes", "compute_bytes", "output_bytes", "weights_bytes",
+            "total_bytes", "caches", "source", "swa_cells", "other_swa_kv_bytes")  # fmt: skip
+    data = row.as_json()
+    return {k: data[k] for k in keys if k in data}
+
+
+def _caps_json(caps: TemplateCaps) -> dict[str, object]:
+    return {
+        "parses": caps.parses,
+        "error": caps.error,
+        "system_role": caps.system_role,
+        "tools": caps.tools,
+        "tool_calls": caps.tool_calls,
+        "typed_content": caps.typed_content,
+        "generation_prompt": caps.generation_prompt,
+    }
 
 
 def list_models(store: ModelStore | None = None) -> list[ModelListing]:
@@ -115,12 +152,28 @@ def list_models(store: ModelStore | None = None) -> list[ModelListing]:
 
 
 def model_info(ref: str | None, store: ModelStore | None = None) -> ModelInfo:
-    """Architecture facts of a model (header only) and what its KV cache costs."""
+    """Architecture facts of a model (header only), its memory plan and its chat template.
+
+    The plan is llama.cpp's dry run of the file (or the hub file's header) at chat's
+    default context and at the trained one, f16 cache, flash attention on, the SWA cache
+    sized to the window; an estimate when there is no GGUF (a catalog entry).
+    """
     model = resolve_model(ref, store)
-    spec = model_spec(model)
-    per_token = kv_bytes_per_token(spec)
-    at_train = kv_cache_bytes(spec, spec.n_ctx_train).total_bytes
-    return ModelInfo(model, spec, per_token, at_train)
+    facts = facts_of(model)
+    spec = facts.spec
+    contexts = tuple(sorted({min(spec.n_ctx_train, _INFO_CTX), spec.n_ctx_train}))
+    result = kv_calc(KVCalcRequest(ctx=contexts), facts)
+    per_token = layout_bytes_per_token(facts.memory_layout)
+    at_train = next(r.kv_bytes for r in result.rows if r.ctx == spec.n_ctx_train)
+    template = None
+    if spec.chat_template is not None:
+        from localllm.templates import template_caps  # lazy: jinja2 is slow to import
+
+        template = template_caps(spec.chat_template, "the GGUF's chat template")
+    return ModelInfo(
+        model, spec, per_token, at_train, result.rows, result.plan_source,
+        result.weights_bytes, template,
+    )  # fmt: skip
 
 
 def plan_removal(ref: str, store: ModelStore | None = None) -> Path:
@@ -139,20 +192,3 @@ def plan_removal(ref: str, store: ModelStore | None = None) -> Path:
 def remove_model(path: Path, store: ModelStore | None = None) -> Path:
     store = store or ModelStore()
     return store.remove(path.name)
-
-
-def model_spec(model: ResolvedModel) -> ModelSpec:
-    """Architecture facts: the file's header if present, else the catalog, else the hub."""
-    if model.present:
-        assert model.path is not None
-        return read_model_spec(model.path)
-    if model.entry is not None and model.entry.spec is not None:
-        spec = model.entry.spec
-        size = model.quant_file.size_bytes if model.quant_file else None
-        return replace(spec, file_bytes=size, weights_bytes=size, file_type=model.quant)
-    if model.kind == "hub" and model.repo is not None:
-        from localllm.hub_preview import remote_spec  # lazy: huggingface_hub is slow to import
-
-        return remote_spec(model)  # the GGUF header alone, over HTTP range requests
-    require_local_file(model)  # raises with the right hint
-    raise ModelNotFound(f"no architecture facts for {model.ref}")

@@ -1,8 +1,10 @@
 """The core of ``localllm kv-calc``: what a model costs at a context, batch and KV type.
 
-Architecture facts come from :mod:`localllm.model_facts`; the arithmetic is
-:mod:`localllm.memory`'s, which follows llama.cpp's allocation. Nothing here loads a model
-or imports llama_cpp; :mod:`localllm.kvverify` asks llama.cpp itself and compares.
+Architecture facts come from :mod:`localllm.model_facts`; each row's memory from
+:mod:`localllm.memory_plan`: llama.cpp's dry run of the GGUF when there is one (nothing
+is allocated, no weight is read), :mod:`localllm.memory`'s estimate otherwise. The
+per-token and MHA/MQA columns are the arithmetic that explains the figures.
+:mod:`localllm.kvverify` loads the model for real and compares.
 """
 
 from __future__ import annotations
@@ -12,18 +14,10 @@ from dataclasses import dataclass, field, replace
 from localllm.errors import InvalidArgument
 from localllm.ggml_types import KV_CACHE_TYPES
 from localllm.gguf_meta import ModelSpec
+from localllm.kv_layout import MemoryLayout
 from localllm.machine import available_memory_bytes
-from localllm.memory import (
-    KVCacheEstimate,
-    check_kv_types,
-    compute_buffer_bytes,
-    context_shape,
-    kv_bytes_per_token,
-    kv_cache_bytes,
-    output_buffer_bytes,
-    swa_kv_cells,
-    with_kv_heads,
-)
+from localllm.memory import CachePlan, check_kv_types, layout_bytes_per_token
+from localllm.memory_plan import ESTIMATE_SOURCE, ContextMemory, MemoryPlanner, PlanSettings
 from localllm.model_facts import ArchFlags, ModelFacts, resolve_architecture
 from localllm.rope import plan_rope
 from localllm.runtime.params import LoadOptions
@@ -60,6 +54,16 @@ class KVCalcRequest:
     arch: ArchFlags = field(default_factory=ArchFlags)
     budget_bytes: int | None = None
     rope: str | None = None
+    swa_full: bool = False  # the commands' default: the SWA cache sized to the window
+    estimate: bool = False  # the analytic estimate only, even with a GGUF at hand
+    repack: bool | None = None  # the weight repacking the dry run loads with
+    n_batch: int | None = None  # None: the micro-batch (a command's own batch otherwise)
+
+    def plan_settings(self) -> PlanSettings:
+        return PlanSettings(
+            n_ubatch=self.ubatch, n_batch=self.n_batch, flash_attn=self.flash_attn,
+            swa_full=self.swa_full, repack=self.repack,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,12 @@ class KVRow:
     weights_bytes: int | None
     total_bytes: int
     verdict: str  # fits | tight | too big | unknown
-    swa_cells: int | None = None  # the sliding-window bound, for models that declare one
-    swa_kv_bytes: int | None = None
+    swa_cells: int | None = None  # the sliding-window cache's cells (as the setting sizes it)
+    other_swa_kv_bytes: int | None = None  # KV with the SWA cache sized the other way
+    source: str = ESTIMATE_SOURCE  # where KV, compute and output come from
+    caches: tuple[CachePlan, ...] = ()
+    estimate_kv_bytes: int | None = None  # the analytic figures, beside the dry run's
+    estimate_compute_bytes: int | None = None
 
     def as_json(self) -> dict[str, object]:
         data: dict[str, object] = {
@@ -101,12 +109,26 @@ class KVRow:
             "total_bytes": self.total_bytes,
             "bytes_per_token": self.bytes_per_token,
             "output_bytes": self.output_bytes,
+            "weights_bytes": self.weights_bytes,
             "verdict": self.verdict,
+            "source": self.source,
+            "caches": [_cache_json(c) for c in self.caches],
+            "estimate": {
+                "kv_bytes": self.estimate_kv_bytes,
+                "compute_bytes": self.estimate_compute_bytes,
+            },
         }
         if self.swa_cells is not None:
             data["swa_cells"] = self.swa_cells
-            data["swa_kv_bytes"] = self.swa_kv_bytes
+            data["swa_kv_bytes"] = sum(c.bytes for c in self.caches if c.kind == "swa")
+            data["other_swa_kv_bytes"] = self.other_swa_kv_bytes
         return data
+
+
+def _cache_json(c: CachePlan) -> dict[str, object]:
+    return {"kind": c.kind, "cells": c.cells, "streams": c.streams, "layers": c.layers,
+            "k_bytes": c.k_bytes, "v_bytes": c.v_bytes, "state_bytes": c.r_bytes + c.s_bytes,
+            "bytes": c.bytes}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -143,16 +165,24 @@ class KVCalcResult:
     available_bytes: int | None = None
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    weights_bytes: int | None = None  # llama_model_size with a dry run, else the facts'
+    plan_source: str = ESTIMATE_SOURCE  # where the rows' KV, compute and output come from
+    per_token_beyond_window: int | None = None  # SWA models: what each token adds past it
+
+    @property
+    def layout(self) -> MemoryLayout:
+        return self.facts.memory_layout
 
     def as_json(self) -> dict[str, object]:
-        spec = self.facts.spec
+        spec, layout = self.facts.spec, self.layout
         data: dict[str, object] = {
             "model": self.facts.label,
             "per_token_bytes": self.per_token_bytes,
             "gqa_saving_factor": self.gqa_saving_factor,
-            "weights_bytes": self.facts.weights_bytes,
+            "weights_bytes": self.weights_bytes,
             "rows": [r.as_json() for r in self.rows],
             "source": self.facts.source,
+            "plan_source": self.plan_source,
             "architecture": {
                 "n_layers": spec.n_layers,
                 "n_heads": spec.n_heads,
@@ -167,6 +197,15 @@ class KVCalcResult:
             "available_bytes": self.available_bytes,
             "warnings": list(self.warnings),
         }
+        if layout.has_swa:
+            data["swa"] = {
+                "window": layout.n_swa,
+                "type": layout.swa_type,
+                "sliding_layers": sum(a.swa for a in layout.attention),
+                "full_layers": sum(not a.swa for a in layout.attention),
+                "commands_use": "full" if self.request.swa_full else "window",
+                "per_token_beyond_window": self.per_token_beyond_window,
+            }
         if self.request.budget_bytes is not None:
             data["budget_bytes"] = self.request.budget_bytes
             data["budget"] = [b.as_json() for b in self.budget]
@@ -192,9 +231,15 @@ def _type_pairs(request: KVCalcRequest) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def _check_traps(spec: ModelSpec, pair: tuple[str, str], request: KVCalcRequest) -> None:
+def _check_traps(facts: ModelFacts, pair: tuple[str, str], request: KVCalcRequest) -> None:
     """The settings llama.cpp would refuse, as the one-line error a load would end in."""
+    spec, layout = facts.spec, facts.memory_layout
     type_k, type_v = pair
+    if type_k != type_v and layout.attention and all(a.v == 0 for a in layout.attention):
+        raise InvalidArgument(
+            f"{escape_untrusted(facts.label, 60)} caches attention as an MLA latent that holds "
+            f"K and V together: llama.cpp refuses K {type_k} with V {type_v}; give one type"
+        )
     # The same check (and message) chat and every other load runs first.
     LoadOptions(
         n_ctx=max(request.ctx or (1,)),
@@ -206,71 +251,70 @@ def _check_traps(spec: ModelSpec, pair: tuple[str, str], request: KVCalcRequest)
     check_kv_types(spec, type_k, type_v)
 
 
-def _row(
-    facts: ModelFacts, ctx: int, batch: int, pair: tuple[str, str], request: KVCalcRequest,
-    available: int | None,
-) -> KVRow:  # fmt: skip
-    spec = facts.spec
-    type_k, type_v = pair
-    kv = kv_cache_bytes(spec, ctx, type_k=type_k, type_v=type_v, n_seq=batch)
-    mha = _kv_with_heads(spec, spec.n_heads, ctx, batch, pair)
-    mqa = _kv_with_heads(spec, 1, ctx, batch, pair)
-    shape = context_shape(ctx, batch, n_ubatch=request.ubatch, n_batch=request.ubatch)
-    compute = compute_buffer_bytes(spec, shape, flash_attn=request.flash_attn)
-    output = output_buffer_bytes(spec, batch)
-    total = kv.total_bytes + sum(
-        x for x in (facts.weights_bytes, compute.bytes if compute else None, output) if x
-    )
-    swa_cells = swa_bytes = None
-    if spec.sliding_window:
-        swa_cells = swa_kv_cells(ctx, batch, spec.sliding_window, shape.n_ubatch)
-        swa_bytes = kv.total_bytes // kv.cells * swa_cells
-    return KVRow(
-        ctx=ctx,
-        batch=batch,
-        type_k=type_k,
-        type_v=type_v,
-        cells=kv.cells,
-        k_bytes=kv.k_bytes,
-        v_bytes=kv.v_bytes,
-        kv_bytes=kv.total_bytes,
-        bytes_per_token=kv_bytes_per_token(spec, type_k=type_k, type_v=type_v),
-        mha_kv_bytes=mha,
-        mqa_kv_bytes=mqa,
-        compute_bytes=compute.bytes if compute else None,
-        output_bytes=output,
-        weights_bytes=facts.weights_bytes,
-        total_bytes=total,
-        verdict=_verdict(total, available),
-        swa_cells=swa_cells,
-        swa_kv_bytes=swa_bytes,
+def _heads_factor(layout: MemoryLayout, spec: ModelSpec) -> bool:
+    """Whether this model's KV scales with its KV heads (plain attention, one head count)."""
+    return (
+        bool(layout.attention)
+        and not layout.indexer
+        and not layout.recurrent_layers
+        and all(a.v for a in layout.attention)
+        and spec.n_kv_heads_per_layer is None
     )
 
 
-def _kv_with_heads(spec: ModelSpec, heads: int, ctx: int, batch: int, pair: tuple[str, str]) -> int:
-    estimate: KVCacheEstimate = kv_cache_bytes(
-        with_kv_heads(spec, heads), ctx, type_k=pair[0], type_v=pair[1], n_seq=batch
-    )
-    return estimate.total_bytes
+class _Rows:
+    """Rows of one kv-calc run: each context planned once (dry run or estimate)."""
+
+    def __init__(self, facts: ModelFacts, request: KVCalcRequest, planner: MemoryPlanner):
+        self.facts, self.request, self.planner = facts, request, planner
+        self.cache: dict[tuple[int, int, str, str], KVRow] = {}
+        self.weights: int | None = None
+
+    def row(self, ctx: int, batch: int, pair: tuple[str, str], available: int | None) -> KVRow:
+        key = (ctx, batch, *pair)
+        if key not in self.cache:
+            self.cache[key] = self._row(self.planner.plan(ctx, batch, *pair))
+        return replace(self.cache[key], verdict=_verdict(self.cache[key].total_bytes, available))
+
+    def _row(self, mem: ContextMemory) -> KVRow:
+        spec, layout = self.facts.spec, self.facts.memory_layout
+        if self.weights is None:
+            self.weights = self.planner.weights_bytes
+        types = (mem.type_k, mem.type_v)
+        mha = mqa = mem.kv_bytes
+        if _heads_factor(layout, spec):  # the same model with MHA (all heads) or MQA (one)
+            mha = mem.kv_bytes * spec.n_heads // spec.n_kv_heads
+            mqa = mem.kv_bytes // spec.n_kv_heads
+        total = mem.buffers_bytes + (self.weights or 0)
+        return KVRow(
+            ctx=mem.ctx, batch=mem.batch, type_k=types[0], type_v=types[1], cells=mem.cells,
+            k_bytes=mem.k_bytes, v_bytes=mem.v_bytes, kv_bytes=mem.kv_bytes,
+            bytes_per_token=layout_bytes_per_token(layout, type_k=types[0], type_v=types[1]),
+            mha_kv_bytes=mha, mqa_kv_bytes=mqa, compute_bytes=mem.compute_bytes,
+            output_bytes=mem.output_bytes, weights_bytes=self.weights, total_bytes=total,
+            verdict="unknown", swa_cells=mem.swa_cells,
+            other_swa_kv_bytes=mem.other_swa_kv_bytes, source=mem.source, caches=mem.caches,
+            estimate_kv_bytes=mem.estimate.total_bytes,
+            estimate_compute_bytes=mem.estimate_compute_bytes,
+        )  # fmt: skip
 
 
-def _solve_budget(
-    facts: ModelFacts, pair: tuple[str, str], batch: int, request: KVCalcRequest
-) -> BudgetRow:
+def _solve_budget(rows: _Rows, pair: tuple[str, str], batch: int) -> BudgetRow:
     """The largest multiple of 256 tokens per sequence whose whole plan fits the budget.
 
     The search stops at the trained context unless a RoPE method is given: a longer
     context "fits" but the model cannot use it.
     """
+    request = rows.request
     assert request.budget_bytes is not None
     budget = request.budget_bytes
-    spec = facts.spec
+    spec = rows.facts.spec
     ceiling = _MAX_BUDGET_STEPS * _CELL_STEP
     if spec.n_ctx_train and request.rope is None:
         ceiling = spec.n_ctx_train
 
     def row(ctx: int) -> KVRow:
-        return _row(facts, ctx, batch, pair, request, None)
+        return rows.row(ctx, batch, pair, None)
 
     def solved(r: KVRow, capped: bool = False) -> BudgetRow:
         return BudgetRow(pair[0], pair[1], batch, r.ctx, r.kv_bytes, r.total_bytes, capped)
@@ -298,53 +342,69 @@ def _default_ctx(spec: ModelSpec) -> tuple[int, ...]:
 
 
 def kv_calc(request: KVCalcRequest, facts: ModelFacts | None = None) -> KVCalcResult:
-    """Rows of KV, compute and total memory for every point of the sweep (nothing loaded)."""
+    """Rows of KV, compute and total memory for every point of the sweep.
+
+    With a GGUF at hand (and not ``request.estimate``) every row is llama.cpp's dry run
+    of that context; nothing is allocated and no weight is read.
+    """
     if request.ubatch <= 0:
         raise InvalidArgument(f"--ubatch {request.ubatch} must be at least 1")
     facts = facts or resolve_architecture(request.model, request.arch)
-    spec = facts.spec
+    spec, layout = facts.spec, facts.memory_layout
     notes: list[str] = []
-    pairs = _checked_pairs(spec, request, notes)
+    pairs = _checked_pairs(facts, request, notes)
     available = available_memory_bytes()
-    rows: list[KVRow] = []
+    out: list[KVRow] = []
     budget: list[BudgetRow] = []
-    if request.budget_bytes is not None:
-        for pair in pairs:
-            for batch in request.batch:
-                solved = _solve_budget(facts, pair, batch, request)
-                budget.append(solved)
-                if solved.max_ctx:
-                    rows.append(_row(facts, solved.max_ctx, batch, pair, request, available))
-        if budget and not any(b.max_ctx for b in budget) and facts.weights_bytes:
-            notes.append(f"the weights alone take {format_bytes(facts.weights_bytes)}")
-        ctx_values = tuple(sorted({r.ctx for r in rows}))
-    else:
-        ctx_values = request.ctx or _default_ctx(spec)
-        for pair in pairs:
-            for batch in request.batch:
-                rows.extend(_row(facts, c, batch, pair, request, available) for c in ctx_values)
+    with MemoryPlanner(facts, request.plan_settings(), dry_run=not request.estimate) as planner:
+        rows = _Rows(facts, request, planner)
+        if request.budget_bytes is not None:
+            for pair in pairs:
+                for batch in request.batch:
+                    solved = _solve_budget(rows, pair, batch)
+                    budget.append(solved)
+                    if solved.max_ctx:
+                        out.append(rows.row(solved.max_ctx, batch, pair, available))
+            weights = rows.weights if rows.weights is not None else facts.weights_bytes
+            if budget and not any(b.max_ctx for b in budget) and weights:
+                notes.append(f"the weights alone take {format_bytes(weights)}")
+            ctx_values = tuple(sorted({r.ctx for r in out}))
+        else:
+            ctx_values = request.ctx or _default_ctx(spec)
+            for pair in pairs:
+                for batch in request.batch:
+                    out.extend(rows.row(c, batch, pair, available) for c in ctx_values)
+        weights = planner.weights_bytes
+        if planner.repack_note:
+            notes.append(planner.repack_note)
     warnings = _context_warnings(facts, ctx_values, request.rope, notes)
-    notes.extend(_fact_notes(facts, budget_mode=request.budget_bytes is not None))
+    if planner.dry_run_error:
+        warnings.append(f"{planner.dry_run_error}; the figures are estimates")
+    notes.extend(_fact_notes(facts, request, out))
     first = pairs[0] if pairs else ("f16", "f16")
-    per_token = kv_bytes_per_token(spec, type_k=first[0], type_v=first[1])
-    mha_per_token = kv_bytes_per_token(
-        with_kv_heads(spec, spec.n_heads), type_k=first[0], type_v=first[1]
-    )
+    per_token = layout_bytes_per_token(layout, type_k=first[0], type_v=first[1])
+    factor = spec.n_heads / spec.n_kv_heads if _heads_factor(layout, spec) else 1.0
+    beyond = None
+    if layout.has_swa:
+        beyond = layout_bytes_per_token(layout, type_k=first[0], type_v=first[1], sliding=False)
     return KVCalcResult(
         facts=facts,
         request=replace(request, ctx=ctx_values),
         per_token_bytes=per_token,
-        gqa_saving_factor=round(mha_per_token / per_token, 4),
-        rows=tuple(rows),
+        gqa_saving_factor=round(factor, 4),
+        rows=tuple(out),
         budget=tuple(budget),
         available_bytes=available,
         warnings=tuple(warnings),
         notes=tuple(notes),
+        weights_bytes=weights,
+        plan_source=out[0].source if out else planner.source,
+        per_token_beyond_window=beyond,
     )
 
 
 def _checked_pairs(
-    spec: ModelSpec, request: KVCalcRequest, notes: list[str]
+    facts: ModelFacts, request: KVCalcRequest, notes: list[str]
 ) -> list[tuple[str, str]]:
     """The K/V type pairs to compute, each checked against what llama.cpp would refuse.
 
@@ -360,12 +420,12 @@ def _checked_pairs(
     )
     if not sweep_all:
         for pair in pairs:
-            _check_traps(spec, pair, request)
+            _check_traps(facts, pair, request)
         return pairs
     usable = []
     for pair in pairs:
         try:
-            _check_traps(spec, pair, request)
+            _check_traps(facts, pair, request)
         except InvalidArgument as exc:
             notes.append(f"skipped {pair[0]}/{pair[1]}: {exc}")
             continue
@@ -373,21 +433,37 @@ def _checked_pairs(
     return usable
 
 
-def _fact_notes(facts: ModelFacts, *, budget_mode: bool) -> list[str]:
+def _fact_notes(facts: ModelFacts, request: KVCalcRequest, rows: list[KVRow]) -> list[str]:
     """What the user should know about where the figures come from."""
-    spec = facts.spec
+    spec, layout = facts.spec, facts.memory_layout
+    label = escape_untrusted(facts.label, 60)
     notes = []
-    if spec.sliding_window and spec.architecture == "llama" and not budget_mode:
+    if spec.sliding_window and not layout.has_swa and request.budget_bytes is None:
         notes.append(
-            f"{escape_untrusted(facts.label, 60)} declares a {spec.sliding_window}-token "
-            "sliding window, but llama.cpp's llama architecture does not apply it: it "
-            "allocates every cell of the context; "
-            "the SWA columns show what a sliding-window cache would hold"
+            f"{label} declares a {spec.sliding_window}-token sliding window that llama.cpp's "
+            f"{escape_untrusted(spec.architecture, 30)} architecture does not apply: every "
+            "layer keeps every cell of the context"
         )
-    if facts.weights_bytes is None:
+    if layout.has_swa:
+        used = "full-size (--swa-full)" if request.swa_full else "sized to the window"
+        notes.append(
+            f"{sum(a.swa for a in layout.attention)} of {len(layout.attention)} attention "
+            f"layers slide over a {layout.n_swa}-token window: chat, bench and ppl keep their "
+            f"cache {used}; 'other SWA' is the KV the other way"
+        )
+    if layout.unmodelled and any(r.source == ESTIMATE_SOURCE for r in rows):
+        notes.append(f"the estimate leaves out {layout.unmodelled}")
+    if rows and rows[0].source == ESTIMATE_SOURCE and not (facts.has_gguf and not request.estimate):
+        why = "--estimate" if request.estimate and facts.has_gguf else "no GGUF at hand"
+        notes.append(
+            f"figures are estimates ({why}); a GGUF or hub file gives llama.cpp's own plan"
+        )
+    if rows and rows[0].weights_bytes is None:
         notes.append("weights unknown: totals count the KV cache and buffers only")
-    if spec.vocab_size is None:
+    if spec.vocab_size is None and rows and rows[0].compute_bytes is None:
         notes.append("vocabulary size unknown: no compute-buffer estimate")
+    if facts.path is None and facts.source.split("+")[0] in ("preset", "catalog", "hub header"):
+        notes.append(f"measure its speed here, no download: localllm bench {label} --synthetic")
     return notes
 
 

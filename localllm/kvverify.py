@@ -1,4 +1,5 @@
-"""``kv-calc --verify``: each row's context created in llama.cpp, its buffers beside ours."""
+"""``kv-calc --verify``: each row's context created in llama.cpp (weights loaded, every
+buffer allocated), its buffers beside the plan's (llama.cpp's dry run, or the estimate)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class VerifyLine:
     type_k: str
     type_v: str
     quantity: str  # cells | K | V | KV | compute | output | weights
-    estimate: int | None
+    estimate: int | None  # the plan's figure (the dry run's when there is a GGUF)
     actual: int | None
     exact: bool  # cells: equal; MiB quantities: equal at llama.cpp's 0.01 MiB print
     error: str | None = None
@@ -91,20 +92,21 @@ def verify_kv_calc(result: KVCalcResult, repack: bool | None = None) -> VerifyRe
         ContextSettings(
             n_ctx=r.ctx,
             n_seq=r.batch,
-            n_batch=request.ubatch,
+            n_batch=request.n_batch or request.ubatch,
             n_ubatch=request.ubatch,
             type_k=r.type_k,
             type_v=r.type_v,
             flash_attn=request.flash_attn,
+            swa_full=request.swa_full,
         )
         for r in result.rows
     ]
-    choice = choose_repack(repack)
+    choice = choose_repack(repack if repack is not None else request.repack)
     measured = measure_buffers(Path(facts.path), settings, repack=choice.repack)
     lines: list[VerifyLine] = []
     first = result.rows[0] if result.rows else None
     if first is not None:
-        est, act = facts.weights_bytes, measured.weights_bytes
+        est, act = result.weights_bytes, measured.weights_bytes
         lines.append(
             VerifyLine(first.ctx, first.batch, first.type_k, first.type_v, "weights", est, act,
                        est is not None and act is not None and mib_text(est) == mib_text(act))

@@ -1,9 +1,10 @@
 """The memory check chat, bench and ppl run before loading: kv-calc's plan against free RAM.
 
-A plan that does not fit is refused in one line, before llama.cpp is asked to allocate:
-what it needs (weights + KV + compute), what is available, and the largest ``--ctx``
-that fits, per KV type where a quantized cache would help. kv-calc's verdict and this
-refusal come from the same rows, so they agree.
+The plan is llama.cpp's dry run of the file with the settings the command loads with
+(:mod:`localllm.memory_plan`). A plan that does not fit is refused in one line, before
+llama.cpp is asked to allocate: what it needs (weights + KV + compute), what is
+available, and the largest ``--ctx`` that fits, per KV type where a quantized cache would
+help. kv-calc's verdict and this refusal come from the same rows, so they agree.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, replace
 from localllm.errors import InsufficientMemory, InvalidArgument
 from localllm.gguf_meta import ModelSpec
 from localllm.kvcalc import BudgetRow, KVCalcRequest, KVRow, kv_calc
-from localllm.model_facts import ModelFacts
+from localllm.model_facts import ModelFacts, file_facts
 
 __all__ = ["LoadPlan", "check_load_fits", "plan_load"]
 
@@ -29,14 +30,16 @@ class LoadPlan:
     request: KVCalcRequest
     row: KVRow
     available_bytes: int | None
+    facts: ModelFacts | None = None
 
     @property
     def fits(self) -> bool:
         return self.row.verdict != "too big"
 
-
-def _facts(label: str, spec: ModelSpec) -> ModelFacts:
-    return ModelFacts(label, spec, spec.source, spec.weights_bytes, "GGUF tensor table", spec.path)
+    @property
+    def source(self) -> str:
+        """Where the figures come from: llama.cpp's dry run, or the estimate."""
+        return self.row.source
 
 
 def plan_load(
@@ -50,8 +53,11 @@ def plan_load(
     flash_attn: bool = True,
     ubatch: int = 512,
     rope: str | None = None,
+    swa_full: bool = False,
+    n_batch: int | None = None,
+    repack: bool | None = None,
 ) -> LoadPlan:
-    """The kv-calc row for the settings a command will load with."""
+    """The kv-calc row for the settings a command will load with (llama.cpp's dry run)."""
     request = KVCalcRequest(
         ctx=(n_ctx,),
         batch=(n_seq,),
@@ -60,9 +66,13 @@ def plan_load(
         flash_attn=flash_attn,
         ubatch=ubatch,
         rope=rope,
+        swa_full=swa_full,
+        n_batch=n_batch,
+        repack=repack,
     )
-    result = kv_calc(request, _facts(label, spec))
-    return LoadPlan(label, spec, request, result.rows[0], result.available_bytes)
+    facts = file_facts(label, spec)
+    result = kv_calc(request, facts)
+    return LoadPlan(label, spec, request, result.rows[0], result.available_bytes, facts)
 
 
 def _largest_contexts(plan: LoadPlan) -> list[BudgetRow]:
@@ -78,7 +88,7 @@ def _largest_contexts(plan: LoadPlan) -> list[BudgetRow]:
             asked, ctx=(), type_k=type_k, type_v=type_v, budget_bytes=plan.available_bytes
         )
         try:
-            solved += kv_calc(request, _facts(plan.label, plan.spec)).budget
+            solved += kv_calc(request, plan.facts or file_facts(plan.label, plan.spec)).budget
         except InvalidArgument:  # a quantized type this model's head size cannot take
             continue
     return solved

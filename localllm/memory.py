@@ -1,10 +1,14 @@
-"""KV cache, GQA/MQA/MHA, weights and compute-buffer arithmetic.
+"""KV cache, recurrent state, GQA/MQA/MHA, output and compute-buffer arithmetic.
 
 The KV figures follow llama.cpp's own allocation (src/llama-context.cpp,
-src/llama-kv-cache.cpp): the context is padded to a multiple of 256 cells, and each
-layer holds one K row and one V row per cell, of ``n_kv_heads * head_dim`` elements
-stored in the cache type's blocks (ggml_row_size). With several parallel sequences
-llama.cpp (non-unified cache, its default) gives each sequence its own padded stream.
+src/llama-kv-cache.cpp, llama-kv-cache-iswa.cpp, llama-memory-recurrent.cpp): the
+context is padded to a multiple of 256 cells, and each layer of an attention cache holds
+one K row and one V row per cell, stored in the cache type's blocks (ggml_row_size).
+With several parallel sequences llama.cpp (non-unified cache, its default) gives each
+sequence its own padded stream. Which layers hold what comes from
+:mod:`localllm.kv_layout`: layers that slide over a window live in a second cache of
+``window + ubatch`` cells (unless ``swa_full``), MLA layers keep only the latent K,
+recurrent layers keep one f32 state per sequence whatever the context.
 
 The compute buffer is ggml's graph allocator's peak for the worst-case micro-batch
 (``sched_reserve``): see :func:`compute_buffer_bytes` for the model of it.
@@ -17,15 +21,19 @@ from dataclasses import dataclass, replace
 from localllm.errors import InvalidArgument
 from localllm.ggml_types import KV_CACHE_TYPES, kv_type_block
 from localllm.gguf_meta import ModelSpec
+from localllm.graph_memory import REPLAYED_ARCHITECTURES, GraphShape, replay_compute_bytes
+from localllm.kv_layout import AttentionLayer, MemoryLayout, layout_from_spec
 from localllm.text import escape_untrusted
 
 __all__ = [
     "COMPUTE_FRAGMENTATION",
     "KV_CELL_PADDING",
     "KV_TYPE_BLOCKS",
+    "CachePlan",
     "ComputeEstimate",
     "ContextShape",
     "KVCacheEstimate",
+    "KVPlan",
     "check_kv_types",
     "compute_buffer_bytes",
     "context_shape",
@@ -34,7 +42,9 @@ __all__ = [
     "kv_cells",
     "kv_cells_per_seq",
     "kv_row_bytes",
+    "layout_bytes_per_token",
     "output_buffer_bytes",
+    "plan_kv",
     "swa_kv_cells",
     "with_kv_heads",
 ]
@@ -90,7 +100,7 @@ def kv_cells(n_ctx: int, n_seq: int = 1) -> int:
 
 
 def swa_kv_cells(n_ctx: int, n_seq: int, window: int, n_ubatch: int = 512) -> int:
-    """Cells a sliding-window cache would hold (llama_kv_cache_iswa's SWA half)."""
+    """Cells a sliding-window cache holds across all streams (llama_kv_cache_iswa)."""
     per_seq = kv_cells_per_seq(n_ctx, n_seq)
     return _pad(min(per_seq, window + n_ubatch)) * n_seq
 
@@ -114,7 +124,7 @@ def check_kv_types(spec: ModelSpec, type_k: str, type_v: str) -> None:
     """
     for which, cache_type, dim in (("K", type_k, spec.head_dim), ("V", type_v, spec.value_dim)):
         block, _ = kv_type_block(cache_type)
-        if dim % block:
+        if dim and dim % block:
             raise InvalidArgument(
                 f"head dim {dim} is not a multiple of {cache_type}'s block of {block}: "
                 f"llama.cpp cannot create a {cache_type} {which} cache for "
@@ -123,8 +133,119 @@ def check_kv_types(spec: ModelSpec, type_k: str, type_v: str) -> None:
             )
 
 
-def _per_layer_kv_heads(spec: ModelSpec) -> tuple[int, ...]:
-    return spec.n_kv_heads_per_layer or (spec.n_kv_heads,) * spec.n_layers
+# ------------------------------------------------------------------ per-layer plan
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """One memory module of a context, as llama.cpp would allocate it."""
+
+    kind: str  # kv | swa | indexer | recurrent
+    cells: int  # per stream; recurrent: state rows (one per sequence)
+    streams: int
+    layers: int
+    k_bytes: int = 0
+    v_bytes: int = 0
+    r_bytes: int = 0  # recurrent: conv / token-shift states
+    s_bytes: int = 0  # recurrent: SSM / wkv states
+
+    @property
+    def bytes(self) -> int:
+        return self.k_bytes + self.v_bytes + self.r_bytes + self.s_bytes
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """Every memory module of one context; ``cells`` is the main cache's (llama_n_ctx)."""
+
+    caches: tuple[CachePlan, ...]
+    cells: int
+
+    @property
+    def k_bytes(self) -> int:
+        return sum(c.k_bytes for c in self.caches)
+
+    @property
+    def v_bytes(self) -> int:
+        return sum(c.v_bytes for c in self.caches)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(c.r_bytes + c.s_bytes for c in self.caches)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.bytes for c in self.caches)
+
+
+def _attention_cache(
+    kind: str, layers: list[AttentionLayer], cells: int, streams: int, types: tuple[str, str],
+    v_width: int | None,
+) -> CachePlan:  # fmt: skip
+    """``v_width``: every V row padded to it (the transposed V cache without FA)."""
+    k = sum(kv_row_bytes(layer.k, types[0]) for layer in layers)
+    v = sum(
+        kv_row_bytes(v_width if v_width is not None else layer.v, types[1])
+        for layer in layers
+        if layer.v
+    )
+    return CachePlan(kind, cells, streams, len(layers), k * cells * streams, v * cells * streams)
+
+
+def plan_kv(
+    layout: MemoryLayout,
+    n_ctx: int,
+    n_seq: int = 1,
+    *,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: bool = True,
+    n_ubatch: int = 512,
+    swa_full: bool = False,
+) -> KVPlan:
+    """Every cache llama.cpp creates for ``layout`` at ``n_ctx`` tokens per sequence.
+
+    ``n_ubatch`` is the context's micro-batch after llama.cpp's clamps (it sizes the
+    sliding-window cache: the window plus one micro-batch, padded to 256 cells).
+    """
+    cells = kv_cells_per_seq(n_ctx, n_seq)
+    types = (type_k, type_v)
+    v_width = None if flash_attn else layout.v_max
+    caches: list[CachePlan] = []
+    full = [layer for layer in layout.attention if not (layout.has_swa and layer.swa)]
+    if full:
+        caches.append(_attention_cache("kv", full, cells, n_seq, types, v_width))
+    if layout.has_swa:
+        swa_cells = cells if swa_full else _pad(min(cells, layout.n_swa + n_ubatch))
+        sliding = [layer for layer in layout.attention if layer.swa]
+        caches.append(_attention_cache("swa", sliding, swa_cells, n_seq, types, v_width))
+    if layout.indexer:
+        index_v = None if flash_attn else max(layer.v for layer in layout.indexer)
+        caches.append(
+            _attention_cache("indexer", list(layout.indexer), cells, n_seq, types, index_v)
+        )
+    if layout.recurrent_layers:
+        rows = max(1, n_seq)  # one state per sequence, whatever the context
+        per_row = layout.recurrent_layers * rows * _F32
+        caches.append(
+            CachePlan("recurrent", rows, 1, layout.recurrent_layers,
+                      r_bytes=per_row * layout.r_elements, s_bytes=per_row * layout.s_elements)
+        )  # fmt: skip
+    return KVPlan(tuple(caches), cells * n_seq)
+
+
+def layout_bytes_per_token(
+    layout: MemoryLayout, *, type_k: str = "f16", type_v: str = "f16", sliding: bool = True
+) -> int:
+    """K plus V bytes one more token of context costs (``sliding``: count SWA layers too)."""
+    return sum(
+        kv_row_bytes(layer.k, type_k) + (kv_row_bytes(layer.v, type_v) if layer.v else 0)
+        for layer in (*layout.attention, *layout.indexer)
+        if sliding or not (layout.has_swa and layer.swa)
+    )
+
+
+# ----------------------------------------------------------- uniform models (presets)
 
 
 def kv_cache_bytes(
@@ -135,22 +256,16 @@ def kv_cache_bytes(
     type_v: str = "f16",
     n_seq: int = 1,
 ) -> KVCacheEstimate:
-    """The KV cache llama.cpp allocates for ``spec`` at ``n_ctx`` tokens per sequence."""
+    """The KV cache llama.cpp allocates for ``spec`` (every layer alike) at ``n_ctx`` tokens."""
     check_kv_types(spec, type_k, type_v)
-    cells = kv_cells(n_ctx, n_seq)
-    per_layer = _per_layer_kv_heads(spec)
-    k_bytes = sum(kv_row_bytes(h * spec.head_dim, type_k) for h in per_layer) * cells
-    v_bytes = sum(kv_row_bytes(h * spec.value_dim, type_v) for h in per_layer) * cells
-    return KVCacheEstimate(cells=cells, k_bytes=k_bytes, v_bytes=v_bytes)
+    plan = plan_kv(layout_from_spec(spec), n_ctx, n_seq, type_k=type_k, type_v=type_v)
+    return KVCacheEstimate(cells=plan.cells, k_bytes=plan.k_bytes, v_bytes=plan.v_bytes)
 
 
 def kv_bytes_per_token(spec: ModelSpec, *, type_k: str = "f16", type_v: str = "f16") -> int:
     """K plus V bytes one token occupies across all layers (before cell padding)."""
     check_kv_types(spec, type_k, type_v)
-    return sum(
-        kv_row_bytes(h * spec.head_dim, type_k) + kv_row_bytes(h * spec.value_dim, type_v)
-        for h in _per_layer_kv_heads(spec)
-    )
+    return layout_bytes_per_token(layout_from_spec(spec), type_k=type_k, type_v=type_v)
 
 
 def with_kv_heads(spec: ModelSpec, n_kv_heads: int) -> ModelSpec:
@@ -170,6 +285,7 @@ class ContextShape:
     n_batch: int  # logical batch after clamping to the context
     n_ubatch: int  # micro-batch after clamping to n_batch
     n_tokens: int  # tokens in the worst-case graph sched_reserve builds
+    n_outputs: int = 0  # its rows of logits (the tokens before rounding to the sequences)
 
     @property
     def cells(self) -> int:
@@ -189,9 +305,9 @@ def context_shape(
     # at n_batch; sched_reserve's graph holds min(n_ctx, n_ubatch) tokens, a multiple of n_seq.
     batch = min(requested, n_batch)
     ubatch = min(batch, n_ubatch)
-    tokens = min(cells_per_seq * n_seq, ubatch)
-    tokens = _pad(tokens, n_seq)
-    return ContextShape(n_seq, cells_per_seq, batch, ubatch, tokens)
+    outputs = min(cells_per_seq * n_seq, ubatch)
+    tokens = _pad(outputs, n_seq)
+    return ContextShape(n_seq, cells_per_seq, batch, ubatch, tokens, outputs)
 
 
 @dataclass(frozen=True)
@@ -199,18 +315,26 @@ class ComputeEstimate:
     """The compute buffer's estimate and the phase of the graph that decides it."""
 
     bytes: int
-    phase: str  # "output" (logits) or "attention"
+    phase: str  # "replayed" (the allocator's walk), or the estimate's "output" / "attention"
     output_phase_bytes: int
     attention_phase_bytes: int
 
 
 def compute_buffer_bytes(
-    spec: ModelSpec, shape: ContextShape, *, flash_attn: bool = True
+    spec: ModelSpec,
+    shape: ContextShape,
+    *,
+    flash_attn: bool = True,
+    layout: MemoryLayout | None = None,
 ) -> ComputeEstimate | None:
     """ggml's compute buffer for the worst-case micro-batch, or None without a vocab size.
 
-    The buffer is the peak of live tensors while the graph for ``shape.n_tokens`` tokens
-    runs (the pp graph of sched_reserve, one output row per token). Two moments compete:
+    For the architectures :mod:`localllm.graph_memory` replays (dense llama and qwen2:
+    ``layout`` from the GGUF says whether it has experts; without one, every layer alike),
+    the allocator's walk over llama.cpp's own graph: the buffer to the byte, give or take
+    the tensors too small to matter (phase "replayed"). For the others, an estimate: the peak
+    of live tensors while the graph for ``shape.n_tokens`` tokens runs (the pp graph of
+    sched_reserve, one output row per token), where two moments compete:
 
     - the output: f32 logits for every token (n_vocab x n_tokens) while the final norm's
       input and output (n_embd x n_tokens each) are still live;
@@ -223,6 +347,13 @@ def compute_buffer_bytes(
         return None
     t = shape.n_tokens
     n_kv = shape.cells_per_seq  # each stream attends over its own cells
+    dense = layout is None or not layout.n_expert
+    if spec.n_ff and dense and spec.architecture in REPLAYED_ARCHITECTURES:
+        graph = GraphShape(spec.architecture, spec.n_layers, spec.n_embd, spec.n_heads,
+                           spec.n_kv_heads, spec.head_dim, spec.n_ff, spec.vocab_size)  # fmt: skip
+        replayed = replay_compute_bytes(graph, t, n_kv, flash_attn, shape.n_outputs or t)
+        if replayed is not None:
+            return ComputeEstimate(replayed, "replayed", replayed, replayed)
     t_per_seq = t // shape.n_seq
     n_embd_q = spec.n_heads * spec.head_dim
     n_embd_kv = spec.n_kv_heads * spec.head_dim

@@ -3,21 +3,34 @@
 kv-calc sizes a model from whatever is at hand: a stored or local GGUF (its header), a
 catalog alias whose file is not here, a hub reference (header preview), a preset with the
 published shapes, or ``--layers/--heads/--kv-heads/--head-dim`` alone; flags given with a
-model override its facts.
+model override its facts. When a GGUF or its header is at hand, llama.cpp's dry run of it
+(:func:`dry_run_file`) is the plan's source; otherwise the plan is an estimate.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from localllm.catalog import load_catalog
-from localllm.errors import InvalidArgument
-from localllm.gguf_meta import ModelSpec
-from localllm.inventory import model_spec
+from localllm.errors import InvalidArgument, ModelNotFound
+from localllm.gguf_header import parse_header_prefix, read_header
+from localllm.gguf_meta import ModelSpec, read_model_spec
+from localllm.kv_layout import MemoryLayout, layout_from_header, layout_from_spec
 from localllm.presets import PRESETS, lookup_preset
-from localllm.resolver import resolve_model
+from localllm.resolver import ResolvedModel, require_local_file, resolve_model
 
-__all__ = ["ArchFlags", "ModelFacts", "resolve_architecture"]
+__all__ = [
+    "ArchFlags",
+    "ModelFacts",
+    "dry_run_file",
+    "facts_of",
+    "file_facts",
+    "model_spec",
+    "resolve_architecture",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,59 @@ class ModelFacts:
     weights_bytes: int | None
     weights_note: str
     path: str | None = None  # the local GGUF, when there is one (for --verify)
+    layout: MemoryLayout | None = None  # None: every layer alike (presets, flags)
+    header: bytes | None = field(default=None, repr=False)  # a hub file's header bytes
+
+    @property
+    def memory_layout(self) -> MemoryLayout:
+        """Which layers keep what: the GGUF's own layout, else every layer alike."""
+        return self.layout if self.layout is not None else layout_from_spec(self.spec)
+
+    @property
+    def has_gguf(self) -> bool:
+        """A GGUF (or its header) describes exactly this model: llama.cpp can dry-run it."""
+        return "+flags" not in self.source and (self.path is not None or self.header is not None)
+
+
+@contextmanager
+def dry_run_file(facts: ModelFacts) -> Iterator[Path | None]:
+    """The GGUF llama.cpp can dry-run for ``facts``: the file, or the hub header in a
+    temporary sparse file of the model's full size; None when there is none."""
+    if not facts.has_gguf:
+        yield None
+    elif facts.path is not None:
+        yield Path(facts.path)
+    else:
+        from localllm.hub_preview import header_file
+
+        assert facts.header is not None
+        with header_file(facts.header, facts.spec.file_bytes or len(facts.header)) as path:
+            yield path
+
+
+def file_facts(label: str, spec: ModelSpec) -> ModelFacts:
+    """Facts of a local GGUF whose header was read into ``spec`` (chat, bench, ppl)."""
+    layout = layout_from_header(read_header(Path(spec.path)).kv) if spec.path else None
+    return ModelFacts(
+        label, spec, spec.source, spec.weights_bytes, "GGUF tensor table", spec.path, layout
+    )
+
+
+def model_spec(model: ResolvedModel) -> ModelSpec:
+    """Architecture facts: the file's header if present, else the catalog, else the hub."""
+    if model.present:
+        assert model.path is not None
+        return read_model_spec(model.path)
+    if model.entry is not None and model.entry.spec is not None:
+        spec = model.entry.spec
+        size = model.quant_file.size_bytes if model.quant_file else None
+        return replace(spec, file_bytes=size, weights_bytes=size, file_type=model.quant)
+    if model.kind == "hub" and model.repo is not None:
+        from localllm.hub_preview import remote_spec  # lazy: huggingface_hub is slow to import
+
+        return remote_spec(model)  # the GGUF header alone, over HTTP range requests
+    require_local_file(model)  # raises with the right hint
+    raise ModelNotFound(f"no architecture facts for {model.ref}")
 
 
 def _flags_spec(flags: ArchFlags) -> ModelSpec:
@@ -127,6 +193,37 @@ def _preset_weights(name: str, spec: ModelSpec) -> tuple[int | None, str]:
     )
 
 
+def facts_of(model: ResolvedModel) -> ModelFacts:
+    """Facts of a resolved model: its GGUF header (local or on the hub), else the catalog."""
+    layout = header = None
+    if model.present and model.path is not None:
+        spec = model_spec(model)
+        layout = layout_from_header(read_header(model.path).kv)
+    elif model.kind == "hub" and model.repo is not None and not (model.entry and model.entry.spec):
+        from localllm.hub_preview import remote_header  # lazy: huggingface_hub is slow
+
+        preview = remote_header(model)
+        spec, header = preview.spec, preview.prefix
+        layout = layout_from_header(parse_header_prefix(header, model.ref).kv)
+    else:
+        spec = model_spec(model)
+    label = model.alias or (model.path.name if model.path else model.ref)
+    if spec.source in ("gguf", "hub header"):
+        note = "GGUF tensor table"
+    else:
+        note = f"{model.quant or 'default'} file size from the {spec.source}"
+    return ModelFacts(
+        label,
+        spec,
+        spec.source,
+        spec.weights_bytes,
+        note if spec.weights_bytes is not None else "unknown",
+        path=str(model.path) if model.present and model.path else None,
+        layout=layout,
+        header=header,
+    )
+
+
 def resolve_architecture(ref: str | None, flags: ArchFlags | None = None) -> ModelFacts:
     """Facts for ``ref`` (preset, catalog alias, GGUF path, hub ref) and any flag overrides."""
     flags = flags or ArchFlags()
@@ -140,21 +237,7 @@ def resolve_architecture(ref: str | None, flags: ArchFlags | None = None) -> Mod
         weights, note = _preset_weights(spec.name, spec)
         facts = ModelFacts(spec.name, spec, "preset", weights, note)
     else:
-        model = resolve_model(ref)
-        spec = model_spec(model)
-        label = model.alias or (model.path.name if model.path else model.ref)
-        if spec.source == "gguf":
-            note = "GGUF tensor table"
-        else:
-            note = f"{model.quant or 'default'} file size from the {spec.source}"
-        facts = ModelFacts(
-            label,
-            spec,
-            spec.source,
-            spec.weights_bytes,
-            note if spec.weights_bytes is not None else "unknown",
-            path=str(model.path) if model.present and model.path else None,
-        )
+        facts = facts_of(resolve_model(ref))
     if flags.given():
         spec = _apply_flags(facts.spec, flags)
         facts = replace(facts, spec=spec, source=f"{facts.source}+flags")

@@ -231,6 +231,9 @@ def _memory_plan(label: str, spec: ModelSpec, options: LoadOptions, rope: RopePl
         flash_attn=options.flash_attn,
         ubatch=options.n_ubatch,
         rope=rope.method,
+        swa_full=options.swa_full,
+        n_batch=options.n_batch,
+        repack=options.repack,
     )
 
 

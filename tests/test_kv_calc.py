@@ -214,18 +214,18 @@ def test_lecture_figures_through_the_cli(cli) -> None:
     assert run_json(cli, "llama-2-7b", "--ctx", "512")["gqa_saving_factor"] == 1
 
 
-def test_mistral_v01_shows_the_sliding_window_bound_beside_the_full_allocation(cli) -> None:
+def test_mistral_v01_declared_window_is_not_applied(cli) -> None:
+    """Mistral-7B v0.1 declares a 4096-token window, but it is a llama GGUF and llama.cpp's
+    llama architecture attends to every cell: no sliding-window cache, a note says why."""
     result = cli("kv-calc", "mistral-7b", "--ctx", "2048,16384", "--json")
     data = json.loads(result.stdout)
     by_ctx = {r["ctx"]: r for r in data["rows"]}
-    assert by_ctx[16384]["cells"] == 16384  # what llama.cpp allocates: all of it
-    assert by_ctx[16384]["swa_cells"] == 4096 + 512  # window + ubatch, padded
-    assert by_ctx[2048]["swa_cells"] == 2048
-    per_cell = by_ctx[16384]["kv_bytes"] // 16384
-    assert by_ctx[16384]["swa_kv_bytes"] == per_cell * 4608
+    assert by_ctx[16384]["cells"] == 16384
+    assert by_ctx[16384]["kv_bytes"] == 2 * 32 * 8 * 128 * 2 * 16384
+    assert "swa_cells" not in by_ctx[16384] and "swa" not in data
     table = cli("kv-calc", "mistral-7b-instruct-v0.1", "--ctx", "16384")
-    assert "SWA cells" in table.stdout
-    assert "sliding window" in table.stderr and "does not apply it" in table.stderr
+    assert "SWA cells" not in table.stdout
+    assert "sliding window" in table.stderr and "does not apply" in table.stderr
 
 
 def test_no_swa_columns_for_models_without_a_window(cli) -> None:
@@ -389,22 +389,31 @@ def test_flag_overrides_cannot_be_verified(store_with_smollm2: Path, cli) -> Non
 # ------------------------------------------------------------------------ cold start
 
 
-@pytest.mark.parametrize("model", ["llama-2-70b", "SMOLLM2"])
-def test_kv_calc_never_imports_llama_cpp(store_with_smollm2: Path, model: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "flags", "imported"),
+    [("llama-2-70b", [], False), ("SMOLLM2", ["--estimate"], False), ("SMOLLM2", [], True)],
+)
+def test_kv_calc_imports_llama_cpp_only_to_dry_run_a_gguf(
+    store_with_smollm2: Path, model: str, flags: list[str], imported: bool
+) -> None:
+    """A preset is arithmetic (no llama_cpp, a cold start in well under a second); a GGUF
+    is dry-run by llama.cpp unless --estimate asks for the arithmetic alone."""
     ref = (
         str(store_with_smollm2 / "SmolLM2-135M-Instruct.Q4_1.gguf") if model == "SMOLLM2" else model
     )
     code = (
         "import sys\n"
         "from localllm.cli import main\n"
-        f"sys.argv = ['localllm', 'kv-calc', {ref!r}, '--ctx', '512,4096', '--json']\n"
+        f"sys.argv = ['localllm', 'kv-calc', {ref!r}, '--ctx', '512,4096', '--json', *{flags!r}]\n"
         "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
         "sys.stderr.write('LLAMA_CPP_IMPORTED=%s' % ('llama_cpp' in sys.modules))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "LLAMA_CPP_IMPORTED=False" in proc.stderr
-    assert json.loads(proc.stdout)["rows"]
+    assert f"LLAMA_CPP_IMPORTED={imported}" in proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["rows"]
+    assert data["plan_source"] == ("llama.cpp dry run" if imported else "estimate")
 
 
 def test_flag_overrides_keep_mha_arithmetic() -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "LLAMA_BENCH_FIELDS",
     "BenchResult",
     "Environment",
+    "MemoryFigures",
     "describe_environment",
     "format_csv_header",
     "format_csv_row",
@@ -117,6 +118,12 @@ EXTRA_FIELDS = (
     "kv_bytes",
     "compute_bytes",
     "output_bytes",
+    "swa_full",
+    "plan_source",
+    "plan_weights_bytes",
+    "plan_kv_bytes",
+    "plan_compute_bytes",
+    "plan_output_bytes",
     "bandwidth_bytes_per_s",
     "tg_bytes_per_token",
     "roofline_ts",
@@ -131,6 +138,8 @@ EXTRA_FIELDS = (
     "llama_cpp_build",
     "ggml_version",
     "model_sha256",
+    "synthetic",
+    "synthetic_source",
 )
 
 
@@ -154,6 +163,17 @@ class Environment:
     localllm_version: str
     model_path: str
     model_sha256: str
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """A test's memory as planned before loading: llama.cpp's dry run, or the estimate."""
+
+    source: str
+    weights_bytes: int | None
+    kv_bytes: int
+    compute_bytes: int | None
+    output_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -181,6 +201,9 @@ class BenchResult:
     repetitions: int
     warmup: bool
     repack: bool = True  # weights in llama.cpp's extra (repacked) buffers: use_extra_bufts
+    swa_full: bool = False  # the sliding-window cache at full size (llama-bench: no)
+    plan: MemoryFigures | None = None  # the plan before loading (llama.cpp's dry run)
+    synthetic: str | None = None  # random weights: where their tensor table came from
 
     # -- llama-bench's statistics (avg and stdev in llama-bench.cpp)
     @property
@@ -268,6 +291,12 @@ class BenchResult:
             "kv_bytes": self.kv_bytes,
             "compute_bytes": self.compute_bytes,
             "output_bytes": self.output_bytes,
+            "swa_full": self.swa_full,
+            "plan_source": self.plan.source if self.plan else None,
+            "plan_weights_bytes": self.plan.weights_bytes if self.plan else None,
+            "plan_kv_bytes": self.plan.kv_bytes if self.plan else None,
+            "plan_compute_bytes": self.plan.compute_bytes if self.plan else None,
+            "plan_output_bytes": self.plan.output_bytes if self.plan else None,
             "bandwidth_bytes_per_s": round(bw.bytes_per_s) if bw else None,
             "tg_bytes_per_token": self.tg_bytes_per_token,
             "roofline_ts": _round(self.roofline_ts, 3),
@@ -282,6 +311,8 @@ class BenchResult:
             "llama_cpp_build": env.llama_cpp_build,
             "ggml_version": env.ggml_version,
             "model_sha256": env.model_sha256,
+            "synthetic": self.synthetic is not None,
+            "synthetic_source": self.synthetic,
         }
 
 
@@ -376,7 +407,7 @@ def format_markdown(
     for r in results:
         size = r.model_size
         cells = {
-            "model": escape_untrusted(r.model_type),
+            "model": escape_untrusted(r.model_type) + (" (synthetic)" if r.synthetic else ""),
             "size": f"{size / 2**20:.2f} MiB" if size < 2**30 else f"{size / 2**30:.2f} GiB",
             "params": f"{r.model_n_params / 1e6:.2f} M"
             if r.model_n_params < 1e9

@@ -15,7 +15,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from localllm.bench.record import BenchResult, Environment
+from localllm.bench.record import BenchResult, Environment, MemoryFigures
 from localllm.bench.request import BenchRequest, BenchTest
 from localllm.errors import InvalidArgument
 from localllm.fileio import cached_sha256
@@ -31,7 +31,7 @@ from localllm.machine import (
     physical_cores,
     ram_bytes,
 )
-from localllm.memcheck import check_load_fits, plan_load
+from localllm.memcheck import LoadPlan, check_load_fits, plan_load
 from localllm.memory import kv_bytes_per_token
 from localllm.options import threads_warning
 from localllm.resolver import require_local_file, resolve_model
@@ -110,19 +110,22 @@ class BenchRun:
 BenchEvent = BenchPlan | BenchProgress | BenchResult | BenchRun
 
 
-def run_bench(request: BenchRequest) -> Iterator[BenchEvent]:
+def run_bench(request: BenchRequest, *, swa_full: bool = False) -> Iterator[BenchEvent]:
     """Run a benchmark: yields the plan, progress, one result per test, then the run.
 
     Everything is checked before anything heavy happens; the model is loaded once and
-    each test gets its own context, as in llama-bench.
+    each test gets its own context, as in llama-bench. ``swa_full`` keeps full-size
+    sliding-window caches (llama-bench sizes them to the window).
     """
     tests = request.tests()
     resolved = resolve_model(request.model)
     path = require_local_file(resolved)
     spec = read_model_spec(path)
     plan, ropes = _plan(request, tests, path, spec)
+    memory = _memory_plans(resolved.alias or path.name, spec, tests, request, swa_full)
     if request.memory_check:
-        _check_memory(resolved.alias or path.name, spec, tests, ropes)
+        for shape in sorted(memory, reverse=True):
+            check_load_fits(memory[shape])
     repack = choose_repack(request.repack)
     if repack.note:
         plan = replace(plan, notes=(*plan.notes, repack.note))
@@ -133,13 +136,14 @@ def run_bench(request: BenchRequest) -> Iterator[BenchEvent]:
     results: list[BenchResult] = []
     with BenchModel(path, repack=repack.repack) as model:
         yield BenchProgress("hashing")
-        environment = _environment(llama_build(), path)
+        environment = _environment(llama_build(), path, hash_model=request.hash_model)
         measured = _Measured(bandwidth, environment, weights_read_per_token(path, model.size_bytes))
         for index, test in enumerate(tests, start=1):
             where = (index, len(tests))
             result = yield from _run_test(
-                model, request, test, where, ropes[test.n_ctx], spec, measured
+                model, request, test, where, ropes[test.n_ctx], spec, measured, swa_full
             )
+            result = replace(result, swa_full=swa_full, plan=_figures(memory[_shape(test)]))
             results.append(result)
             yield result
     yield BenchRun(tuple(results), environment, bandwidth)
@@ -168,18 +172,35 @@ def _plan(
     return first, ropes
 
 
-def _check_memory(
-    label: str, spec: ModelSpec, tests: list[BenchTest], ropes: dict[int, RopePlan]
-) -> None:
-    """Refuse, before loading, a test whose context would not fit (kv-calc's plan)."""
-    shapes = {(t.n_ctx, t.type_k, t.type_v, t.flash_attn != "off", min(t.n_ubatch, t.n_batch))
-              for t in tests}  # fmt: skip
-    for n_ctx, type_k, type_v, flash_attn, ubatch in sorted(shapes, reverse=True):
-        memory = plan_load(
-            label, spec, n_ctx=n_ctx, type_k=type_k, type_v=type_v,
-            flash_attn=flash_attn, ubatch=ubatch, rope=ropes[n_ctx].method,
+_Shape = tuple[int, str, str, bool, int, int]
+
+
+def _shape(test: BenchTest) -> _Shape:
+    """What decides a test's memory: context, KV types, flash attention, batch sizes."""
+    ubatch = min(test.n_ubatch, test.n_batch)
+    return (test.n_ctx, test.type_k, test.type_v, test.flash_attn != "off", ubatch, test.n_batch)
+
+
+def _memory_plans(
+    label: str, spec: ModelSpec, tests: list[BenchTest], request: BenchRequest, swa_full: bool
+) -> dict[_Shape, LoadPlan]:
+    """kv-calc's plan (llama.cpp's dry run) of every test's context, before loading."""
+    plans = {}
+    for shape in {_shape(t) for t in tests}:
+        n_ctx, type_k, type_v, flash_attn, ubatch, n_batch = shape
+        plans[shape] = plan_load(
+            label, spec, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
+            ubatch=ubatch, n_batch=n_batch, swa_full=swa_full,
+            repack=request.repack,
         )  # fmt: skip
-        check_load_fits(memory)
+    return plans
+
+
+def _figures(plan: LoadPlan) -> MemoryFigures:
+    row = plan.row
+    return MemoryFigures(
+        row.source, row.weights_bytes, row.kv_bytes, row.compute_bytes, row.output_bytes
+    )
 
 
 @dataclass(frozen=True)
@@ -191,6 +212,7 @@ class _Measured:
     weights_read: int
 
 
+# Long: llama-bench's test loop (warm-up, repetitions, the record) inside one context.
 def _run_test(
     model: BenchModel,
     request: BenchRequest,
@@ -199,6 +221,7 @@ def _run_test(
     rope: RopePlan,
     spec: ModelSpec,
     measured: _Measured,
+    swa_full: bool = False,
 ) -> Generator[BenchEvent, None, BenchResult]:
     """One test in its own context: warm-up, then the timed repetitions (``where``: n of m)."""
     progress = BenchProgress("warmup", *where, test.name, 0, request.repetitions)
@@ -212,6 +235,7 @@ def _run_test(
         flash_attn=test.flash_attn,
         n_threads=test.n_threads,
         rope=rope.params,
+        swa_full=swa_full,
     )
     with model.new_context(config) as ctx:
         test_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -252,7 +276,7 @@ def _run_test(
         )
 
 
-def _environment(build: LlamaBuild, path: Path) -> Environment:
+def _environment(build: LlamaBuild, path: Path, *, hash_model: bool = True) -> Environment:
     from localllm import __version__
 
     return Environment(
@@ -271,5 +295,5 @@ def _environment(build: LlamaBuild, path: Path) -> Environment:
         system_info=build.system_info,
         localllm_version=__version__,
         model_path=str(path),
-        model_sha256=cached_sha256(path),
+        model_sha256=cached_sha256(path) if hash_model else "",
     )

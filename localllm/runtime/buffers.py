@@ -38,6 +38,7 @@ class ContextSettings:
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool = True
+    swa_full: bool = False  # llama.cpp's tools: the sliding-window cache sized to the window
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def _measure_one(llama_cpp: object, model: object, s: ContextSettings) -> Contex
     params.n_seq_max = s.n_seq
     params.n_threads = 1
     params.n_threads_batch = 1
+    params.swa_full = s.swa_full
     for name, value in context_fields(s.type_k, s.type_v).items():
         setattr(params, name, value)
     params.flash_attn_type = (

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,33 @@ class LoadedModel:
         return int(self.llama.n_ctx())
 
     @property
+    def n_swa(self) -> int:
+        """The sliding window of the model's SWA layers, in tokens (0: none)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_swa(self.llama._model.model))
+
+    def window_moved_past(self, prompt: Sequence[int]) -> bool:
+        """Whether reusing the cached prefix of ``prompt`` would be wrong: the SWA cache
+        (sized to the window) no longer holds tokens the first new token attends to.
+
+        llama-cpp-python reuses the longest common prefix without checking; llama-server
+        checks ``llama_memory_seq_pos_min`` first, and so does this: a token at position
+        p attends to positions above p - n_swa, so the cache must still reach back there.
+        """
+        if self.options.swa_full or self.kv_used == 0 or self.n_swa <= 0:
+            return False
+        import llama_cpp
+
+        cached = self.llama._input_ids
+        n_past = min(self.llama.longest_token_prefix(cached, prompt), len(prompt) - 1)
+        if n_past <= 0:
+            return False
+        memory = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
+        pos_min = int(llama_cpp.llama_memory_seq_pos_min(memory, 0))
+        return pos_min > max(0, n_past - self.n_swa)
+
+    @property
     def kv_used(self) -> int:
         """Cells of the KV cache that hold tokens of the current conversation."""
         return int(self.llama.n_tokens)
@@ -75,6 +103,8 @@ class LoadedModel:
         return self.tokenize(prompt, add_bos=add_bos, special=True)
 
     # -- generation
+    # Long: one try/finally around llama-cpp-python's generator, which must be closed now
+    # (not at garbage collection mid-turn); splitting it would split that guarantee.
     def stream_completion(
         self,
         prompt: Sequence[int],
@@ -93,6 +123,9 @@ class LoadedModel:
         sampling.validate()
         import llama_cpp
 
+        reevaluated = self.window_moved_past(prompt)
+        if reevaluated:
+            self.reset()  # the whole prompt is evaluated again, its window complete
         llama_cpp.llama_perf_context_reset(self.llama._ctx.ctx)
         if sampling.seed is not None:
             self.llama.set_seed(sampling.seed)
@@ -136,7 +169,8 @@ class LoadedModel:
                 # Finish llama-cpp-python's generator now, not at garbage collection
                 # in the middle of a later turn.
                 stream.close()
-        yield self._stats("".join(pieces), finish, (first or time.perf_counter()) - start)
+        stats = self._stats("".join(pieces), finish, (first or time.perf_counter()) - start)
+        yield replace(stats, window_reevaluated=reevaluated)
 
     def _stats(self, text: str, finish: str, ttft: float) -> GenerationStats:
         import llama_cpp
@@ -214,6 +248,18 @@ def _patched_llama(llama_cpp: Any, **model_fields: Any) -> Iterator[None]:
             formats.Jinja2ChatFormatter = original_formatter
 
 
+@contextmanager
+def _rpc_devices(endpoints: Sequence[str]) -> Iterator[None]:
+    """With --rpc: the load places layers on these servers' devices (checked first)."""
+    if not endpoints:
+        yield
+        return
+    from localllm.runtime.rpc import add_rpc_servers, model_devices
+
+    with model_devices(add_rpc_servers(endpoints)):
+        yield
+
+
 def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedModel:
     """Load a GGUF through llama.cpp with ``options``; failures become ModelLoadError."""
     options.validate()
@@ -226,7 +272,7 @@ def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedMode
     repack = choose_repack(options.repack)
     mark = log_mark()
     try:
-        with _patched_llama(llama_cpp, use_extra_bufts=repack.repack):
+        with _patched_llama(llama_cpp, use_extra_bufts=repack.repack), _rpc_devices(options.rpc):
             llama = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=options.n_ctx,
@@ -237,6 +283,7 @@ def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedMode
                 n_gpu_layers=options.n_gpu_layers,
                 seed=options.seed,
                 flash_attn=options.flash_attn,
+                swa_full=options.swa_full,
                 logits_all=options.logits_all,
                 verbose=options.verbose,
                 **context_fields(options.type_k, options.type_v),

@@ -65,6 +65,7 @@ class ContextConfig:
     flash_attn: str = "auto"  # auto | on | off
     n_threads: int = 1
     rope: RopeParams = field(default_factory=RopeParams)
+    swa_full: bool = False  # llama-bench's cparams.swa_full: the SWA cache sized to the window
 
 
 def _flash_attn_resolved(lines: Sequence[str], requested: str) -> bool | None:
@@ -191,6 +192,7 @@ class BenchContext:
         params.n_batch = config.n_batch
         params.n_ubatch = config.n_ubatch
         params.flash_attn_type = FLASH_ATTN_TYPES[config.flash_attn]
+        params.swa_full = config.swa_full
         params.n_threads = config.n_threads
         params.n_threads_batch = config.n_threads
         fields = context_fields(config.type_k, config.type_v)

@@ -74,6 +74,8 @@ class LoadOptions:
     logits_all: bool = False
     verbose: bool = False
     repack: bool | None = None  # None: llama.cpp's default, except off on AMX CPUs
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (host:port) whose devices take layers
+    swa_full: bool = False  # False: the sliding-window cache holds the window (llama.cpp's tools)
 
     def validate(self) -> None:
         if self.n_ctx <= 0:

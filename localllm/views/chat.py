@@ -90,16 +90,17 @@ def format_turn_status(stats: GenerationStats, kv_bytes: int | None) -> str:
     pct = 100.0 * stats.kv_used / stats.kv_cells if stats.kv_cells else 0.0
     kv = f"KV {stats.kv_used}/{stats.kv_cells} cells ({pct:.1f}%"
     kv += f" of {format_bytes(kv_bytes)})" if kv_bytes else ")"
-    return " · ".join(
-        [
-            tokens_in,
-            f"{stats.generated_tokens} out",
-            f"prompt {stats.prompt_tps:.1f} tok/s",
-            f"gen {stats.generation_tps:.1f} tok/s",
-            f"first token {stats.ttft_seconds * 1000:.0f} ms",
-            kv,
-        ]
-    )
+    parts = [
+        tokens_in,
+        f"{stats.generated_tokens} out",
+        f"prompt {stats.prompt_tps:.1f} tok/s",
+        f"gen {stats.generation_tps:.1f} tok/s",
+        f"first token {stats.ttft_seconds * 1000:.0f} ms",
+        kv,
+    ]
+    if stats.window_reevaluated:
+        parts.append("prompt re-evaluated: the sliding window had moved past the cached prefix")
+    return " · ".join(parts)
 
 
 def sampling_summary(session: ChatSession) -> str:

@@ -42,10 +42,22 @@ def render_kv_calc(result: KVCalcResult) -> None:
         f"{format_bytes(round(result.per_token_bytes * result.gqa_saving_factor))}: "
         f"GQA saves {result.gqa_saving_factor:g}x",
     )
-    weights = format_bytes(facts.weights_bytes) if facts.weights_bytes else "?"
-    head.add_row("weights", f"{weights} ({safe(facts.weights_note)})")
+    layout = result.layout
+    if layout.has_swa:
+        sliding = sum(a.swa for a in layout.attention)
+        beyond = format_bytes(result.per_token_beyond_window)
+        head.add_row(
+            "sliding window",
+            f"{sliding} of {len(layout.attention)} layers attend to {layout.n_swa} tokens; "
+            f"past the window a token adds {beyond}",
+        )
+    weights = format_bytes(result.weights_bytes) if result.weights_bytes else "?"
+    source = "llama_model_size" if result.plan_source != "estimate" else facts.weights_note
+    head.add_row("weights", f"{weights} ({safe(source)})")
     fa = "on" if result.request.flash_attn else "off"
-    head.add_row("settings", f"flash attention {fa}, ubatch {result.request.ubatch}")
+    swa = ", SWA cache full size" if result.request.swa_full else ""
+    head.add_row("settings", f"flash attention {fa}, ubatch {result.request.ubatch}{swa}")
+    head.add_row("figures", _source_text(result))
     head.add_row("available RAM", format_bytes(result.available_bytes))
     out.print(head)
     out.print()
@@ -62,13 +74,19 @@ def render_kv_calc(result: KVCalcResult) -> None:
         warn(message)
 
 
+def _source_text(result: KVCalcResult) -> Text:
+    if result.plan_source == "estimate":
+        return Text("estimate (localllm's arithmetic)", style="warn")
+    return Text(f"{result.plan_source}: what llama.cpp would allocate", style="ok")
+
+
 def render_kv_rows(result: KVCalcResult) -> None:
     swa = any(r.swa_cells is not None for r in result.rows)
     table = Table(box=None, header_style="label", pad_edge=False)
     columns = ["ctx", "batch", "K/V type", "cells", "K", "V", "KV", "per token",
                "MHA", "MQA"]  # fmt: skip
     if swa:
-        columns += ["SWA cells", "SWA KV"]
+        columns += ["SWA cells", "other SWA"]
     columns += ["compute", "total", "fit"]
     for col in columns:
         table.add_column(
@@ -80,7 +98,7 @@ def render_kv_rows(result: KVCalcResult) -> None:
                  format_bytes(r.bytes_per_token), format_bytes(r.mha_kv_bytes),
                  format_bytes(r.mqa_kv_bytes)]  # fmt: skip
         if swa:
-            cells += [str(r.swa_cells), format_bytes(r.swa_kv_bytes)]
+            cells += [str(r.swa_cells), format_bytes(r.other_swa_kv_bytes)]
         cells += [format_bytes(r.compute_bytes), format_bytes(r.total_bytes)]
         table.add_row(*cells, Text(r.verdict, style=_VERDICT_STYLE.get(r.verdict, "")))
     print_unwrapped(table)
@@ -113,7 +131,7 @@ def render_kv_chart(result: KVCalcResult) -> None:
     """
     rows = result.rows
     axis = "context" if len({r.ctx for r in rows}) > 1 else "batch"
-    weights = result.facts.weights_bytes or 0
+    weights = result.weights_bytes or 0
     show_mha = any(r.mha_kv_bytes > r.kv_bytes for r in rows)
     top = max([r.mha_kv_bytes if show_mha else r.kv_bytes for r in rows] + [weights]) or 1
     scale = KV_CHART_WIDTH / top

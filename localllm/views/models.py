@@ -15,6 +15,7 @@ from localllm.views.console import err, note, out, safe, warn
 if TYPE_CHECKING:
     from localllm.hub import PullResult, RepoListing
     from localllm.inventory import ModelInfo, ModelListing
+    from localllm.kvcalc import KVRow
 
 __all__ = [
     "download_progress",
@@ -96,16 +97,54 @@ def render_info(info: ModelInfo) -> None:
     row("RoPE", rope)
     if spec.sliding_window:
         row("sliding window", f"{spec.sliding_window} tokens")
-    row("chat template", "yes" if spec.has_chat_template else "no")
+    row("chat template", _template_status(info))
     row(
         "KV cache (f16)",
         f"{format_bytes(kv_per_token_bytes)} per token, "
         f"{format_bytes(kv_at_train_bytes)} at {spec.n_ctx_train} tokens",
     )
-    if spec.weights_bytes is not None:
-        row("weights", format_bytes(spec.weights_bytes))
+    if info.weights_bytes is not None:
+        row("weights", format_bytes(info.weights_bytes))
+    for plan in info.plans:
+        row(f"memory at {plan.ctx}", _plan_text(plan))
+    if info.plan_source:
+        row("memory source", f"{info.plan_source} (f16 cache, flash attention, ubatch 512)")
     row("file size", format_bytes(spec.file_bytes))
     out.print(table)
+
+
+def _plan_text(plan: KVRow) -> str:
+    """One context's plan: the total, then what it is made of."""
+    parts = [f"weights {format_bytes(plan.weights_bytes)}"] if plan.weights_bytes else []
+    parts.append(f"KV {format_bytes(plan.kv_bytes)}")
+    if plan.swa_cells is not None and plan.other_swa_kv_bytes is not None:
+        parts[-1] += f" (SWA cache {plan.swa_cells} cells; {format_bytes(plan.other_swa_kv_bytes)}"
+        parts[-1] += " with --swa-full)"
+    if plan.compute_bytes is not None:
+        parts.append(f"compute {format_bytes(plan.compute_bytes)}")
+    if plan.output_bytes is not None:
+        parts.append(f"output {format_bytes(plan.output_bytes)}")
+    return f"{format_bytes(plan.total_bytes)} = " + " + ".join(parts)
+
+
+def _template_status(info: ModelInfo) -> str | Text:
+    """Whether the GGUF's chat template parses, and what it supports."""
+    caps = info.template
+    if caps is None:
+        if info.spec.source not in ("gguf", "hub header"):
+            return Text("not known without the file", style="muted")
+        return "none in the file"
+    if caps.error is not None:
+        return Text(f"does not work: {safe(caps.error, 160)}", style="error")
+    supports = [name for name, on in (("system role", caps.system_role), ("tools", caps.tools),
+                                      ("tool calls", caps.tool_calls)) if on]  # fmt: skip
+    missing = [name for name in ("system role", "tools") if name not in supports]
+    text = "parses"
+    if supports:
+        text += "; " + ", ".join(supports)
+    if missing:
+        text += "; no " + ", no ".join(missing)
+    return text
 
 
 @contextmanager
@@ -172,6 +211,7 @@ def render_hub_listing(listing: RepoListing) -> None:
     example = next((f.quant for f in listing.files if f.quant), None)
     if example:
         note(f"pull one with `localllm pull {listing.repo}:{example}`")
+        note(f"or measure its speed first: `localllm bench {listing.repo}:{example} --synthetic`")
 
 
 def render_pull_result(result: PullResult) -> None:
