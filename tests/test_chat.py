@@ -10,8 +10,9 @@ import pytest
 from gguf_factory import DROP, write_gguf
 from reference_chat import reference_prompt_tokens
 
+from localllm.chat.opening import ChatRequest, open_session
 from localllm.chat.repl import SLASH_COMMANDS, MultilineInput, parse_slash_command
-from localllm.chat.session import ChatRequest, ChatSession, open_session
+from localllm.chat.session import ChatSession
 from localllm.errors import ContextOverflow
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.runtime import LoadOptions, SamplingOptions, load_model
@@ -186,6 +187,8 @@ def test_piped_stdin_is_the_prompt_and_json_has_reply_and_stats(
     assert data["reply"] == expected
     stats = data["stats"]
     assert stats["finish_reason"] in ("stop", "length")
+    # The README's top-level finish_reason: "length" exactly when the 24-token budget ran out.
+    assert data["finish_reason"] == ("length" if stats["generated_tokens"] == 24 else "stop")
     assert stats["generated_tokens"] > 0 and stats["prompt_tokens"] > 0
     assert stats["kv_cells"] == 2048 and 0 < stats["kv_used"] <= 2048
     assert stats["ttft_seconds"] > 0 and stats["generation_tps"] > 0
@@ -199,6 +202,67 @@ def test_single_message_larger_than_the_context_is_one_line(store_with_smollm2: 
     assert result.exit_code == 1
     line = result.error_line
     assert "context holds 256" in line and "--ctx" in line
+
+
+# ----------------------------------------------------------------- README defaults
+
+LONG_REPLY = "Write a very long story about a dragon and a knight."  # runs past 300 tokens
+
+
+@pytest.fixture(scope="module")
+def smol_trained_512(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of SmolLM2 whose GGUF says it was trained on 512 tokens (gguf-py, in place)."""
+    import shutil
+
+    import gguf
+
+    path = tmp_path_factory.mktemp("trained-512") / "smollm2-trained-512.gguf"
+    shutil.copyfile(smollm2_path, path)
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.get_field("llama.context_length")
+    field.parts[field.data[0]][0] = 512
+    reader.data.flush()
+    del reader
+    return path
+
+
+@pytest.mark.slow
+def test_default_context_and_reply_budget(
+    store_with_smollm2: Path, smol_trained_512: Path, cli
+) -> None:
+    """Context min(trained, 4096); reply budget min(512, context / 2)."""
+    # SmolLM2 is trained on 8192 tokens: 4096, and 512 for the reply.
+    data = json.loads(cli("chat", "-p", QUESTION, "--temp", "0", "--json").stdout)
+    assert data["settings"]["runtime"]["n_ctx"] == 4096
+    assert data["stats"]["kv_cells"] == 4096  # llama.cpp's own n_ctx
+    assert data["settings"]["sampling"]["max_tokens"] == 512
+    # Trained on 512: all of it, and half of it for a reply that would run longer.
+    result = cli("chat", str(smol_trained_512), "-p", LONG_REPLY, "--temp", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["settings"]["runtime"]["n_ctx"] == data["stats"]["kv_cells"] == 512
+    assert data["settings"]["sampling"]["max_tokens"] == 256
+    assert (data["finish_reason"], data["stats"]["generated_tokens"]) == ("length", 256)
+    assert data["settings"]["runtime"]["rope"] is None  # within the trained context
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("rope", "method", "said"), [
+    (None, "yarn", "rope: YaRN x2"),
+    ("linear", "linear", "rope: Linear position interpolation: positions compressed 2x"),
+])  # fmt: skip
+def test_ctx_past_the_trained_length_stretches_rope_and_says_so(
+    smol_trained_512: Path, cli, rope: str | None, method: str, said: str
+) -> None:
+    flags = ["--rope", rope] if rope else []
+    result = cli("chat", str(smol_trained_512), "-p", QUESTION, "--temp", "0",
+                 "--max-tokens", "8", "--ctx", "1024", *flags, "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    runtime = json.loads(result.stdout)["settings"]["runtime"]
+    assert runtime["n_ctx"] == 1024
+    assert (runtime["rope"]["method"], runtime["rope"]["factor"]) == (method, 2.0)
+    notes = [ln for ln in result.stderr.splitlines() if ln.startswith("rope: ")]
+    assert len(notes) == 1 and notes[0].startswith(said), result.stderr
 
 
 # ---------------------------------------------------------------- the session core

@@ -37,8 +37,11 @@ def _imported(module: str, path: Path) -> set[str]:
                 parts = module.split(".")
                 keep = len(parts) - node.level + (1 if is_package else 0)
                 base = ".".join(parts[:keep] + ([base] if base else []))
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
+            for alias in node.names:
+                # "from package import module" depends on the module (the package's
+                # __init__ runs first in any import, so it is not an edge of its own).
+                full = f"{base}.{alias.name}"
+                names.add(full if full in MODULES else base)
     return names
 
 

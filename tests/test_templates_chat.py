@@ -26,7 +26,7 @@ import pytest
 from conftest import REPO
 from gguf_copy import gguf_with_chat_template
 
-from localllm.chat.session import ChatRequest, open_session
+from localllm.chat.opening import ChatRequest, open_session
 from localllm.generation import ChatMessage
 from localllm.gguf_meta import ModelSpec, read_model_spec
 from localllm.runtime import SamplingOptions

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from localllm.errors import InvalidArgument
@@ -62,6 +63,9 @@ class _BenchFlags:
     refresh_bandwidth: bool = False
     repack: str | None = None
     no_memory_check: bool = False
+    synthetic: bool = False
+    quant: str | None = None
+    keep_synthetic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,10 @@ class BenchRequest:
     refresh_bandwidth: bool = False
     repack: bool | None = None  # None: llama.cpp's default, except off on AMX CPUs
     memory_check: bool = True
+    synthetic: bool = False  # random weights with the model's tensor table (bench/synthetic.py)
+    quant: str | None = None  # a preset's quantization, with synthetic
+    keep_synthetic: Path | None = None  # keep the synthetic file here
+    hash_model: bool = True  # a synthetic file's sha256 says nothing: it is not hashed
 
     @classmethod
     def from_flags(cls, model: str | None = None, **flags: Any) -> BenchRequest:
@@ -106,6 +114,8 @@ class BenchRequest:
             raise InvalidArgument(
                 f"unknown output format {f.output!r}; use one of {', '.join(OUTPUT_FORMATS)}"
             )
+        if f.quant is not None and not f.synthetic:
+            raise InvalidArgument("--quant picks a preset's quantization with --synthetic")
         kv_names = parse_kv_type_list(f.kv_type, "--kv-type") if f.kv_type else ("f16",)
         request = cls(
             model=model,
@@ -131,6 +141,9 @@ class BenchRequest:
             refresh_bandwidth=f.refresh_bandwidth,
             repack=parse_repack(f.repack),
             memory_check=not f.no_memory_check,
+            synthetic=f.synthetic,
+            quant=f.quant,
+            keep_synthetic=_keep_path(f.keep_synthetic, f.synthetic),
         )
         request.tests()  # every combination checked before anything loads
         return request
@@ -140,6 +153,17 @@ class BenchRequest:
 
     def tests(self) -> list[BenchTest]:
         return expand_tests(self)
+
+
+def _keep_path(value: str | None, synthetic: bool) -> Path | None:
+    if value is None:
+        return None
+    if not synthetic:
+        raise InvalidArgument("--keep-synthetic keeps the file --synthetic writes; add --synthetic")
+    path = Path(value).expanduser()
+    if path.is_dir() or path.exists():
+        raise InvalidArgument(f"--keep-synthetic {value!r} exists; name a new file")
+    return path
 
 
 @dataclass(frozen=True)

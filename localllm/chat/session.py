@@ -12,38 +12,29 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from localllm.catalog import load_catalog
-from localllm.chat.history import SavedSession
 from localllm.errors import ContextOverflow, InvalidArgument, LocalLLMError
 from localllm.fileio import write_json_atomic
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
-from localllm.gguf_meta import ModelSpec, read_model_spec
-from localllm.memcheck import LoadPlan, check_load_fits, plan_load
-from localllm.memory import kv_cache_bytes
-from localllm.options import check_count, check_rope_method, check_threads, threads_warning
-from localllm.resolver import ResolvedModel, require_local_file, resolve_model
-from localllm.rope import RopePlan, plan_rope
-from localllm.runtime.llama import LoadedModel, load_model
-from localllm.runtime.params import LoadOptions, SamplingOptions
-from localllm.store import ModelStore
-from localllm.templates.formats import ChatFormat, choose_format
+from localllm.gguf_meta import ModelSpec
+from localllm.memcheck import LoadPlan
+from localllm.resolver import ResolvedModel
+from localllm.rope import RopePlan
+from localllm.runtime.llama import LoadedModel
+from localllm.runtime.params import SamplingOptions
+from localllm.templates.formats import ChatFormat
 
 __all__ = [
     "DEFAULT_CONTEXT",
     "DEFAULT_MAX_TOKENS",
     "TRANSCRIPT_FORMAT",
-    "ChatRequest",
     "ChatSession",
     "HistoryTrimmed",
     "SessionSummary",
-    "check_chat_options",
-    "open_session",
-    "request_from_saved",
     "stats_as_json",
 ]
 
@@ -122,6 +113,7 @@ class ChatSession:
     model_sha256: str | None = None
     session_id: str | None = None  # set when the conversation is kept on disk
     notes: tuple[str, ...] = ()  # what the user is told once the model is loaded
+    memory: LoadPlan | None = None  # llama.cpp's dry-run plan the memory check passed
 
     @property
     def n_ctx(self) -> int:
@@ -163,13 +155,10 @@ class ChatSession:
         return (*self.chat_format.stop_strings, *([eos] if eos else []))
 
     def kv_bytes(self) -> int | None:
-        """Bytes of the allocated KV cache (the arithmetic `info` and `kv-calc` use)."""
-        opts = self.loaded.options
-        try:
-            est = kv_cache_bytes(self.spec, self.n_ctx, type_k=opts.type_k, type_v=opts.type_v)
-        except InvalidArgument:
-            return None
-        return est.total_bytes
+        """Bytes of the KV cache: the dry-run plan `kv-calc` shows, else the load's own log."""
+        if self.memory is not None:
+            return self.memory.row.kv_bytes
+        return self.loaded.buffers.kv_bytes
 
     def _make_room(self, user: ChatMessage) -> Iterator[HistoryTrimmed]:
         """Drop the oldest turns until the prompt plus the reply budget fits."""
@@ -290,6 +279,7 @@ class ChatSession:
                 "type_k": opts.type_k,
                 "type_v": opts.type_v,
                 "flash_attn": opts.flash_attn,
+                "swa_full": opts.swa_full,
                 "repack": self.loaded.repack.repack,
                 "rope": self.rope_plan.as_json() if self.rope_plan is not None else None,
             },
@@ -335,174 +325,3 @@ class ChatSession:
 
     def close(self) -> None:
         self.loaded.close()
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    """What ``chat`` was asked for, before anything is resolved or loaded."""
-
-    model: str | None = None
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    options: LoadOptions = field(default_factory=LoadOptions)
-    n_ctx: int | None = None  # None: min(trained context, 4096)
-    rope_method: str | None = None
-    system: str | None = None
-    memory_check: bool = True
-    template: str | None = None  # --template NAME|FILE
-    raw: bool = False  # --raw: no template, the text is continued
-
-
-def check_chat_options(request: ChatRequest) -> None:
-    """Reject bad flag values before anything is resolved or loaded (InvalidArgument)."""
-    sampling, n_ctx, options = request.sampling, request.n_ctx, request.options
-    sampling.validate()
-    replace(options, n_ctx=n_ctx if n_ctx is not None else options.n_ctx).validate()
-    check_count(n_ctx, "--ctx")
-    check_count(sampling.max_tokens, "--max-tokens")
-    check_threads(options.n_threads)
-    if sampling.max_tokens is not None and n_ctx is not None and sampling.max_tokens >= n_ctx:
-        raise InvalidArgument(_budget_message(sampling.max_tokens, n_ctx))
-    check_rope_method(request.rope_method)
-    if request.raw and request.system:
-        raise InvalidArgument("--raw continues the text as it is; drop --system")
-
-
-def open_session(request: ChatRequest) -> ChatSession:
-    """Check the flags, resolve the model, check its memory plan, load it once.
-
-    Past the trained context the RoPE plan (``rope_method`` or the default) stretches
-    it. ``sampling.max_tokens`` None means 512 or half the context, whichever is smaller.
-    """
-    check_chat_options(request)
-    model = resolve_model(request.model)
-    path = require_local_file(model)
-    spec = read_model_spec(path)
-    chat_format = choose_format(
-        spec,
-        path.name,
-        template=request.template,
-        raw=request.raw,
-        catalog_template=_catalog_template(model),
-    )
-    options, sampling = request.options, request.sampling
-    ctx = request.n_ctx if request.n_ctx is not None else min(spec.n_ctx_train, DEFAULT_CONTEXT)
-    plan = None
-    if ctx > spec.n_ctx_train or request.rope_method is not None:
-        plan = plan_rope(spec, ctx, request.rope_method)
-        options = replace(options, rope=plan.params)
-    max_tokens = sampling.max_tokens or min(DEFAULT_MAX_TOKENS, ctx // 2)
-    if max_tokens >= ctx:
-        raise InvalidArgument(_budget_message(max_tokens, ctx))
-    sampling = replace(sampling, max_tokens=max_tokens)
-    seed = sampling.seed if sampling.seed is not None else options.seed
-    options = replace(options, n_ctx=ctx, seed=seed)
-    if request.memory_check:
-        label = model.alias or path.name
-        check_load_fits(plan_memory(label, spec, options, plan.method if plan else None))
-    started = time.perf_counter()
-    loaded = load_model(path, options)
-    try:
-        chat_format.validate(bos_token=loaded.bos_text, eos_token=loaded.eos_text)
-    except BaseException:
-        loaded.close()
-        raise
-    return ChatSession(
-        resolved=model,
-        spec=spec,
-        loaded=loaded,
-        sampling=sampling,
-        chat_format=chat_format,
-        system=request.system or None,
-        rope_plan=plan,
-        load_seconds=time.perf_counter() - started,
-        model_sha256=_recorded_sha256(model),
-        notes=tuple(
-            n
-            for n in (
-                threads_warning(options.n_threads),
-                loaded.repack.note,
-                # The GGUF's own template goes without saying; any other choice is said.
-                None
-                if chat_format.source == "gguf"
-                else f"chat template: {chat_format.describe()}",
-            )
-            if n
-        ),
-    )
-
-
-def _catalog_template(model: ResolvedModel) -> str | None:
-    """The template the catalog names for this file: by alias, file name or store record."""
-    if model.entry is not None:
-        return model.entry.template
-    if model.path is None:
-        return None
-    catalog = load_catalog()
-    known = catalog.by_file(model.path.name)
-    if known is not None:
-        return known[0].template
-    stored = ModelStore().record(model.path)
-    entry = catalog.lookup(stored.alias) if stored is not None and stored.alias else None
-    return entry.template if entry is not None else None
-
-
-def request_from_saved(saved: SavedSession, *, memory_check: bool = True) -> ChatRequest:
-    """The request that reopens a saved session: same model, same settings."""
-    settings = saved.settings
-    runtime = settings.get("runtime") or {}
-    sampling_fields = {f.name for f in fields(SamplingOptions)}
-    sampling = SamplingOptions(
-        **{k: v for k, v in (settings.get("sampling") or {}).items() if k in sampling_fields}
-    )
-    rope = runtime.get("rope") or {}
-    options = LoadOptions(
-        n_threads=runtime.get("n_threads"),
-        type_k=runtime.get("type_k", "f16"),
-        type_v=runtime.get("type_v", "f16"),
-        flash_attn=bool(runtime.get("flash_attn", True)),
-        repack=runtime.get("repack"),
-    )
-    template = settings.get("template") or {}
-    return ChatRequest(
-        model=saved.model_ref or saved.model_path,
-        sampling=sampling,
-        options=options,
-        n_ctx=runtime.get("n_ctx"),
-        rope_method=rope.get("method") if rope else None,
-        system=saved.system,
-        memory_check=memory_check,
-        # The GGUF's own template is found again; a named or file template is asked for.
-        template=template.get("name")
-        if template.get("source") != "gguf" and template.get("source") != "--raw"
-        else None,
-        raw=template.get("source") == "--raw",
-    )
-
-
-def plan_memory(label: str, spec: ModelSpec, options: LoadOptions, rope: str | None) -> LoadPlan:
-    """kv-calc's plan for a model loaded with ``options`` (one sequence)."""
-    return plan_load(
-        label,
-        spec,
-        n_ctx=options.n_ctx,
-        type_k=options.type_k,
-        type_v=options.type_v,
-        flash_attn=options.flash_attn,
-        ubatch=min(options.n_ubatch, options.n_batch),
-        rope=rope,
-    )
-
-
-def _recorded_sha256(model: ResolvedModel) -> str | None:
-    """The sha256 the store verified the file against (never a re-hash)."""
-    if model.path is None:
-        return None
-    stored = ModelStore().record(model.path)
-    return stored.sha256 if stored is not None else None
-
-
-def _budget_message(max_tokens: int, n_ctx: int) -> str:
-    return (
-        f"a reply budget of {max_tokens} tokens leaves no room for the prompt in a "
-        f"{n_ctx}-token context; lower --max-tokens or raise --ctx"
-    )

@@ -253,6 +253,7 @@ def _failure_body(exc: Exception) -> dict[str, Any]:
     return ApiError(500, str(exc), kind="server_error", code="generation_failed").body()
 
 
+# Long: the routes are closures over the engine, options and metrics they share.
 def build_app(
     options: ServeOptions,
     engine: BatchEngine,

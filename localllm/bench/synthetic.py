@@ -1,0 +1,118 @@
+"""``bench --synthetic``: a model's speed on this machine from its tensor table alone.
+
+llama.cpp's speed depends on the tensor table (shapes and types) and the settings, not on
+the weight values. So a GGUF with the model's tensor table and random weights, written
+into the store's disk and deleted afterwards, benchmarks at the model's speed before a
+byte of it is downloaded. The table comes from a local GGUF (or header-only file), a hub
+file's header preview (a catalog alias with a quant, org/repo:QUANT, hf://...), or a
+preset with llama.cpp's own quantizer choosing each tensor's type (``--quant``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from localllm.bench.record import BenchResult
+from localllm.bench.request import BenchRequest
+from localllm.bench.run import BenchEvent, BenchPlan, BenchRun
+from localllm.errors import InvalidArgument
+from localllm.gguf_meta import ModelSpec, read_model_spec_from_prefix
+from localllm.memcheck import check_load_fits, plan_load
+from localllm.presets import lookup_preset
+from localllm.resolver import resolve_model
+from localllm.rope import plan_rope
+from localllm.store import ModelStore
+from localllm.synthetic import TensorTable, synthetic_gguf, table_from_gguf, table_from_prefix
+
+__all__ = ["DEFAULT_PRESET_QUANT", "SyntheticModel", "run_synthetic", "synthetic_table"]
+
+# A preset's quant when --quant is not given: the size most people download.
+DEFAULT_PRESET_QUANT = "Q4_K_M"
+
+
+@dataclass(frozen=True)
+class SyntheticModel:
+    """The written stand-in: where it is, its facts, and where its tensor table came from."""
+
+    path: Path
+    spec: ModelSpec
+    label: str
+    source: str
+
+
+def synthetic_table(ref: str | None, quant: str | None, workdir: Path) -> tuple[TensorTable, str]:
+    """The tensor table ``ref`` names, and what to call the model."""
+    preset = lookup_preset(ref)
+    if preset is not None:
+        chosen = (quant or DEFAULT_PRESET_QUANT).upper()
+        from localllm.synthetic import preset_table
+
+        return preset_table(preset.spec, chosen, workdir), f"{preset.spec.name} {chosen}"
+    if quant is not None:
+        raise InvalidArgument(
+            "--quant picks a preset's quantization; for a catalog or hub model put the quant "
+            "in the reference (llama-2-7b-chat:Q4_K_M)"
+        )
+    model = resolve_model(ref)
+    label = model.pull_ref if model.kind != "path" else Path(model.ref).name
+    if model.present and model.path is not None:
+        return table_from_gguf(model.path), label
+    if model.repo is None:
+        raise InvalidArgument(f"{ref} has no file here and no hub repo to read its header from")
+    from localllm.hub_preview import remote_header  # lazy: huggingface_hub is slow to import
+
+    preview = remote_header(model)
+    return table_from_prefix(preview.prefix, preview.file_bytes, label), label
+
+
+def _check_memory(request: BenchRequest, spec: ModelSpec, label: str) -> None:
+    """Refuse before writing gigabytes: every test's context must fit (kv-calc's plan)."""
+    for test in request.tests():
+        rope = plan_rope(spec, test.n_ctx, request.rope)
+        memory = plan_load(
+            label, spec, n_ctx=test.n_ctx, type_k=test.type_k, type_v=test.type_v,
+            flash_attn=test.flash_attn != "off", ubatch=min(test.n_ubatch, test.n_batch),
+            rope=rope.method,
+        )  # fmt: skip
+        check_load_fits(memory)
+
+
+@contextmanager
+def synthetic_model(request: BenchRequest) -> Iterator[SyntheticModel]:
+    """Write the stand-in into the store's disk (memory and disk checked first); it is
+    deleted whatever ends the block, kept only at ``request.keep_synthetic`` on success."""
+    store = ModelStore()
+    workdir = store.temp_dir()
+    table, label = synthetic_table(request.model, request.quant, workdir)
+    # The facts of a file not yet written: no path (nothing may be read from disk for them).
+    spec = replace(read_model_spec_from_prefix(table.header, table.file_bytes, label), path=None)
+    if request.memory_check:
+        _check_memory(request, spec, label)
+    with synthetic_gguf(table, workdir, keep=request.keep_synthetic) as made:
+        yield SyntheticModel(made.path, spec, label, table.source)
+
+
+def run_synthetic(
+    request: BenchRequest, run: Callable[[BenchRequest], Iterator[BenchEvent]]
+) -> Iterator[BenchEvent]:
+    """Benchmark the stand-in exactly as ``bench`` does; results say the weights were random."""
+    with synthetic_model(request) as model:
+        inner = replace(request, model=str(model.path), synthetic=False, hash_model=False)
+        for event in run(inner):
+            if isinstance(event, BenchPlan):
+                note = f"synthetic weights: the tensor table of {model.source}, random values"
+                event = replace(event, notes=(*event.notes, note))
+            elif isinstance(event, BenchResult):
+                event = _mark(event, model)
+            elif isinstance(event, BenchRun):
+                event = replace(event, results=tuple(_mark(r, model) for r in event.results))
+            yield event
+
+
+def _mark(result: BenchResult, model: SyntheticModel) -> BenchResult:
+    if result.synthetic is not None:
+        return result
+    return replace(result, synthetic=model.source, model_filename=model.label)

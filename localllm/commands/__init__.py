@@ -1,0 +1,1 @@
+"""The larger commands, one module each; ``localllm/cli.py`` registers them on the app."""

@@ -1,0 +1,118 @@
+"""The ``kv-calc`` command: flags -> KVCalcRequest -> the plan (and --verify) -> its view."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from localllm.commands.options import (
+    JsonOpt,
+    OnOffOpt,
+    RepackOpt,
+    RopeOpt,
+    SwaFullOpt,
+)
+from localllm.options import parse_on_off, parse_repack
+from localllm.views.console import note, out, print_json, spinner, warn
+
+
+def kv_calc_cmd(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="A preset (llama-2-7b, llama-2-13b, llama-2-70b, mistral-7b, llama-3-8b, "
+            "llama-3-70b), a catalog alias, a .gguf path or a hub ref. Default: the default "
+            "model, or the architecture flags alone.",
+            show_default=False,
+        ),
+    ] = None,
+    ctx: Annotated[
+        str | None, typer.Option("--ctx", help="Tokens per sequence, comma-separated.")
+    ] = None,
+    batch: Annotated[
+        str, typer.Option("--batch", help="Parallel sequences (each of ctx tokens), e.g. 1,16.")
+    ] = "1",
+    kv_type: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-type",
+            help="K and V cache type(s): f16 bf16 f32 q8_0 q4_0 q4_1 "
+            "q5_0 q5_1 iq4_nl, comma-separated.",
+        ),
+    ] = None,
+    type_k: Annotated[str | None, typer.Option("--type-k", help="K cache type alone.")] = None,
+    type_v: Annotated[str | None, typer.Option("--type-v", help="V cache type alone.")] = None,
+    flash_attn: OnOffOpt = "on",
+    ubatch: Annotated[
+        int, typer.Option("--ubatch", help="Micro-batch size (sizes the compute buffer).")
+    ] = 512,
+    layers: Annotated[int | None, typer.Option("--layers", help="Transformer layers.")] = None,
+    heads: Annotated[int | None, typer.Option("--heads", help="Query heads.")] = None,
+    kv_heads: Annotated[int | None, typer.Option("--kv-heads", help="KV heads.")] = None,
+    head_dim: Annotated[int | None, typer.Option("--head-dim", help="Head dimension.")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option("--budget", help="Solve the other way: the largest context in e.g. 8GiB."),
+    ] = None,
+    rope: RopeOpt = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Load the model in llama.cpp and compare.")
+    ] = False,
+    repack: RepackOpt = None,
+    swa_full: SwaFullOpt = False,
+    estimate: Annotated[
+        bool,
+        typer.Option("--estimate", help="Arithmetic only: skip llama.cpp's dry run of the GGUF."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """KV cache, GQA savings and the memory plan of a model, before anything loads."""
+    # Long: one Typer parameter per flag; the body builds one request and renders it.
+    from localllm.kvcalc import KVCalcRequest, kv_calc
+    from localllm.kvverify import verify_kv_calc
+    from localllm.model_facts import ArchFlags
+    from localllm.options import MAX_SEQUENCES, check_count, parse_count_list, parse_kv_types
+    from localllm.text import parse_size
+    from localllm.views.kvcalc import render_kv_calc, render_kv_verify
+
+    check_count(ubatch, "--ubatch")
+    for value, flag in ((layers, "--layers"), (heads, "--heads"), (kv_heads, "--kv-heads"),
+                        (head_dim, "--head-dim")):  # fmt: skip
+        check_count(value, flag, high=1 << 16)
+    request = KVCalcRequest(
+        model=model,
+        ctx=parse_count_list(ctx, "--ctx") if ctx else (),
+        batch=parse_count_list(batch, "--batch", maximum=MAX_SEQUENCES),
+        kv_types=parse_kv_types(kv_type) if kv_type else (),
+        type_k=parse_kv_types(type_k, "--type-k")[0] if type_k else None,
+        type_v=parse_kv_types(type_v, "--type-v")[0] if type_v else None,
+        flash_attn=parse_on_off(flash_attn, "--flash-attn"),
+        ubatch=ubatch,
+        arch=ArchFlags(layers, heads, kv_heads, head_dim),
+        budget_bytes=parse_size(budget) if budget else None,
+        rope=rope,
+        swa_full=swa_full,
+        estimate=estimate,
+        repack=parse_repack(repack),
+    )
+    with spinner("planning the memory"):
+        result = kv_calc(request)
+    report = None
+    if verify:
+        with spinner("creating the contexts in llama.cpp"):
+            report = verify_kv_calc(result, parse_repack(repack))
+        for message in report.notes:
+            note(message)
+    if as_json:
+        data = result.as_json()
+        if report is not None:
+            data["verify"] = report.as_json()
+        print_json(data)
+        for message in result.warnings:
+            warn(message)
+        return
+    render_kv_calc(result)
+    if report is not None:
+        out.print()
+        render_kv_verify(report)

@@ -1,0 +1,68 @@
+"""The ``ppl`` command: flags -> the perplexity run -> its progress and result."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from localllm.commands.options import (
+    JsonOpt,
+    ModelArg,
+    NoMemoryCheckOpt,
+    RepackOpt,
+    RopeOpt,
+    SwaFullOpt,
+    ThreadsOpt,
+)
+from localllm.options import parse_repack
+from localllm.views.console import note, print_json
+
+
+def ppl_cmd(
+    model: ModelArg = None,
+    file: Annotated[
+        str | None,
+        typer.Option(
+            "--file",
+            "-f",
+            help="Text file to score. Default (or 'pydoc'): Python's pydoc topics "
+            "(English that ships with CPython; 113k SmolLM2 tokens).",
+            show_default=False,
+        ),
+    ] = None,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Tokens per chunk.")] = 512,
+    rope: RopeOpt = None,
+    chunks: Annotated[
+        int | None,
+        typer.Option("--chunks", help="Score at most this many chunks.", show_default="all"),
+    ] = None,
+    threads: ThreadsOpt = None,
+    repack: RepackOpt = None,
+    swa_full: SwaFullOpt = False,
+    no_memory_check: NoMemoryCheckOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity on a text, computed the way llama-perplexity computes it."""
+    from localllm.generation import Notice
+    from localllm.ppl import PerplexityProgress, PerplexityResult, iter_perplexity
+    from localllm.rope import RopePlan
+    from localllm.runtime.params import LoadOptions
+    from localllm.views.ppl import PplProgress, render_ppl, show_rope_plan
+
+    options = LoadOptions(n_threads=threads, repack=parse_repack(repack), swa_full=swa_full)
+    run = iter_perplexity(model, file, ctx, rope, chunks, options, not no_memory_check)
+    with PplProgress() as progress:
+        for item in run:
+            if isinstance(item, RopePlan):
+                show_rope_plan(item)
+            elif isinstance(item, Notice):
+                note(item.text)
+            elif isinstance(item, PerplexityProgress):
+                progress.update(item)
+            elif isinstance(item, PerplexityResult):
+                result = item
+    if as_json:
+        print_json(result.as_json())
+    else:
+        render_ppl(result)
