@@ -10,10 +10,65 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+NATIVE_BIN = REPO / "benchmarks" / "build" / "bin"
+LLAMA_CPP_SOURCE = REPO / "benchmarks/build/llama_cpp_python-0.3.36/vendor/llama.cpp"
+# The one opt-out of the native comparisons; `make test-fast` sets it and says so.
+ALLOW_NO_NATIVE = "LOCALLLM_ALLOW_NO_NATIVE"
+
+# Hypothesis tests here are llama-free arithmetic; on a shared 2-core machine its 200 ms
+# deadline fails them for load, not for a bug.
+settings.register_profile("localllm", deadline=None)
+settings.load_profile("localllm")
+
+
+def native_prerequisite(path: Path, what: str) -> Path:
+    """``path`` (a native llama.cpp tool or source) or a failure saying how to build it.
+
+    A comparison with llama.cpp's own tools never skips silently: only
+    LOCALLLM_ALLOW_NO_NATIVE=1 (set by `make test-fast`) turns the failure into a skip.
+    """
+    if path.exists():
+        return path
+    message = f"{what} is missing ({path}); `make native` builds it"
+    if os.environ.get(ALLOW_NO_NATIVE) == "1":
+        pytest.skip(f"{message} ({ALLOW_NO_NATIVE}=1)")
+    pytest.fail(f"{message}, or set {ALLOW_NO_NATIVE}=1 to skip the native comparisons")
+
+
+def installed_within_the_pin(dist: str) -> None:
+    """Assert the installed ``dist`` is in pyproject's bounded range (the tests hold it)."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    [req] = [Requirement(d) for d in deps if Requirement(d).name == dist]
+    assert any(s.operator == "<" for s in req.specifier), f"{req}: no upper bound"
+    assert req.specifier.contains(version(dist)), f"{dist} {version(dist)} is outside {req}"
+
+
+@pytest.fixture(scope="session")
+def llama_bench_bin() -> Path:
+    """llama.cpp's own llama-bench, built from the same sources (benchmarks/build_native.sh)."""
+    return native_prerequisite(NATIVE_BIN / "llama-bench", "native llama-bench")
+
+
+@pytest.fixture(scope="session")
+def llama_perplexity_bin() -> Path:
+    """llama.cpp's own llama-perplexity, built from the same sources."""
+    return native_prerequisite(NATIVE_BIN / "llama-perplexity", "native llama-perplexity")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_source() -> Path:
+    """The llama.cpp source tree of the pinned commit (unpacked by `make native`)."""
+    return native_prerequisite(LLAMA_CPP_SOURCE, "the llama.cpp source tree")
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,9 @@
 """localllm bench through the real CLI: short real runs on SmolLM2, every format, errors.
 
-No speed thresholds: figures must be positive and records complete. What the records
-say about the model is checked against llama.cpp's own llama-bench when it is built.
+No speed thresholds. What a record says is held against independent references: the
+arithmetic of tokens/s, KV cells and bytes and the roofline written out below from
+SmolLM2's published shape, llama.cpp's own llama-bench (its record and its buffer log) on
+the same model, and the machine's cache files.
 """
 
 from __future__ import annotations
@@ -10,18 +12,27 @@ import csv
 import io
 import json
 import os
+import re
+import statistics
 import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import REPO, SMOLLM2_SHA256
 
 from localllm.bench.record import EXTRA_FIELDS, LLAMA_BENCH_FIELDS
-from localllm.catalog import load_catalog
 
-REPO = Path(__file__).resolve().parents[1]
-NATIVE_BENCH = REPO / "benchmarks" / "build" / "bin" / "llama-bench"
 TINY = ["-p", "16", "-n", "4", "-r", "2", "-t", "1"]
-SMOLLM2_SHA256 = load_catalog().lookup("smollm2-135m").quant(None).sha256  # the verified file
+MIB = 1 << 20
+# SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json): 30 layers, 3 KV heads of 64 dims,
+# a 49152-token vocabulary, input and output embeddings tied (no output.weight tensor).
+# One token's f16 K and V: 30 layers x 3 heads x 64 dims x 2 bytes x 2 (K and V).
+SMOL_KV_PER_TOKEN = 30 * 3 * 64 * 2 * 2
+SMOL_VOCAB = 49152
+KV_PAD = 256  # llama.cpp pads the KV cache to 256 cells
 
 
 @pytest.fixture(scope="module")
@@ -78,59 +89,101 @@ def test_missing_model_is_one_line(cli, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ real runs
 
 
+def _mib2(n_bytes: float) -> str:
+    """Bytes as llama.cpp prints buffer sizes: MiB with two decimals."""
+    return f"{n_bytes / MIB:.2f}"
+
+
+def _cells(n_ctx: int) -> int:
+    return -(-n_ctx // KV_PAD) * KV_PAD
+
+
 @pytest.mark.slow
-def test_json_run_gives_positive_figures_and_complete_records(cli, bench_env: Path) -> None:
+def test_json_run_records_hold_against_arithmetic(cli, bench_env: Path) -> None:
     result = cli("bench", *TINY, "-o", "json")
     assert result.exit_code == 0, result.stderr
     records = json.loads(result.stdout)
     assert [(r["n_prompt"], r["n_gen"]) for r in records] == [(16, 0), (0, 4)]
+    cached = json.loads((Path(os.environ["LOCALLLM_CACHE"]) / "bandwidth.json").read_text())
     for r in records:
         assert list(r)[: len(LLAMA_BENCH_FIELDS)] == list(LLAMA_BENCH_FIELDS)
         assert set(EXTRA_FIELDS) <= set(r)
-        assert r["avg_ts"] > 0 and r["avg_ns"] > 0
-        assert len(r["samples_ns"]) == len(r["samples_ts"]) == 2
-        assert all(x > 0 for x in r["samples_ts"])
+        # llama-bench's statistics: tokens/s of each sample, their mean and sample stddev.
+        n_tokens = r["n_prompt"] + r["n_gen"]
+        assert len(r["samples_ns"]) == 2
+        # (floats are printed with 6 decimals, as llama-bench's std::to_string does)
+        ts = [n_tokens * 1e9 / ns for ns in r["samples_ns"]]
+        assert r["samples_ts"] == pytest.approx(ts, abs=1e-6)
+        assert r["avg_ts"] == pytest.approx(statistics.mean(ts), abs=1e-6)
+        assert r["stddev_ts"] == pytest.approx(statistics.stdev(ts), abs=1e-6)
+        assert r["avg_ns"] == int(statistics.mean(r["samples_ns"]))
         assert r["n_threads"] == 1 and r["n_batch"] == 2048 and r["flash_attn"] == -1
         assert r["n_ctx"] == r["n_prompt"] + r["n_gen"]
         assert r["model_sha256"] == SMOLLM2_SHA256
-        for key in ("peak_rss_bytes", "weights_bytes", "kv_bytes", "compute_bytes"):
-            assert r[key] > 0, key
-        assert r["bandwidth_bytes_per_s"] > 0
-        assert r["build_commit"] and r["cpu_info"] and r["backends"]
+        # The buffers as llama.cpp logs them (MiB, 2 decimals): the padded KV cache of f16
+        # K and V, and one row of f32 logits.
+        assert r["n_ctx_cells"] == _cells(r["n_ctx"]) == 256
+        assert _mib2(r["kv_bytes"]) == _mib2(SMOL_KV_PER_TOKEN * r["n_ctx_cells"]) == "5.62"
+        assert _mib2(r["output_bytes"]) == _mib2(SMOL_VOCAB * 4) == "0.19"
+        # Every weight is read while generating, and the file is mapped: all of it resident.
+        assert r["weights_bytes"] + r["kv_bytes"] <= r["peak_rss_bytes"] <= r["ram_bytes"]
+        assert [r["bandwidth_bytes_per_s"]] == [
+            pytest.approx(e["bytes_per_s"], abs=1) for e in cached.values()
+        ]
         assert r["warmup"] is True and r["repetitions"] == 2
     pp, tg = records
-    assert pp["roofline_fraction"] is None
-    assert tg["roofline_fraction"] > 0
-    # bytes per generated token: the (tied) weights plus the mean KV attended
-    assert tg["tg_bytes_per_token"] > tg["model_size"]
-    assert tg["roofline_ts"] == pytest.approx(
-        tg["bandwidth_bytes_per_s"] / tg["tg_bytes_per_token"], rel=1e-3
-    )
+    assert pp["tg_bytes_per_token"] is None and pp["roofline_fraction"] is None
+    # The roofline of tg4: the tied weights (all of model_size) plus the K and V of the
+    # cells each step attends to, 1 to 4: 2.5 cells on average.
+    per_token = tg["model_size"] + SMOL_KV_PER_TOKEN * (1 + 2 + 3 + 4) / 4
+    assert tg["tg_bytes_per_token"] == per_token
+    roof = tg["bandwidth_bytes_per_s"] / per_token
+    # (the record rounds them to 3 and 4 decimals)
+    assert tg["roofline_ts"] == pytest.approx(roof, abs=5e-4)
+    assert tg["roofline_fraction"] == pytest.approx(tg["avg_ts"] / roof, abs=5e-5)
+
+
+def _logged_mib(log: str, pattern: str) -> str:
+    """The MiB figure(s) llama.cpp logged on lines matching ``pattern``, summed, as printed."""
+    found = [float(m[1]) for m in re.finditer(pattern + r"\s*=\s*([\d.]+) MiB", log)]
+    assert found, pattern
+    return f"{sum(found):.2f}"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not NATIVE_BENCH.is_file(), reason="native llama-bench not built")
-def test_model_fields_match_native_llama_bench(cli, bench_env: Path, smollm2_path: Path) -> None:
+def test_model_fields_match_native_llama_bench(
+    cli, bench_env: Path, smollm2_path: Path, llama_bench_bin: Path
+) -> None:
+    """No -t on either side: the thread default is llama-bench's (physical cores)."""
     from localllm.runtime.library import choose_repack
 
     # Native llama-bench crashes on AMX CPUs unless told --repack 0, which localllm's
     # default chooses there by itself; both sides must run with the same value.
     repack = "1" if choose_repack(None).repack else "0"
     native = subprocess.run(
-        [str(NATIVE_BENCH), "-m", str(smollm2_path), "-p", "8", "-n", "0", "-r", "1",
-         "-t", "1", "--repack", repack, "-o", "json"],
+        [str(llama_bench_bin), "-m", str(smollm2_path), "-p", "8", "-n", "0", "-r", "1",
+         "--repack", repack, "-o", "json", "-v"],
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     theirs = json.loads(native.stdout)[0]
-    ours = json.loads(cli("bench", "-p", "8", "-n", "0", "-r", "1", "-t", "1", "-o", "json").stdout)
+    ours = json.loads(cli("bench", "-p", "8", "-n", "0", "-r", "1", "-o", "json").stdout)
     ours = ours[0]
     assert set(theirs) <= set(ours)
     same = [k for k in theirs if k not in ("build_commit", "build_number", "model_filename",
                                            "test_time", "avg_ns", "stddev_ns", "avg_ts",
                                            "stddev_ts", "samples_ns", "samples_ts")]  # fmt: skip
+    assert "n_threads" in same
     assert {k: ours[k] for k in same} == {k: theirs[k] for k in same}
     assert ours["build_commit"].startswith(theirs["build_commit"])
     assert [type(ours[k]) for k in theirs] == [type(theirs[k]) for k in theirs]
+    # The buffers as llama.cpp logged them for the same context, to its 0.01 MiB.
+    log = native.stderr
+    assert _mib2(ours["weights_bytes"]) == _logged_mib(log, r"model buffer size")
+    assert _mib2(ours["kv_bytes"]) == _logged_mib(log, r"KV buffer size")
+    assert _mib2(ours["compute_bytes"]) == _logged_mib(log, r"compute buffer size")
+    assert _mib2(ours["output_bytes"]) == _logged_mib(log, r"output buffer size")
+    cells = re.search(r"llama_kv_cache: size = .*\(\s*(\d+) cells", log)
+    assert cells is not None and ours["n_ctx_cells"] == int(cells[1])
 
 
 @pytest.mark.slow
@@ -139,7 +192,108 @@ def test_jsonl_sweep_streams_one_record_per_test(cli, bench_env: Path) -> None:
     assert result.exit_code == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["n_threads"], r["n_prompt"]) for r in records] == [(1, 8), (1, 16), (2, 8), (2, 16)]
-    assert all(r["avg_ts"] > 0 for r in records)
+    for r in records:  # one repetition: its tokens over its time
+        assert r["avg_ts"] == pytest.approx(r["n_prompt"] * 1e9 / r["samples_ns"][0], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_piped_rows_stream_as_each_test_ends(bench_env: Path, fmt: str) -> None:
+    """The pp row reaches the pipe while tg still runs: at least tg's timed samples
+    before the process ends (a run that printed everything at the end shows no gap)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localllm", "bench", "-p", "8", "-n", "96", "-r", "2", "-t", "1",
+         "-o", fmt],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    header = proc.stdout.readline() if fmt == "csv" else None
+    first = proc.stdout.readline()
+    first_at = time.monotonic()
+    rest, stderr = proc.communicate(timeout=300)
+    ended_at = time.monotonic()
+    assert proc.returncode == 0, stderr
+    if fmt == "csv":  # CSV carries no samples: two repetitions of avg_ns each
+        pp, tg = csv.DictReader(io.StringIO(f"{header}{first}{rest}"))
+    else:
+        pp, tg = json.loads(first), json.loads(rest)
+    tg_seconds = 2 * int(tg["avg_ns"]) / 1e9
+    assert (int(pp["n_prompt"]), int(tg["n_gen"])) == (8, 96)
+    assert ended_at - first_at >= tg_seconds > 0.2
+
+
+def _run_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[dict, list[int]]:
+    """``localllm bench ARGS -o jsonl`` in this process, counting llama_decode calls (the
+    real function runs; the counter only records each batch's token count)."""
+    import llama_cpp
+    from typer.testing import CliRunner
+
+    from localllm.cli import app
+
+    batches: list[int] = []
+    decode = llama_cpp.llama_decode
+
+    def counting(ctx: object, batch: Any) -> int:
+        batches.append(int(batch.n_tokens))
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", counting)
+    result = CliRunner().invoke(app, ["bench", *args, "-o", "jsonl"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()], batches
+
+
+@pytest.mark.slow
+def test_no_warmup_skips_the_warmup_decodes(
+    bench_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flags = ["-p", "16", "-n", "3", "-r", "1", "-t", "1"]
+    records, batches = _run_in_process(monkeypatch, *flags)
+    # llama-bench's warm-up: the whole prompt once, then one generated token; then the run.
+    assert batches == [16, 16, 1, 1, 1, 1]
+    assert [r["warmup"] for r in records] == [True, True]
+    records, batches = _run_in_process(monkeypatch, *flags, "--no-warmup")
+    assert batches == [16, 1, 1, 1]
+    assert [r["warmup"] for r in records] == [False, False]
+
+
+@pytest.mark.slow
+def test_bandwidth_and_sha256_come_from_the_cache_until_refreshed(
+    cli, store_with_smollm2: Path, smollm2_path: Path, tmp_path: Path, monkeypatch
+) -> None:
+    cache = tmp_path / "own-cache"
+    monkeypatch.setenv("LOCALLLM_CACHE", str(cache))
+    args = ("bench", "-p", "8", "-n", "0", "-r", "1", "-t", "1", "-o", "json")
+    first = json.loads(cli(*args).stdout)[0]
+    assert first["model_sha256"] == SMOLLM2_SHA256
+    # Plant other figures where the caches keep them (by machine; by path, size, mtime).
+    bandwidth = json.loads((cache / "bandwidth.json").read_text())
+    assert [e["bytes_per_s"] for e in bandwidth.values()] == [
+        pytest.approx(first["bandwidth_bytes_per_s"], abs=1)
+    ]
+    planted_bw = 1234567.0
+    for entry in bandwidth.values():
+        entry["bytes_per_s"] = planted_bw
+    (cache / "bandwidth.json").write_text(json.dumps(bandwidth))
+    hashes = json.loads((cache / "sha256.json").read_text())
+    entry = hashes[str(smollm2_path.resolve())]
+    stat = smollm2_path.stat()
+    assert (entry["sha256"], entry["size"], entry["mtime_ns"]) == (
+        SMOLLM2_SHA256, stat.st_size, stat.st_mtime_ns,
+    )  # fmt: skip
+    entry["sha256"] = "f" * 64
+    (cache / "sha256.json").write_text(json.dumps(hashes))
+
+    cached = json.loads(cli(*args).stdout)[0]
+    assert cached["bandwidth_bytes_per_s"] == planted_bw  # not measured again
+    assert cached["model_sha256"] == "f" * 64  # not hashed again
+    refreshed = json.loads(cli(*args, "--refresh-bandwidth").stdout)[0]
+    assert refreshed["bandwidth_bytes_per_s"] != planted_bw
+    stored = json.loads((cache / "bandwidth.json").read_text())
+    assert [e["bytes_per_s"] for e in stored.values()] == [
+        pytest.approx(refreshed["bandwidth_bytes_per_s"], abs=1)
+    ]
 
 
 @pytest.mark.slow
@@ -151,7 +305,9 @@ def test_csv_and_markdown_runs(cli, bench_env: Path) -> None:
     assert [(r["n_prompt"], r["n_gen"], r["n_batch"]) for r in rows] == [
         ("8", "0", "4"), ("0", "2", "4"), ("8", "2", "4"),
     ]  # fmt: skip
-    assert all(float(r["avg_ts"]) > 0 for r in rows)
+    for r in rows:  # one repetition: its tokens over its time
+        n_tokens = int(r["n_prompt"]) + int(r["n_gen"])
+        assert float(r["avg_ts"]) == pytest.approx(n_tokens * 1e9 / int(r["avg_ns"]), rel=1e-6)
     assert list(rows[0])[: len(LLAMA_BENCH_FIELDS)] == list(LLAMA_BENCH_FIELDS)
 
     result = cli("bench", *args)  # md is the default, as in llama-bench

@@ -18,6 +18,7 @@ PROMPT = ">>> "
 STATUS = re.compile(r"(\d+) in(?: \((\d+) new\))? · (\d+) out · .*?KV (\d+)/(\d+) cells[^\n]*\n")
 SYSTEM = "You are a helpful assistant."
 # Long questions with short replies fill a 256-token context in a few cheap turns.
+SLASHED = "/etc/hosts is a file. What is it for?"  # sent as "//etc/hosts ..."
 FILLER = "The quick brown fox jumps over the lazy dog near the river on a sunny day. " * 2
 
 
@@ -57,7 +58,7 @@ def _leave(child: pexpect.spawn, how: str) -> int:
     elif how == "intr":
         child.sendintr()
     else:
-        child.sendline("/exit")
+        child.sendline(how)  # /exit, /quit, /bye
     child.expect(pexpect.EOF)
     child.close()
     return child.exitstatus
@@ -103,10 +104,14 @@ def test_two_turns_keep_history_and_reset_forgets(
 
 
 def test_ctrl_c_mid_reply_stops_it_and_keeps_the_session(
-    store_with_smollm2: Path, tmp_path: Path
+    store_with_smollm2: Path, tmp_path: Path, cli
 ) -> None:
-    child = _spawn("--max-tokens", "160")
     ask = "Write a very long story about a dragon and a knight."
+    # First, that this reply would run all 160 tokens: a Ctrl-C that came after its end
+    # would then time out below instead of failing.
+    uncut = cli("chat", "-p", ask, "--temp", "0", "--seed", "5", "--max-tokens", "160", "--json")
+    assert json.loads(uncut.stdout)["finish_reason"] == "length", uncut.stderr
+    child = _spawn("--max-tokens", "160")
     child.sendline(ask)
     child.expect_exact(ask + "\r\n")  # the terminal's echo of the line
     child.expect(r"\w+\W+\w+")  # the reply is streaming
@@ -147,7 +152,8 @@ def test_overflow_drops_old_turns_and_says_so_once(
     statuses.append(_say(child, "And the number 7?"))
     saved = tmp_path / "overflow.json"
     _command(child, f"/save {saved}")
-    assert _leave(child, "exit") == 0
+    stats = re.sub(r"\x1b\[[0-9;]*m", "", _command(child, "/stats"))  # NO_COLOR keeps bold
+    assert _leave(child, "/bye") == 0
 
     # The user is told once, however many turns are dropped later.
     assert "".join(shown).count("is full: dropped the oldest") == 1
@@ -162,6 +168,9 @@ def test_overflow_drops_old_turns_and_says_so_once(
     # The last prompt was the system prompt plus the turns that were not dropped.
     in_context = [messages[0], *messages[1 + dropped : -1]]
     assert int(statuses[-1][1]) == _counts(smollm2_loaded, in_context)
+    # /stats counts what was dropped, and what is left (system prompt aside).
+    kept = len(messages) - 1 - dropped
+    assert re.search(rf"history\s+{kept} messages in context, {dropped} dropped to fit", stats)
 
 
 def test_multiline_input_and_help(store_with_smollm2: Path, tmp_path: Path) -> None:
@@ -169,24 +178,37 @@ def test_multiline_input_and_help(store_with_smollm2: Path, tmp_path: Path) -> N
     help_text = _command(child, "/help")
     for name in ("/help", "/reset", "/system", "/stats", "/save", "/exit", '"""'):
         assert name in help_text
+    shown = []
     child.sendline('"""')
     child.sendline("first line")
     child.sendline('second line"""')
     child.expect(STATUS)
+    shown.append(child.before)
     child.expect_exact(PROMPT)
     child.sendline("third \\")
     child.sendline("fourth")
     child.expect(STATUS)
+    shown.append(child.before)
+    child.expect_exact(PROMPT)
+    # A doubled slash sends the line as a message that starts with one slash.
+    child.sendline("/" + SLASHED)
+    child.expect(STATUS)
+    shown.append(child.before)
     child.expect_exact(PROMPT)
     assert "system: (none)" in _command(child, "/system")
     _command(child, "/system Be brief.")
-    stats = _command(child, "/stats")
+    stats = re.sub(r"\x1b\[[0-9;]*m", "", _command(child, "/stats"))  # NO_COLOR keeps bold
     assert "turns" in stats and "Be brief." in stats and "KV cache" in stats
     saved = tmp_path / "multi.json"
     _command(child, f"/save {saved}")
     assert "unknown command" in _command(child, "/nope")
-    assert _leave(child, "exit") == 0
+    assert _leave(child, "/exit") == 0
     data = json.loads(saved.read_text())
     users = [m["content"] for m in data["messages"] if m["role"] == "user"]
-    assert users == ["first line\nsecond line", "third \nfourth"]
+    assert users == ["first line\nsecond line", "third \nfourth", SLASHED]
     assert data["messages"][0] == {"role": "system", "content": "Be brief."}
+    # A reply that used its whole budget says so, one that ended by itself does not.
+    reasons = [turn["finish_reason"] for turn in data["turns"]]
+    assert "length" in reasons
+    for reason, text in zip(reasons, shown, strict=True):
+        assert ("[reply cut at --max-tokens 8]" in text) == (reason == "length"), text

