@@ -16,6 +16,10 @@ from typing import Any
 
 from localllm.errors import InvalidArgument, LocalLLMError
 from localllm.generation import ChatMessage
+from localllm.runtime.params import SamplingOptions
+
+# Chat's sampling defaults, the one source serve's requests default to.
+_CHAT = SamplingOptions()
 
 __all__ = [
     "COUNTERS",
@@ -38,11 +42,11 @@ class GenerationParams:
     """What one request asks for; defaults are chat's (``localllm chat``'s flags)."""
 
     max_tokens: int
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = _CHAT.temperature
+    top_p: float = _CHAT.top_p
+    top_k: int = _CHAT.top_k
+    min_p: float = _CHAT.min_p
+    repeat_penalty: float = _CHAT.repeat_penalty
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None  # None: a random draw

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from localllm.generation import ChatMessage
+from localllm.runtime.params import SamplingOptions
+
+# Chat's sampling defaults, the one source serve's requests default to.
+_CHAT = SamplingOptions()
 
 __all__ = [
     "ApiError",
@@ -84,11 +88,11 @@ def _invalid(param: str, message: str) -> ApiError:
 class Sampling:
     """The sampling fields shared by both endpoints, with chat's defaults."""
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = _CHAT.temperature
+    top_p: float = _CHAT.top_p
+    top_k: int = _CHAT.top_k
+    min_p: float = _CHAT.min_p
+    repeat_penalty: float = _CHAT.repeat_penalty
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
