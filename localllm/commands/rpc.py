@@ -79,9 +79,10 @@ def rpc_server_cmd(
     options.validate()
     if message := non_loopback_warning(options):
         warn(message)
-    server = serve(options)
-    note(f"RPC server listening on {server.endpoint}; Ctrl-C stops it")
     try:
+        # Clients (and Ctrl-C) may arrive as soon as the socket listens, before serve() returns.
+        server = serve(options)
+        note(f"RPC server listening on {server.endpoint}; Ctrl-C stops it")
         server.wait()
     except KeyboardInterrupt:
         note("stopped")
