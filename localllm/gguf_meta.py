@@ -25,6 +25,7 @@ from localllm.gguf_header import (
 from localllm.text import escape_untrusted
 
 __all__ = [
+    "RECURRENT_ARCHITECTURES",
     "ModelSpec",
     "QuantShare",
     "read_model_spec",
@@ -53,6 +54,10 @@ KEY_ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
 KEY_ROPE_SCALING_ORIG_CTX = "{arch}.rope.scaling.original_context_length"
 KEY_TOKENS = "tokenizer.ggml.tokens"
 KEY_CHAT_TEMPLATE = "tokenizer.chat_template"
+
+# llama.cpp's llm_arch_is_recurrent: no attention at all, one state per sequence. Their
+# converters write head_count 0 ("required by llama.cpp, unused").
+RECURRENT_ARCHITECTURES = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
 
 # llama.cpp's default when a Llama-family GGUF carries no rope.freq_base.
 DEFAULT_ROPE_FREQ_BASE = 10000.0
@@ -107,12 +112,19 @@ class ModelSpec:
         return self.head_dim_v if self.head_dim_v is not None else self.head_dim
 
     @property
+    def has_attention(self) -> bool:
+        """False for a recurrent model (Mamba, RWKV): no heads, no KV cache."""
+        return self.n_heads > 0
+
+    @property
     def gqa_group(self) -> float:
-        """Query heads that share one KV head: 1 is MHA, n_heads is MQA."""
-        return self.n_heads / self.n_kv_heads
+        """Query heads that share one KV head: 1 is MHA, n_heads is MQA (0: no attention)."""
+        return self.n_heads / self.n_kv_heads if self.n_kv_heads else 0.0
 
     @property
     def attention_kind(self) -> str:
+        if not self.has_attention:
+            return "none"
         if self.n_kv_heads == self.n_heads:
             return "MHA"
         if self.n_kv_heads == 1:
@@ -246,13 +258,16 @@ def spec_from_header(
     n_embd = keys.required_int(KEY_EMBEDDING_LENGTH)
     n_ctx_train = keys.required_int(KEY_CONTEXT_LENGTH)
     n_heads = keys.required_int(KEY_HEAD_COUNT)
-    if min(n_layers, n_embd, n_heads, n_ctx_train) <= 0:
+    # Recurrent models (Mamba, RWKV) have no attention: their converters write 0 heads.
+    attention_free = n_heads == 0 and keys.arch in RECURRENT_ARCHITECTURES
+    if min(n_layers, n_embd, n_ctx_train) <= 0 or (n_heads <= 0 and not attention_free):
         raise InvalidModelFile(
             f"{path} has non-positive sizes (layers {n_layers}, embd {n_embd}, "
             f"heads {n_heads}, context {n_ctx_train})"
         )
-    n_kv_heads, kv_per_layer = _kv_heads(keys, n_heads)
-    head_dim = keys.get(KEY_KEY_LENGTH)
+    # No heads: no KV heads either (RWKV6-Qwen2 writes some, its state does not use them).
+    n_kv_heads, kv_per_layer = _kv_heads(keys, n_heads) if n_heads else (0, None)
+    head_dim = keys.get(KEY_KEY_LENGTH) if n_heads else 0
     n_ff = keys.get(KEY_FEED_FORWARD_LENGTH)
     if isinstance(n_ff, list):
         n_ff = max(n_ff) if n_ff else None
@@ -271,7 +286,7 @@ def spec_from_header(
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=int(head_dim) if head_dim is not None else n_embd // n_heads,
-        head_dim_v=_optional_int(keys.get(KEY_VALUE_LENGTH)),
+        head_dim_v=_optional_int(keys.get(KEY_VALUE_LENGTH)) if n_heads else None,
         n_embd=n_embd,
         n_ff=_optional_int(n_ff),
         vocab_size=_vocab_size(keys),

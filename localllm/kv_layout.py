@@ -4,8 +4,9 @@ llama.cpp decides this at load, per architecture (``load_arch_hparams`` in
 src/models/<arch>.cpp, ``llama_model::create_memory``, llama-hparams.cpp): which layers
 keep a KV cache and how wide its K and V rows are (heads x key/value length, per layer;
 MLA keeps only the compressed latent as K), which attend to a sliding window and so live
-in a cache sized to it, which keep a recurrent state instead, and which add an indexer
-key cache (sparse attention). This module holds those rules, so the arithmetic of
+in a cache sized to it, which keep a recurrent state instead (with Qwen4-exp's PLE
+history row), which add an indexer key cache (sparse attention), and DeepSeek-V4's
+compressed K caches and compressor states. This module holds those rules, so the arithmetic of
 :mod:`localllm.memory` can size every cache without loading the model.
 """
 
@@ -15,10 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from localllm.gguf_meta import ModelSpec
+from localllm.gguf_meta import RECURRENT_ARCHITECTURES, ModelSpec
 
 __all__ = [
     "AttentionLayer",
+    "CompressedCache",
+    "CompressorState",
     "MemoryLayout",
     "layout_from_header",
     "layout_from_spec",
@@ -37,6 +40,29 @@ class AttentionLayer:
 
 
 @dataclass(frozen=True)
+class CompressedCache:
+    """A K-only cache of one row per ``ratio`` positions (DeepSeek-V4's CSA/HCA, its indexer).
+
+    llama_kv_cache_dsv4 sizes it ``pad256(max(1, ceil(cells / ratio)))`` cells per stream.
+    """
+
+    kind: str  # compressed | indexer
+    ratio: int
+    layers: tuple[AttentionLayer, ...]
+
+
+@dataclass(frozen=True)
+class CompressorState:
+    """DeepSeek-V4's compressor state of the layers with one ratio: an f32 kv and an f32
+    score tensor per layer, ``width`` x ``rows`` per stream (llama_dsv4_comp_state)."""
+
+    ratio: int
+    rows: int
+    width: int
+    layers: int
+
+
+@dataclass(frozen=True)
 class MemoryLayout:
     """What every layer of a model keeps in llama.cpp's memory modules."""
 
@@ -51,6 +77,10 @@ class MemoryLayout:
     v_max: int = 0  # widest V row of any layer: the transposed V cache's width without FA
     unmodelled: str | None = None  # a memory module localllm does not size (approximate)
     n_expert: int = 0  # mixture of experts: a different feed-forward graph (compute buffer)
+    p_layers: int = 0  # recurrent layers that also keep a PLE history row (Qwen4-exp)
+    p_elements: int = 0  # per such layer and sequence (f32): llama-hparams' ple_conv_state
+    compressed: tuple[CompressedCache, ...] = ()  # DeepSeek-V4
+    compressor_states: tuple[CompressorState, ...] = ()  # DeepSeek-V4
 
     @property
     def has_swa(self) -> bool:
@@ -65,7 +95,7 @@ _NO_MEMORY = frozenset(
         "llada-moe", "rnd1",
     }
 )  # fmt: skip
-_RECURRENT = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
+_RECURRENT = RECURRENT_ARCHITECTURES
 # Hybrids whose recurrent layers are the ones without KV heads.
 _RECURRENT_WHERE_NO_KV = frozenset(
     {"jamba", "granitehybrid", "plamo2", "lfm2", "lfm2moe", "kimi-linear", "kimi-k3",
@@ -85,6 +115,7 @@ class _SwaRule:
     needs_window_key: bool = False  # SWA only when sliding_window > 0 is in the file
     fixed_window: int = 0  # llama.cpp overrides the file's window with this
     swa_type: str = "standard"
+    pattern_key: bool = True  # load_swa_pattern: the file's sliding_window_pattern wins
 
 
 _SWA_RULES: dict[str, _SwaRule] = {
@@ -109,6 +140,9 @@ _SWA_RULES: dict[str, _SwaRule] = {
     "spark2_5": _SwaRule(),
     "step35": _SwaRule(),
     "dots3note": _SwaRule(),
+    "deepseek4": _SwaRule(
+        pattern_key=False
+    ),  # every trunk layer slides; the compressed caches see further
     "llama4": _SwaRule(4, fixed_window=8192, swa_type="chunked"),
 }
 
@@ -161,7 +195,7 @@ def recurrent_widths(
 
 
 def _swa_flags(keys: _Keys, rule: _SwaRule, n_layer: int) -> list[bool]:
-    pattern = keys.raw("attention.sliding_window_pattern")
+    pattern = keys.raw("attention.sliding_window_pattern") if rule.pattern_key else None
     if isinstance(pattern, list):
         return [bool(v) for v in pattern[:n_layer]] + [False] * (n_layer - len(pattern))
     period = int(pattern) if isinstance(pattern, int) else rule.period
@@ -266,6 +300,7 @@ def layout_from_header(kv: Mapping[str, Any]) -> MemoryLayout:
     key_swa = keys.int("attention.key_length_swa", key_len)
     value_swa = keys.int("attention.value_length_swa", value_len)
     mla = bool(keys.raw("attention.key_length_mla") and keys.raw("attention.value_length_mla"))
+    mla = mla or arch == "deepseek4"  # dsv4_make_k_only: K-only rows, as MLA
     recurrent = _recurrent_flags(keys, arch, n_layer_all, kv_heads)
     swa_type, n_swa, swa = _window(keys, arch, n_layer_all, recurrent)
     keep = _attention_filter(keys, arch, recurrent)
@@ -288,11 +323,9 @@ def layout_from_header(kv: Mapping[str, Any]) -> MemoryLayout:
     r = s = 0
     if n_recurrent:
         r, s = recurrent_widths(lambda name: keys.int(name), arch, n_embd, n_head)
-    unmodelled = None
-    if arch == "deepseek4":
-        unmodelled = "DeepSeek-V4's compressed caches and compressor states"
-    elif arch == "qwen4exp":
-        unmodelled = "Qwen4-exp's per-layer-embedding history in the recurrent state"
+    p_layers, p_elements = _ple_rows(keys, arch, n_embd, recurrent[:n_layer])
+    head_k = key_swa if swa[0] else key_len  # llama.cpp's n_embd_head_k(): layer 0's
+    compressed, states = _dsv4_caches(keys, arch, tuple(attention), head_k)
     return MemoryLayout(
         architecture=arch,
         attention=tuple(attention),
@@ -303,9 +336,60 @@ def layout_from_header(kv: Mapping[str, Any]) -> MemoryLayout:
         r_elements=r,
         s_elements=s,
         v_max=v_max,
-        unmodelled=unmodelled,
         n_expert=keys.int("expert_count"),
+        p_layers=p_layers,
+        p_elements=p_elements,
+        compressed=compressed,
+        compressor_states=states,
     )
+
+
+def _ple_rows(keys: _Keys, arch: str, n_embd: int, recurrent: list[bool]) -> tuple[int, int]:
+    """Recurrent layers with a PLE history row and its elements (llama-hparams'
+    ple_conv_state: (conv_kernel - 1) x ngram x hyper-connections x n_embd); Qwen4-exp only."""
+    listed = keys.raw("ple.layers")
+    if arch != "qwen4exp" or not isinstance(listed, list) or not listed:
+        return 0, 0
+    ngram, kernel = keys.int("ple.ngram_size"), keys.int("ple.conv_kernel")
+    if (ngram - 1) * keys.int("ple.heads_per_ngram") <= 0 or kernel <= 0:
+        return 0, 0
+    # The loader refuses a PLE layer that is not recurrent; count only those anyway.
+    layers = sum(1 for il in set(listed) if 0 <= il < len(recurrent) and recurrent[il])
+    return layers, (kernel - 1) * ngram * keys.int("hyper_connection.count") * n_embd
+
+
+_DSV4_CSA, _DSV4_HCA = 4, 128  # llama-kv-cache-dsv4.cpp's compression ratios
+
+
+def _dsv4_caches(
+    keys: _Keys, arch: str, attention: tuple[AttentionLayer, ...], head_k: int
+) -> tuple[tuple[CompressedCache, ...], tuple[CompressorState, ...]]:
+    """DeepSeek-V4's compressed K caches and compressor states (llama_kv_cache_dsv4);
+    none for other architectures.
+
+    Layers with compress ratio 4 (CSA) keep a compressed K and a lightning-indexer key
+    (one head of indexer.key_length) per 4 positions; ratio 128 (HCA) a compressed K per
+    128. Each has a compressor state: CSA 8 rows of 2 x head_k, HCA 128 rows of head_k,
+    the indexer 8 rows of 2 x its key length.
+    """
+    if arch != "deepseek4":
+        return (), ()
+    ratios = keys.per_layer("attention.compress_ratios", [0] * keys.n_layer)
+    csa = tuple(a for a in attention if ratios[a.index] == _DSV4_CSA)
+    hca = tuple(a for a in attention if ratios[a.index] == _DSV4_HCA)
+    index_k = keys.int("attention.indexer.key_length")
+    lid = tuple(AttentionLayer(a.index, index_k, 0, a.swa) for a in csa)
+    caches = (
+        CompressedCache("compressed", _DSV4_CSA, csa),
+        CompressedCache("compressed", _DSV4_HCA, hca),
+        CompressedCache("indexer", _DSV4_CSA, lid),
+    )
+    states = (
+        CompressorState(_DSV4_CSA, 2 * _DSV4_CSA, 2 * head_k, len(csa)),
+        CompressorState(_DSV4_HCA, _DSV4_HCA, head_k, len(hca)),
+        CompressorState(_DSV4_CSA, 2 * _DSV4_CSA, 2 * index_k, len(csa)),
+    )
+    return caches, states
 
 
 def layout_from_spec(spec: ModelSpec) -> MemoryLayout:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from localllm.errors import InvalidArgument
 from localllm.ggml_types import KV_CACHE_TYPES, kv_type_block
 from localllm.gguf_meta import ModelSpec
-from localllm.graph_memory import REPLAYED_ARCHITECTURES, GraphShape, replay_compute_bytes
+from localllm.graph_archs import graph_shape, replay_compute_bytes
 from localllm.kv_layout import AttentionLayer, MemoryLayout, layout_from_spec
 from localllm.text import escape_untrusted
 
@@ -140,14 +140,14 @@ def check_kv_types(spec: ModelSpec, type_k: str, type_v: str) -> None:
 class CachePlan:
     """One memory module of a context, as llama.cpp would allocate it."""
 
-    kind: str  # kv | swa | indexer | recurrent
-    cells: int  # per stream; recurrent: state rows (one per sequence)
+    kind: str  # kv | swa | indexer | compressed | recurrent | state (DeepSeek-V4 compressor)
+    cells: int  # per stream; recurrent: state rows (one per sequence); state: its rows
     streams: int
     layers: int
     k_bytes: int = 0
     v_bytes: int = 0
-    r_bytes: int = 0  # recurrent: conv / token-shift states
-    s_bytes: int = 0  # recurrent: SSM / wkv states
+    r_bytes: int = 0  # recurrent: conv / token-shift states (+ PLE history); state: kv
+    s_bytes: int = 0  # recurrent: SSM / wkv states; state: scores
 
     @property
     def bytes(self) -> int:
@@ -224,14 +224,42 @@ def plan_kv(
         caches.append(
             _attention_cache("indexer", list(layout.indexer), cells, n_seq, types, index_v)
         )
+    caches.extend(_compressed_caches(layout, cells, n_seq, types))
     if layout.recurrent_layers:
         rows = max(1, n_seq)  # one state per sequence, whatever the context
-        per_row = layout.recurrent_layers * rows * _F32
+        per_row = rows * _F32
+        # Qwen4-exp's PLE history is its own f32 tensor beside R; counted with R, as
+        # llama.cpp's dry-run log adds its "P" figure to the conv states.
+        r = per_row * (layout.recurrent_layers * layout.r_elements
+                       + layout.p_layers * layout.p_elements)  # fmt: skip
+        s = per_row * layout.recurrent_layers * layout.s_elements
         caches.append(
-            CachePlan("recurrent", rows, 1, layout.recurrent_layers,
-                      r_bytes=per_row * layout.r_elements, s_bytes=per_row * layout.s_elements)
-        )  # fmt: skip
+            CachePlan("recurrent", rows, 1, layout.recurrent_layers, r_bytes=r, s_bytes=s)
+        )
     return KVPlan(tuple(caches), cells * n_seq)
+
+
+def _compressed_caches(
+    layout: MemoryLayout, cells: int, n_seq: int, types: tuple[str, str]
+) -> list[CachePlan]:
+    """DeepSeek-V4's compressed K caches and compressor states (llama_kv_cache_dsv4).
+
+    Each compressed cache holds ``pad256(max(1, ceil(cells / ratio)))`` cells per stream;
+    the compressor states are f32 and, like the caches, one stream per sequence even with
+    a unified KV cache (the dsv4 cache forces them per sequence).
+    """
+    out = []
+    for cache in layout.compressed:
+        if cache.layers:
+            comp_cells = _pad(max(1, -(-cells // cache.ratio)))
+            out.append(_attention_cache(cache.kind, list(cache.layers), comp_cells, n_seq, types,
+                                        None))  # fmt: skip
+    for state in layout.compressor_states:
+        if state.layers:
+            half = state.layers * state.rows * state.width * n_seq * _F32  # kv, then score
+            out.append(CachePlan("state", state.rows, n_seq, state.layers, r_bytes=half,
+                                 s_bytes=half))  # fmt: skip
+    return out
 
 
 def layout_bytes_per_token(
@@ -326,15 +354,18 @@ def compute_buffer_bytes(
     *,
     flash_attn: bool = True,
     layout: MemoryLayout | None = None,
+    swa_full: bool = False,
 ) -> ComputeEstimate | None:
     """ggml's compute buffer for the worst-case micro-batch, or None without a vocab size.
 
-    For the architectures :mod:`localllm.graph_memory` replays (dense llama and qwen2:
-    ``layout`` from the GGUF says whether it has experts; without one, every layer alike),
-    the allocator's walk over llama.cpp's own graph: the buffer to the byte, give or take
-    the tensors too small to matter (phase "replayed"). For the others, an estimate: the peak
-    of live tensors while the graph for ``shape.n_tokens`` tokens runs (the pp graph of
-    sched_reserve, one output row per token), where two moments compete:
+    For the architectures :mod:`localllm.graph_archs` replays (llama, qwen2, phi3, gemma2,
+    gemma3, ...: ``layout`` from the GGUF gives the sliding-window layers; experts' sizes
+    come from the GGUF at ``spec.path``), the allocator's walk over llama.cpp's own graph:
+    the buffer to the byte, give or take the tensors too small to matter (phase
+    "replayed"); ``swa_full`` sizes the sliding-window cache as llama.cpp's flag does. For
+    the others, an estimate: the peak of live tensors while the graph for
+    ``shape.n_tokens`` tokens runs (the pp graph of sched_reserve, one output row per
+    token), where two moments compete:
 
     - the output: f32 logits for every token (n_vocab x n_tokens) while the final norm's
       input and output (n_embd x n_tokens each) are still live;
@@ -347,11 +378,16 @@ def compute_buffer_bytes(
         return None
     t = shape.n_tokens
     n_kv = shape.cells_per_seq  # each stream attends over its own cells
-    dense = layout is None or not layout.n_expert
-    if spec.n_ff and dense and spec.architecture in REPLAYED_ARCHITECTURES:
-        graph = GraphShape(spec.architecture, spec.n_layers, spec.n_embd, spec.n_heads,
-                           spec.n_kv_heads, spec.head_dim, spec.n_ff, spec.vocab_size)  # fmt: skip
-        replayed = replay_compute_bytes(graph, t, n_kv, flash_attn, shape.n_outputs or t)
+    graph = graph_shape(spec, layout)
+    if graph is not None:
+        # The sliding-window cache: the window plus a micro-batch, padded (plan_kv's rule).
+        n_kv_swa = n_kv
+        if layout is not None and layout.has_swa and not swa_full:
+            n_kv_swa = _pad(min(n_kv, layout.n_swa + shape.n_ubatch))
+        replayed = replay_compute_bytes(
+            graph, t, n_kv, flash_attn, shape.n_outputs or t, n_kv_swa=n_kv_swa,
+            n_seq=shape.n_seq,
+        )  # fmt: skip
         if replayed is not None:
             return ComputeEstimate(replayed, "replayed", replayed, replayed)
     t_per_seq = t // shape.n_seq

@@ -155,7 +155,8 @@ class MemoryPlanner:
         estimate = plan_kv(layout, ctx, batch, type_k=type_k, type_v=type_v,
                            flash_attn=s.flash_attn, n_ubatch=shape.n_ubatch,
                            swa_full=s.swa_full)  # fmt: skip
-        compute = compute_buffer_bytes(spec, shape, flash_attn=s.flash_attn, layout=layout)
+        compute = compute_buffer_bytes(spec, shape, flash_attn=s.flash_attn, layout=layout,
+                                       swa_full=s.swa_full)  # fmt: skip
         est_compute = compute.bytes if compute else None
         other = None
         if layout.has_swa:

@@ -155,15 +155,15 @@ def _apply_flags(spec: ModelSpec, flags: ArchFlags) -> ModelSpec:
 
 
 def _check_arch(spec: ModelSpec) -> None:
-    for label, value in (
-        ("--layers", spec.n_layers),
-        ("--heads", spec.n_heads),
-        ("--kv-heads", spec.n_kv_heads),
-        ("--head-dim", spec.head_dim),
-    ):
+    checks = [("--layers", spec.n_layers)]
+    # A recurrent GGUF (no heads) passes; flags that add heads to it are checked.
+    if spec.has_attention or spec.n_kv_heads or spec.source == "flags":
+        checks += [("--heads", spec.n_heads), ("--kv-heads", spec.n_kv_heads),
+                   ("--head-dim", spec.head_dim)]  # fmt: skip
+    for label, value in checks:
         if value <= 0:
             raise InvalidArgument(f"{label} {value} must be at least 1")
-    if spec.n_kv_heads > spec.n_heads or spec.n_heads % spec.n_kv_heads:
+    if spec.n_kv_heads and (spec.n_kv_heads > spec.n_heads or spec.n_heads % spec.n_kv_heads):
         raise InvalidArgument(
             f"--kv-heads {spec.n_kv_heads} must divide --heads {spec.n_heads} "
             f"(each KV head serves a whole group of query heads; 1 is MQA, {spec.n_heads} MHA)"

@@ -31,17 +31,20 @@ def render_kv_calc(result: KVCalcResult) -> None:
     head.add_column(style="label")
     head.add_column()
     head.add_row("model", Text(f"{safe(facts.label, 80)} ({facts.source})"))
-    head.add_row(
-        "attention",
-        f"{spec.n_layers} layers, {spec.n_heads} heads, {spec.n_kv_heads} KV heads "
-        f"({spec.attention_kind}, group {spec.gqa_group:g}), head dim {spec.head_dim}",
-    )
-    head.add_row(
-        "KV per token",
-        f"{format_bytes(result.per_token_bytes)}; as MHA "
-        f"{format_bytes(round(result.per_token_bytes * result.gqa_saving_factor))}: "
-        f"GQA saves {result.gqa_saving_factor:g}x",
-    )
+    if not spec.has_attention:  # Mamba, RWKV: a fixed-size state per sequence, no KV
+        head.add_row("attention", f"{spec.n_layers} layers, none (a recurrent state)")
+    else:
+        head.add_row(
+            "attention",
+            f"{spec.n_layers} layers, {spec.n_heads} heads, {spec.n_kv_heads} KV heads "
+            f"({spec.attention_kind}, group {spec.gqa_group:g}), head dim {spec.head_dim}",
+        )
+        head.add_row(
+            "KV per token",
+            f"{format_bytes(result.per_token_bytes)}; as MHA "
+            f"{format_bytes(round(result.per_token_bytes * result.gqa_saving_factor))}: "
+            f"GQA saves {result.gqa_saving_factor:g}x",
+        )
     layout = result.layout
     if layout.has_swa:
         sliding = sum(a.swa for a in layout.attention)

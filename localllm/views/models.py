@@ -79,11 +79,14 @@ def render_info(info: ModelInfo) -> None:
         )
         row("quant mix", mix)
     row("layers", str(spec.n_layers))
-    row(
-        "attention",
-        f"{spec.n_heads} heads, {spec.n_kv_heads} KV heads ({spec.attention_kind}, "
-        f"group {spec.gqa_group:g}), head dim {spec.head_dim}",
-    )
+    if spec.has_attention:
+        row(
+            "attention",
+            f"{spec.n_heads} heads, {spec.n_kv_heads} KV heads ({spec.attention_kind}, "
+            f"group {spec.gqa_group:g}), head dim {spec.head_dim}",
+        )
+    else:  # Mamba, RWKV
+        row("attention", "none (a recurrent state per sequence)")
     row("embedding / FFN", f"{spec.n_embd} / {spec.n_ff if spec.n_ff else '?'}")
     row("vocabulary", str(spec.vocab_size) if spec.vocab_size else "?")
     row("trained context", f"{spec.n_ctx_train} tokens")
