@@ -29,6 +29,7 @@ __all__ = [
     "KVCalcRequest",
     "KVCalcResult",
     "KVRow",
+    "fit_verdict",
     "kv_calc",
 ]
 
@@ -212,7 +213,8 @@ class KVCalcResult:
         return data
 
 
-def _verdict(total: int, available: int | None) -> str:
+def fit_verdict(total: int, available: int | None) -> str:
+    """fits (within 85% of what is there), tight (within all of it), too big, or unknown."""
     if available is None:
         return "unknown"
     if total <= available * FIT_SHARE:
@@ -274,7 +276,7 @@ class _Rows:
         key = (ctx, batch, *pair)
         if key not in self.cache:
             self.cache[key] = self._row(self.planner.plan(ctx, batch, *pair))
-        return replace(self.cache[key], verdict=_verdict(self.cache[key].total_bytes, available))
+        return replace(self.cache[key], verdict=fit_verdict(self.cache[key].total_bytes, available))
 
     def _row(self, mem: ContextMemory) -> KVRow:
         spec, layout = self.facts.spec, self.facts.memory_layout

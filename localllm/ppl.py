@@ -34,6 +34,7 @@ from localllm.rope import RopePlan, plan_rope
 from localllm.runtime.llama import LoadedModel, load_model
 from localllm.runtime.logits import bos_policy, score_chunk
 from localllm.runtime.params import LoadOptions
+from localllm.split_plan import check_split_load
 
 __all__ = [
     "BUILTIN_TEXT_NAME",
@@ -183,7 +184,9 @@ def iter_perplexity(
         n_ubatch=min(512, n_batch),
         rope=plan.params,
     )
-    if memory_check:
+    if memory_check and options.rpc:
+        check_split_load(resolved.alias or path.name, path, options)
+    elif memory_check:
         check_load_fits(_memory_plan(resolved.alias or path.name, spec, options, plan))
     if message := threads_warning(options.n_threads):
         yield Notice(message)

@@ -405,7 +405,8 @@ def test_split_model_generates_exactly_as_local(smollm2_path: Path, rpc_servers)
 
     from localllm.runtime.llama import load_model
     from localllm.runtime.params import LoadOptions
-    from localllm.runtime.rpc import add_rpc_servers, model_devices, parse_placement
+    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_plan import parse_placement
 
     servers = rpc_servers(2)
     devices = add_rpc_servers([s.endpoint for s in servers])
@@ -475,15 +476,17 @@ def test_perplexity_through_rpc_equals_local(smollm2_path: Path, rpc_servers) ->
 
 @pytest.mark.slow
 def test_dry_run_places_layers_without_sending_weights(smollm2_path: Path, rpc_servers) -> None:
+    from localllm.runtime.dry_run import DryRunSettings
     from localllm.runtime.llama import load_model
     from localllm.runtime.params import LoadOptions
-    from localllm.runtime.rpc import add_rpc_servers, dry_run_placement, model_devices
+    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_plan import SplitDryRun
 
     servers = rpc_servers(2)
     proxies = [CountingProxy(s.endpoint) for s in servers]
     devices = add_rpc_servers([p.endpoint for p in proxies])
-    context = {"n_ctx": 512, "n_batch": 512, "n_ubatch": 512}
-    shares = dry_run_placement(smollm2_path, devices, n_gpu_layers=20, context=context)
+    with SplitDryRun(smollm2_path, devices, n_gpu_layers=20) as dry:
+        shares = dry.plan(DryRunSettings(512)).shares
     sent_planning = sum(p.sent for p in proxies)
 
     by_name = {s.device: s for s in shares}

@@ -27,6 +27,7 @@ __all__ = [
     "BenchResult",
     "Environment",
     "MemoryFigures",
+    "RpcSplit",
     "describe_environment",
     "format_csv_header",
     "format_csv_row",
@@ -140,6 +141,8 @@ EXTRA_FIELDS = (
     "model_sha256",
     "synthetic",
     "synthetic_source",
+    "rpc_servers",
+    "layer_split",
 )
 
 
@@ -177,6 +180,36 @@ class MemoryFigures:
 
 
 @dataclass(frozen=True)
+class RpcSplit:
+    """A model measured across llama.cpp RPC servers: who held which layers."""
+
+    endpoints: tuple[str, ...]
+    n_gpu_layers: int
+    tensor_split: tuple[float, ...]
+    layers: tuple[tuple[str, tuple[int, ...]], ...]  # (device, layers); output = n_layer
+
+    @property
+    def tensor_split_field(self) -> str:
+        """llama-bench's tensor_split: each share as %.2f, joined by "/"; "0.00" unset."""
+        return "/".join(f"{x:.2f}" for x in self.tensor_split) or "0.00"
+
+    @property
+    def layer_split_field(self) -> str:
+        """Each device and its layer range: "CPU 0-10/RPC0[127.0.0.1:50052] 11-30"."""
+        return "/".join(f"{device} {_ranges(layers)}" for device, layers in self.layers if layers)
+
+
+def _ranges(values: Sequence[int]) -> str:
+    out: list[str] = []
+    for v in sorted(values):
+        if out and out[-1].split("-")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ",".join(out)
+
+
+@dataclass(frozen=True)
 class BenchResult:
     """One finished test: its samples and everything needed to make its record."""
 
@@ -204,6 +237,7 @@ class BenchResult:
     swa_full: bool = False  # the sliding-window cache at full size (llama-bench: no)
     plan: MemoryFigures | None = None  # the plan before loading (llama.cpp's dry run)
     synthetic: str | None = None  # random weights: where their tensor table came from
+    split: RpcSplit | None = None  # layers on llama.cpp RPC servers (--rpc)
 
     # -- llama-bench's statistics (avg and stdev in llama-bench.cpp)
     @property
@@ -268,6 +302,10 @@ class BenchResult:
             "repack": self.repack,
             **_FIXED_FIELDS,
         }
+        if self.split is not None:  # as llama-bench --rpc records them
+            values["backends"] = "RPC"
+            values["n_gpu_layers"] = self.split.n_gpu_layers
+            values["tensor_split"] = self.split.tensor_split_field
         record = {name: values[name] for name in LLAMA_BENCH_FIELDS}
         record["samples_ns"] = list(self.samples_ns)
         record["samples_ts"] = [round(x, 6) for x in self.samples_ts]
@@ -313,6 +351,8 @@ class BenchResult:
             "model_sha256": env.model_sha256,
             "synthetic": self.synthetic is not None,
             "synthetic_source": self.synthetic,
+            "rpc_servers": ",".join(self.split.endpoints) if self.split else None,
+            "layer_split": self.split.layer_split_field if self.split else None,
         }
 
 

@@ -66,6 +66,9 @@ class _BenchFlags:
     synthetic: bool = False
     quant: str | None = None
     keep_synthetic: str | None = None
+    rpc: tuple[str, ...] = ()  # checked endpoints (commands.rpc.parse_rpc)
+    gpu_layers: int = -1
+    tensor_split: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class BenchRequest:
     quant: str | None = None  # a preset's quantization, with synthetic
     keep_synthetic: Path | None = None  # keep the synthetic file here
     hash_model: bool = True  # a synthetic file's sha256 says nothing: it is not hashed
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC servers whose devices take layers
+    n_gpu_layers: int = -1  # with rpc: layers on their devices (-1: all)
+    tensor_split: tuple[float, ...] = ()  # with rpc: the devices' shares
 
     @classmethod
     def from_flags(cls, model: str | None = None, **flags: Any) -> BenchRequest:
@@ -144,6 +150,9 @@ class BenchRequest:
             synthetic=f.synthetic,
             quant=f.quant,
             keep_synthetic=_keep_path(f.keep_synthetic, f.synthetic),
+            rpc=f.rpc,
+            n_gpu_layers=f.gpu_layers,
+            tensor_split=f.tensor_split,
         )
         request.tests()  # every combination checked before anything loads
         return request

@@ -15,7 +15,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from localllm.bench.record import BenchResult, Environment, MemoryFigures
+from localllm.bench.record import BenchResult, Environment, MemoryFigures, RpcSplit
 from localllm.bench.request import BenchRequest, BenchTest
 from localllm.errors import InvalidArgument
 from localllm.fileio import cached_sha256
@@ -38,6 +38,8 @@ from localllm.resolver import require_local_file, resolve_model
 from localllm.rope import RopePlan, plan_rope
 from localllm.runtime.library import LlamaBuild, choose_repack, llama_build
 from localllm.runtime.llama_bench import BenchModel, ContextConfig
+from localllm.runtime.params import LoadOptions
+from localllm.split_plan import check_split_load
 
 __all__ = [
     "BenchEvent",
@@ -123,7 +125,10 @@ def run_bench(request: BenchRequest, *, swa_full: bool = False) -> Iterator[Benc
     spec = read_model_spec(path)
     plan, ropes = _plan(request, tests, path, spec)
     memory = _memory_plans(resolved.alias or path.name, spec, tests, request, swa_full)
-    if request.memory_check:
+    if request.memory_check and request.rpc:
+        for shape in sorted(memory, reverse=True):  # each host's share, on its own memory
+            check_split_load(resolved.alias or path.name, path, _split_options(request, shape))
+    elif request.memory_check:
         for shape in sorted(memory, reverse=True):
             check_load_fits(memory[shape])
     repack = choose_repack(request.repack)
@@ -134,7 +139,11 @@ def run_bench(request: BenchRequest, *, swa_full: bool = False) -> Iterator[Benc
     bandwidth = memory_bandwidth(refresh=request.refresh_bandwidth)
     yield BenchProgress("loading")
     results: list[BenchResult] = []
-    with BenchModel(path, repack=repack.repack) as model:
+    with BenchModel(
+        path, repack.repack, rpc=request.rpc, n_gpu_layers=request.n_gpu_layers,
+        tensor_split=request.tensor_split,
+    ) as model:  # fmt: skip
+        split = _split(request, model)
         yield BenchProgress("hashing")
         environment = _environment(llama_build(), path, hash_model=request.hash_model)
         measured = _Measured(bandwidth, environment, weights_read_per_token(path, model.size_bytes))
@@ -143,7 +152,9 @@ def run_bench(request: BenchRequest, *, swa_full: bool = False) -> Iterator[Benc
             result = yield from _run_test(
                 model, request, test, where, ropes[test.n_ctx], spec, measured, swa_full
             )
-            result = replace(result, swa_full=swa_full, plan=_figures(memory[_shape(test)]))
+            result = replace(
+                result, swa_full=swa_full, plan=_figures(memory[_shape(test)]), split=split
+            )
             results.append(result)
             yield result
     yield BenchRun(tuple(results), environment, bandwidth)
@@ -194,6 +205,25 @@ def _memory_plans(
             repack=request.repack,
         )  # fmt: skip
     return plans
+
+
+def _split_options(request: BenchRequest, shape: _Shape) -> LoadOptions:
+    n_ctx, type_k, type_v, flash_attn, ubatch, n_batch = shape
+    return LoadOptions(
+        n_ctx=n_ctx, n_batch=n_batch, n_ubatch=ubatch, type_k=type_k, type_v=type_v,
+        flash_attn=flash_attn, repack=request.repack, rpc=request.rpc,
+        n_gpu_layers=request.n_gpu_layers, tensor_split=request.tensor_split,
+    )  # fmt: skip
+
+
+def _split(request: BenchRequest, model: BenchModel) -> RpcSplit | None:
+    """Who held which layers, from llama.cpp's load log (None: all on this machine)."""
+    if not request.rpc:
+        return None
+    layers = tuple(
+        (f"{s.device}[{s.endpoint}]" if s.endpoint else s.device, s.layers) for s in model.placement
+    )
+    return RpcSplit(request.rpc, request.n_gpu_layers, request.tensor_split, layers)
 
 
 def _figures(plan: LoadPlan) -> MemoryFigures:

@@ -18,19 +18,14 @@ from pathlib import Path
 from localllm.bench.record import BenchResult
 from localllm.bench.request import BenchRequest
 from localllm.bench.run import BenchEvent, BenchPlan, BenchRun
-from localllm.errors import InvalidArgument
 from localllm.gguf_meta import ModelSpec, read_model_spec_from_prefix
 from localllm.memcheck import check_load_fits, plan_load
-from localllm.presets import lookup_preset
-from localllm.resolver import resolve_model
 from localllm.rope import plan_rope
 from localllm.store import ModelStore
-from localllm.synthetic import TensorTable, synthetic_gguf, table_from_gguf, table_from_prefix
+from localllm.synthetic import synthetic_gguf
+from localllm.tensor_table import tensor_table_of
 
-__all__ = ["DEFAULT_PRESET_QUANT", "SyntheticModel", "run_synthetic", "synthetic_table"]
-
-# A preset's quant when --quant is not given: the size most people download.
-DEFAULT_PRESET_QUANT = "Q4_K_M"
+__all__ = ["SyntheticModel", "run_synthetic"]
 
 
 @dataclass(frozen=True)
@@ -41,31 +36,6 @@ class SyntheticModel:
     spec: ModelSpec
     label: str
     source: str
-
-
-def synthetic_table(ref: str | None, quant: str | None, workdir: Path) -> tuple[TensorTable, str]:
-    """The tensor table ``ref`` names, and what to call the model."""
-    preset = lookup_preset(ref)
-    if preset is not None:
-        chosen = (quant or DEFAULT_PRESET_QUANT).upper()
-        from localllm.synthetic import preset_table
-
-        return preset_table(preset.spec, chosen, workdir), f"{preset.spec.name} {chosen}"
-    if quant is not None:
-        raise InvalidArgument(
-            "--quant picks a preset's quantization; for a catalog or hub model put the quant "
-            "in the reference (llama-2-7b-chat:Q4_K_M)"
-        )
-    model = resolve_model(ref)
-    label = model.pull_ref if model.kind != "path" else Path(model.ref).name
-    if model.present and model.path is not None:
-        return table_from_gguf(model.path), label
-    if model.repo is None:
-        raise InvalidArgument(f"{ref} has no file here and no hub repo to read its header from")
-    from localllm.hub_preview import remote_header  # lazy: huggingface_hub is slow to import
-
-    preview = remote_header(model)
-    return table_from_prefix(preview.prefix, preview.file_bytes, label), label
 
 
 def _check_memory(request: BenchRequest, spec: ModelSpec, label: str) -> None:
@@ -86,7 +56,7 @@ def synthetic_model(request: BenchRequest) -> Iterator[SyntheticModel]:
     deleted whatever ends the block, kept only at ``request.keep_synthetic`` on success."""
     store = ModelStore()
     workdir = store.temp_dir()
-    table, label = synthetic_table(request.model, request.quant, workdir)
+    table, label = tensor_table_of(request.model, request.quant, workdir)
     # The facts of a file not yet written: no path (nothing may be read from disk for them).
     spec = replace(read_model_spec_from_prefix(table.header, table.file_bytes, label), path=None)
     if request.memory_check:

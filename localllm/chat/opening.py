@@ -21,6 +21,7 @@ from localllm.resolver import ResolvedModel, require_local_file, resolve_model
 from localllm.rope import plan_rope
 from localllm.runtime.llama import load_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
+from localllm.split_plan import check_split_load
 from localllm.store import ModelStore
 from localllm.templates.formats import choose_format
 
@@ -96,7 +97,10 @@ def open_session(request: ChatRequest) -> ChatSession:
     seed = sampling.seed if sampling.seed is not None else options.seed
     options = replace(options, n_ctx=ctx, seed=seed)
     memory = None
-    if request.memory_check:
+    if request.memory_check and options.rpc:
+        # The weights live on several hosts: each one's share against its own memory.
+        check_split_load(model.alias or path.name, path, options)
+    elif request.memory_check:
         label = model.alias or path.name
         memory = plan_memory(label, spec, options, plan.method if plan else None)
         check_load_fits(memory)

@@ -13,6 +13,14 @@ from localllm.commands.options import (
     RopeOpt,
     SwaFullOpt,
 )
+from localllm.commands.rpc import (
+    GpuLayersOpt,
+    RpcOpt,
+    TensorSplitOpt,
+    install_rpc_abort_report,
+    parse_rpc,
+    parse_tensor_split,
+)
 
 _SweepOpt = list[str] | None
 
@@ -81,6 +89,9 @@ def bench_cmd(
         ),
     ] = None,
     swa_full: SwaFullOpt = False,
+    rpc: RpcOpt = None,
+    gpu_layers: GpuLayersOpt = -1,
+    tensor_split: TensorSplitOpt = None,
     no_memory_check: NoMemoryCheckOpt = False,
     synthetic: Annotated[
         bool,
@@ -112,6 +123,7 @@ def bench_cmd(
     from localllm.bench.synthetic import run_synthetic
     from localllm.views.bench import render_bench
 
+    endpoints = parse_rpc(rpc)
     request = BenchRequest.from_flags(
         model,
         n_prompt=n_prompt or (),
@@ -136,6 +148,11 @@ def bench_cmd(
         synthetic=synthetic,
         quant=quant,
         keep_synthetic=keep_synthetic,
+        rpc=endpoints,
+        gpu_layers=gpu_layers,
+        tensor_split=parse_tensor_split(tensor_split, endpoints),
     )
+    if endpoints:
+        install_rpc_abort_report()
     run = partial(run_bench, swa_full=swa_full)
     render_bench(request, run_synthetic(request, run) if request.synthetic else run(request))

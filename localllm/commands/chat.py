@@ -17,7 +17,14 @@ from localllm.commands.options import (
     SwaFullOpt,
     ThreadsOpt,
 )
-from localllm.commands.rpc import RpcOpt, install_rpc_abort_report, parse_rpc
+from localllm.commands.rpc import (
+    GpuLayersOpt,
+    RpcOpt,
+    TensorSplitOpt,
+    install_rpc_abort_report,
+    parse_rpc,
+    parse_tensor_split,
+)
 from localllm.errors import InvalidArgument
 from localllm.options import parse_on_off, parse_repack
 from localllm.views.console import note, out, spinner
@@ -55,14 +62,8 @@ def chat_cmd(
     rope: RopeOpt = None,
     repack: RepackOpt = None,
     rpc: RpcOpt = None,
-    gpu_layers: Annotated[
-        int,
-        typer.Option(
-            "--gpu-layers",
-            "-ngl",
-            help="Layers on the RPC servers' devices (-1: all; the rest stay on this CPU).",
-        ),
-    ] = -1,
+    gpu_layers: GpuLayersOpt = -1,
+    tensor_split: TensorSplitOpt = None,
     swa_full: SwaFullOpt = False,
     no_memory_check: NoMemoryCheckOpt = False,
     resume: Annotated[
@@ -115,6 +116,7 @@ def chat_cmd(
             temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
             repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
         )  # fmt: skip
+        endpoints = parse_rpc(rpc)
         options = LoadOptions(
             n_threads=threads,
             type_k=kv_type,
@@ -122,18 +124,18 @@ def chat_cmd(
             flash_attn=parse_on_off(flash_attn, "--flash-attn"),
             repack=parse_repack(repack),
             swa_full=swa_full,
-            rpc=parse_rpc(rpc),
+            rpc=endpoints,
             n_gpu_layers=gpu_layers,
+            tensor_split=parse_tensor_split(tensor_split, endpoints),
         )
-        # With --rpc the weights live on other hosts: this machine's memory alone says
-        # nothing about whether the plan fits (a per-host plan is not built yet).
-        memory_check = not no_memory_check and not options.rpc
         request = ChatRequest(
-            model, sampling, options, ctx, rope, system, memory_check, template, raw
+            model, sampling, options, ctx, rope, system, not no_memory_check, template, raw
         )
         if options.rpc:
-            note("--rpc: layers go to the RPC servers; the local memory check is skipped")
-            install_rpc_abort_report()
+            note("--rpc: layers go to the RPC servers (each host's share is checked first)")
+            install_rpc_abort_report(
+                "completed turns are saved: `localllm chat --resume` continues"
+            )
     check_chat_options(request)
     prompt = _one_shot_prompt(prompt, as_json)
     with spinner(f"loading {request.model or 'the default model'}"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -13,7 +13,15 @@ from localllm.commands.options import (
     RopeOpt,
     SwaFullOpt,
 )
-from localllm.options import parse_on_off, parse_repack
+from localllm.commands.rpc import (
+    GpuLayersOpt,
+    RpcOpt,
+    TensorSplitOpt,
+    parse_rpc,
+    parse_tensor_split,
+)
+from localllm.errors import InvalidArgument
+from localllm.options import check_count, parse_on_off, parse_repack
 from localllm.views.console import note, out, print_json, spinner, warn
 
 
@@ -61,6 +69,9 @@ def kv_calc_cmd(
     ] = False,
     repack: RepackOpt = None,
     swa_full: SwaFullOpt = False,
+    rpc: RpcOpt = None,
+    gpu_layers: GpuLayersOpt = -1,
+    tensor_split: TensorSplitOpt = None,
     estimate: Annotated[
         bool,
         typer.Option("--estimate", help="Arithmetic only: skip llama.cpp's dry run of the GGUF."),
@@ -80,6 +91,17 @@ def kv_calc_cmd(
     for value, flag in ((layers, "--layers"), (heads, "--heads"), (kv_heads, "--kv-heads"),
                         (head_dim, "--head-dim")):  # fmt: skip
         check_count(value, flag, high=1 << 16)
+    if rpc:
+        endpoints = parse_rpc(rpc)
+        _split_cmd(
+            model, endpoints, ctx=ctx, batch=batch, kv_type=kv_type, type_k=type_k,
+            type_v=type_v, flash_attn=flash_attn, ubatch=ubatch, budget=budget,
+            swa_full=swa_full, gpu_layers=gpu_layers, repack=repack, as_json=as_json,
+            tensor_split=parse_tensor_split(tensor_split, endpoints),
+            other=(layers, heads, kv_heads, head_dim, rope, verify, estimate),
+        )  # fmt: skip
+        return
+    parse_tensor_split(tensor_split, ())  # refused without --rpc
     request = KVCalcRequest(
         model=model,
         ctx=parse_count_list(ctx, "--ctx") if ctx else (),
@@ -116,3 +138,43 @@ def kv_calc_cmd(
     if report is not None:
         out.print()
         render_kv_verify(report)
+
+
+def _split_cmd(model: str | None, endpoints: tuple[str, ...], **flags: Any) -> None:
+    """kv-calc --rpc: each host's share from llama.cpp's dry run with the servers attached."""
+    from localllm.options import MAX_SEQUENCES, parse_count_list, parse_kv_types
+    from localllm.split_plan import SplitRequest, plan_split
+    from localllm.text import parse_size
+    from localllm.views.split import render_split
+
+    if any(flags["other"]):
+        raise InvalidArgument(
+            "--rpc plans a GGUF's split as llama.cpp makes it; drop --layers/--heads/"
+            "--kv-heads/--head-dim/--rope/--verify/--estimate"
+        )
+    batch = parse_count_list(flags["batch"], "--batch", maximum=MAX_SEQUENCES)
+    kv_types = parse_kv_types(flags["kv_type"]) if flags["kv_type"] else ("f16",)
+    if len(batch) > 1 or len(kv_types) > 1:
+        raise InvalidArgument("--rpc plans one --batch and one --kv-type at a time")
+    check_count(flags["ubatch"], "--ubatch")
+    request = SplitRequest(
+        model=model,
+        endpoints=endpoints,
+        ctx=parse_count_list(flags["ctx"], "--ctx") if flags["ctx"] else (),
+        n_seq=batch[0],
+        type_k=parse_kv_types(flags["type_k"], "--type-k")[0] if flags["type_k"] else kv_types[0],
+        type_v=parse_kv_types(flags["type_v"], "--type-v")[0] if flags["type_v"] else kv_types[0],
+        flash_attn="on" if parse_on_off(flags["flash_attn"], "--flash-attn") else "off",
+        ubatch=flags["ubatch"],
+        swa_full=flags["swa_full"],
+        n_gpu_layers=flags["gpu_layers"],
+        tensor_split=flags["tensor_split"],
+        budget_bytes=parse_size(flags["budget"]) if flags["budget"] else None,
+        repack=parse_repack(flags["repack"]) is not False,
+    )
+    with spinner("planning the split with llama.cpp"):
+        result = plan_split(request)
+    if flags["as_json"]:
+        print_json(result.as_json())
+    else:
+        render_split(result)

@@ -15,6 +15,14 @@ from localllm.commands.options import (
     SwaFullOpt,
     ThreadsOpt,
 )
+from localllm.commands.rpc import (
+    GpuLayersOpt,
+    RpcOpt,
+    TensorSplitOpt,
+    install_rpc_abort_report,
+    parse_rpc,
+    parse_tensor_split,
+)
 from localllm.options import parse_repack
 from localllm.views.console import note, print_json
 
@@ -40,6 +48,9 @@ def ppl_cmd(
     threads: ThreadsOpt = None,
     repack: RepackOpt = None,
     swa_full: SwaFullOpt = False,
+    rpc: RpcOpt = None,
+    gpu_layers: GpuLayersOpt = -1,
+    tensor_split: TensorSplitOpt = None,
     no_memory_check: NoMemoryCheckOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -50,7 +61,17 @@ def ppl_cmd(
     from localllm.runtime.params import LoadOptions
     from localllm.views.ppl import PplProgress, render_ppl, show_rope_plan
 
-    options = LoadOptions(n_threads=threads, repack=parse_repack(repack), swa_full=swa_full)
+    endpoints = parse_rpc(rpc)
+    options = LoadOptions(
+        n_threads=threads,
+        repack=parse_repack(repack),
+        swa_full=swa_full,
+        rpc=endpoints,
+        n_gpu_layers=gpu_layers,
+        tensor_split=parse_tensor_split(tensor_split, endpoints),
+    )
+    if endpoints:
+        install_rpc_abort_report()
     run = iter_perplexity(model, file, ctx, rope, chunks, options, not no_memory_check)
     with PplProgress() as progress:
         for item in run:

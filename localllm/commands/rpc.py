@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from localllm.errors import InvalidArgument
 from localllm.views.console import note, warn
 
-__all__ = ["RpcOpt", "install_rpc_abort_report", "parse_rpc", "rpc_server_cmd"]
+__all__ = [
+    "GpuLayersOpt",
+    "RpcOpt",
+    "TensorSplitOpt",
+    "install_rpc_abort_report",
+    "parse_rpc",
+    "parse_tensor_split",
+    "rpc_server_cmd",
+]
 
 RpcOpt = Annotated[
     str | None,
@@ -21,6 +31,48 @@ RpcOpt = Annotated[
         show_default=False,
     ),
 ]
+GpuLayersOpt = Annotated[
+    int,
+    typer.Option(
+        "--gpu-layers",
+        "-ngl",
+        help="Layers on the RPC servers' devices (-1: all; the rest stay on this CPU).",
+    ),
+]
+TensorSplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tensor-split",
+        "-ts",
+        help="How --rpc devices share the layers, llama.cpp's proportions: 3,1 or 3/1.",
+        show_default="by their memory",
+    ),
+]
+
+
+def parse_tensor_split(value: str | None, endpoints: tuple[str, ...]) -> tuple[float, ...]:
+    """--tensor-split's proportions, one per RPC device (llama.cpp's comma or slash list)."""
+    if not value:
+        return ()
+    if not endpoints:
+        raise InvalidArgument("--tensor-split shares layers between --rpc devices; add --rpc")
+    parts = value.replace("/", ",").split(",")
+    try:
+        shares = tuple(float(p) for p in parts)
+    except ValueError:
+        raise InvalidArgument(
+            f"--tensor-split {value!r} is not a list of numbers; use e.g. 3,1"
+        ) from None
+    if any(not math.isfinite(s) or s < 0 for s in shares) or not any(shares):
+        raise InvalidArgument(
+            f"--tensor-split {value!r} needs non-negative proportions, at least one above 0"
+        )
+    if len(shares) > len(endpoints):
+        raise InvalidArgument(
+            f"--tensor-split {value!r} has {len(shares)} shares for {len(endpoints)} --rpc "
+            "server(s); give one per server"
+        )
+    return shares
 
 
 def parse_rpc(value: str | None) -> tuple[str, ...]:
@@ -34,18 +86,19 @@ def parse_rpc(value: str | None) -> tuple[str, ...]:
     return tuple(str(e) for e in endpoints)
 
 
-def install_rpc_abort_report() -> None:
-    """A server lost mid-generation makes ggml abort the process: say so in one line first.
+def install_rpc_abort_report(way_out: str = "check the RPC servers and run again") -> None:
+    """A server lost mid-run makes ggml abort the process: say so in one line first.
 
-    ggml calls abort() after this returns, so it ends the process itself; the REPL has
-    written the conversation after every turn, so `chat --resume` continues it.
+    ggml calls abort() after the handler returns, so the handler ends the process itself
+    (exit 1). Chat's REPL writes the conversation after every turn, so its ``way_out``
+    is `chat --resume`.
     """
     from localllm.runtime.rpc_server import install_abort_handler
 
     def report(message: str) -> None:
         line = (
             f"error: an RPC server stopped answering ({message.strip() or 'ggml abort'}); "
-            "completed turns are saved: `localllm chat --resume` continues\n"
+            f"{way_out}\n"
         )
         os.write(2, line.encode(errors="replace"))
         os._exit(1)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,7 +289,13 @@ class DryRunModel:
     ``use_extra_bufts`` is llama.cpp's weight repacking (llama-bench's ``--repack``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, use_extra_bufts: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        use_extra_bufts: bool = True,
+        configure: Callable[[Any], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"no such model file: {self.path}")
@@ -298,6 +304,8 @@ class DryRunModel:
         params.no_alloc = True
         params.load_mode = self.lc.LLAMA_LOAD_MODE_NONE
         params.use_extra_bufts = use_extra_bufts
+        if configure is not None:  # e.g. RPC devices and the layers they take
+            configure(params)
         self.model, _ = load_model_file(self.lc, self.path, params)
         self._planner = _Planner(self.lc, self.model)
         self.architecture = self._planner.arch

@@ -281,6 +281,7 @@ def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedMode
                 n_threads=options.threads,
                 n_threads_batch=options.threads_batch,
                 n_gpu_layers=options.n_gpu_layers,
+                tensor_split=list(options.tensor_split) or None,
                 seed=options.seed,
                 flash_attn=options.flash_attn,
                 swa_full=options.swa_full,

@@ -140,7 +140,15 @@ def _token_ptr(tokens: Any, index: int) -> Any:
 class BenchModel:
     """A model loaded the way llama-bench loads it, shared by every test's context."""
 
-    def __init__(self, path: str | Path, repack: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        repack: bool = True,
+        *,
+        rpc: Sequence[str] = (),
+        n_gpu_layers: int = -1,
+        tensor_split: Sequence[float] = (),
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelLoadError(f"no such model file: {self.path}")
@@ -150,8 +158,13 @@ class BenchModel:
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.use_extra_bufts = repack  # llama-bench's --repack
+        params.n_gpu_layers = n_gpu_layers
         self.repack = repack
-        self.model, self.load_log = load_model_file(llama_cpp, self.path, params)
+        self.placement: tuple[Any, ...] = ()  # with rpc: rpc_plan.DeviceShare per device
+        if rpc:
+            self._load_split(params, rpc, tensor_split)
+        else:
+            self.model, self.load_log = load_model_file(llama_cpp, self.path, params)
         self.weights_bytes = parse_buffer_report(self.load_log).weights_bytes
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, len(buf))
@@ -163,6 +176,23 @@ class BenchModel:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(vocab))
+
+    def _load_split(self, params: Any, rpc: Sequence[str], tensor_split: Sequence[float]) -> None:
+        """Load onto the RPC servers' devices (as llama-bench --rpc) and note the split."""
+        from localllm.runtime.rpc import add_rpc_servers, devices_array
+        from localllm.runtime.rpc_plan import debug_lines, parse_placement
+
+        devices = add_rpc_servers(rpc)
+        array = devices_array(devices)  # referenced until the load returns
+        params.devices = ctypes.cast(array, ctypes.c_void_p)
+        split = None
+        if tensor_split:
+            split = (ctypes.c_float * self._lc.LLAMA_MAX_DEVICES)(*tensor_split)
+            params.tensor_split = split
+        with debug_lines() as lines:
+            self.model, self.load_log = load_model_file(self._lc, self.path, params)
+        self.placement = parse_placement(lines, devices)
+        del array, split
 
     def new_context(self, config: ContextConfig) -> BenchContext:
         return BenchContext(self, config)

@@ -75,6 +75,7 @@ class LoadOptions:
     verbose: bool = False
     repack: bool | None = None  # None: llama.cpp's default, except off on AMX CPUs
     rpc: tuple[str, ...] = ()  # llama.cpp RPC servers (host:port) whose devices take layers
+    tensor_split: tuple[float, ...] = ()  # the RPC devices' shares of the layers (llama.cpp's)
     swa_full: bool = False  # False: the sliding-window cache holds the window (llama.cpp's tools)
 
     def validate(self) -> None:

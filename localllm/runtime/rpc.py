@@ -25,22 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localllm.errors import ModelLoadError, RpcError
+from localllm.errors import RpcError
 from localllm.runtime.library import import_llama_cpp
 
 __all__ = [
     "ABORT_CALLBACK",
     "RPC_PROTO_MAJOR",
     "RPC_PROTO_MINOR",
-    "DeviceShare",
     "RpcDevice",
     "RpcServerInfo",
     "add_rpc_servers",
     "check_endpoint",
     "devices_array",
-    "dry_run_placement",
     "model_devices",
-    "parse_placement",
     "rpc_device_memory",
     "rpc_libraries",
     "split_endpoint",
@@ -336,143 +333,3 @@ def model_devices(devices: Sequence[RpcDevice]) -> Iterator[None]:
         finally:
             for module, saved in zip(modules, originals, strict=True):
                 module.llama_model_load_from_file = saved
-
-
-# ------------------------------------------------------------------- where llama.cpp put it
-
-_LAYER_LINE = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
-_KV_LAYER_LINE = re.compile(r"llama_kv_cache: layer\s+(\d+): dev = (\S+)")
-_BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|compute|output) buffer size\s*=\s*([\d.]+) MiB")
-_RPC_BUFFER = re.compile(r"RPC(\d+)\[(.+)\]$")  # buffer type "RPC<server device>[endpoint]"
-
-
-@dataclass(frozen=True)
-class DeviceShare:
-    """What llama.cpp placed on one device, from its load log.
-
-    Layer lists come from llama.cpp's debug lines (``layer N assigned to device``); the
-    output layer is number ``n_layer``. Byte counts are the MiB figures it logged, as
-    bytes; a dry run (``no_alloc``) logs 0 for weights and KV, real compute sizes.
-    """
-
-    device: str  # ggml's device name: "CPU", "RPC0", ...
-    endpoint: str | None  # its RPC server; None for this machine
-    layers: tuple[int, ...]
-    kv_layers: tuple[int, ...]
-    weights_bytes: int
-    kv_bytes: int
-    compute_bytes: int
-    output_bytes: int
-
-
-def parse_placement(lines: Sequence[str], devices: Sequence[RpcDevice]) -> tuple[DeviceShare, ...]:
-    """Per device (CPU first, then ``devices`` in order): layers and logged buffer bytes.
-
-    With mmap, the local ``CPU_Mapped`` weights figure is the span of the file mapped,
-    not what stays resident: load with mmap off for the local share's true size.
-    """
-    by_server = {(d.endpoint, d.index): d.name for d in devices}
-    endpoint = {d.name: d.endpoint for d in devices}
-    layers: dict[str, list[int]] = {"CPU": [], **{d.name: [] for d in devices}}
-    kv_layers: dict[str, list[int]] = {}
-    sizes: dict[str, dict[str, int]] = {}
-    for line in lines:
-        if m := _LAYER_LINE.search(line):
-            layers.setdefault(m[2], []).append(int(m[1]))
-        elif m := _KV_LAYER_LINE.search(line):
-            kv_layers.setdefault(m[2], []).append(int(m[1]))
-        elif m := _BUFFER_LINE.search(line):
-            rpc = _RPC_BUFFER.match(m[1])
-            # Local buffer types are CPU, CPU_Mapped, CPU_REPACK...: all this machine's RAM.
-            name = by_server.get((rpc[2], int(rpc[1])), m[1]) if rpc else "CPU"
-            kind = sizes.setdefault(name, {})
-            kind[m[2]] = kind.get(m[2], 0) + round(float(m[3]) * 1024 * 1024)
-    shares = []
-    for name in dict.fromkeys([*layers, *kv_layers, *sizes]):
-        size = sizes.get(name, {})
-        shares.append(
-            DeviceShare(
-                name,
-                endpoint.get(name),
-                tuple(layers.get(name, ())),
-                tuple(kv_layers.get(name, ())),
-                size.get("model", 0),
-                size.get("KV", 0),
-                size.get("compute", 0),
-                size.get("output", 0),
-            )
-        )
-    return tuple(shares)
-
-
-@contextlib.contextmanager
-def _debug_lines() -> Iterator[list[str]]:
-    """Collect every llama.cpp log line (debug included) while forwarding to the installed
-    callback, which keeps seeing what it saw before."""
-    llama_cpp = import_llama_cpp()
-    callback_type = llama_cpp.llama_log_callback
-    saved, user_data = callback_type(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(saved), ctypes.byref(user_data))
-    forward = saved if saved else None
-    lines: list[str] = []
-    partial: list[str] = []
-
-    def collect(level: int, text: bytes, user: Any) -> None:
-        piece = text.decode("utf-8", errors="replace")
-        partial.append(piece)
-        if piece.endswith("\n"):
-            lines.append("".join(partial).rstrip("\n"))
-            partial.clear()
-        if forward is not None:
-            forward(level, text, user)
-
-    hook = callback_type(collect)
-    llama_cpp.llama_log_set(hook, user_data)
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(saved, user_data)
-
-
-def dry_run_placement(
-    path: str | os.PathLike[str],
-    devices: Sequence[RpcDevice],
-    *,
-    n_gpu_layers: int = -1,
-    tensor_split: Sequence[float] | None = None,
-    context: dict[str, Any] | None = None,
-) -> tuple[DeviceShare, ...]:
-    """Where llama.cpp would put each layer and buffer, without loading any weights.
-
-    A ``no_alloc`` load (no mmap) and a context on it: nothing is allocated or sent to
-    the servers beyond a few queries; ``context`` sets ``llama_context_params`` fields.
-    """
-    llama_cpp = import_llama_cpp()
-    params = llama_cpp.llama_model_default_params()
-    array = devices_array(devices)
-    params.devices = ctypes.cast(array, ctypes.c_void_p)
-    params.n_gpu_layers = n_gpu_layers
-    params.no_alloc = True
-    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
-    split = None
-    if tensor_split:
-        split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*tensor_split)
-        params.tensor_split = split
-    with _debug_lines() as lines:
-        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
-        if not model:
-            reason = next((ln for ln in reversed(lines) if "error" in ln.lower()), "unknown")
-            raise ModelLoadError(f"llama.cpp could not plan {Path(path).name}: {reason.strip()}")
-        try:
-            cparams = llama_cpp.llama_context_default_params()
-            for name, value in (context or {}).items():
-                setattr(cparams, name, value)
-            ctx = llama_cpp.llama_init_from_model(model, cparams)
-            if ctx:
-                llama_cpp.llama_free(ctx)
-        finally:
-            llama_cpp.llama_model_free(model)
-    del array, split  # referenced until here: llama.cpp reads them during the load
-    if not ctx:
-        raise ModelLoadError(f"llama.cpp could not plan a context for {Path(path).name}")
-    return parse_placement(lines, devices)
