@@ -112,6 +112,26 @@ def test_smollm2_weights_are_finite_and_in_the_real_range(smollm2_path: Path, sm
     assert set(types) == {"Q4_1", "Q8_0", "F32"}
 
 
+def _log2_scale_spread(reader: gguf.GGUFReader) -> float:
+    """Median over Q4_1 tensors of the std of log2(block scale d): how much blocks vary."""
+    spreads = []
+    for t in reader.tensors:
+        if t.tensor_type == gguf.GGMLQuantizationType.Q4_1:
+            blocks = np.asarray(t.data).view(np.uint8).reshape(-1, 20)  # f16 d, f16 m, 16 B
+            d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32).ravel()
+            spreads.append(float(np.std(np.log2(d[d > 0]))))
+    return float(np.median(spreads))
+
+
+def test_smollm2_block_scales_spread_as_the_real_ones(
+    readers: tuple[gguf.GGUFReader, gguf.GGUFReader],
+):
+    # Speed depends on it: ggml's x86 f16->f32 conversion of block scales is a table lookup,
+    # and i.i.d. normal weights (spread 0.24 against the real 0.37) ran tg ~8% faster.
+    real, synth = readers
+    assert _log2_scale_spread(synth) == pytest.approx(_log2_scale_spread(real), rel=0.15)
+
+
 def test_header_only_prefix_gives_the_same_table(
     smollm2_path: Path, tmp_path: Path, readers: tuple[gguf.GGUFReader, gguf.GGUFReader]
 ):
