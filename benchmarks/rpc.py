@@ -167,7 +167,7 @@ TESTS = (("pp512", 512, 0), ("tg128", 0, 128))
 
 
 def bench(
-    model: Path, configs: dict[str, list[str]], reps: int, threads: int
+    model: Path, configs: dict[str, list[str]], reps: int, threads: int, repack: bool = True
 ) -> dict[str, dict[str, list[float]]]:
     """pp512 and tg128 tokens/s samples per configuration, with llama-bench's loops.
 
@@ -182,7 +182,9 @@ def bench(
     for label, endpoints in configs.items():
         devices = add_rpc_servers(endpoints) if endpoints else ()
         with model_devices(devices) if devices else contextlib.nullcontext():
-            models[label] = BenchModel(model)
+            # repack: llama.cpp's CPU_REPACK of this machine's weights (llama-bench --repack);
+            # an RPC server's buffers are never repacked.
+            models[label] = BenchModel(model, repack=repack)
     results: dict[str, dict[str, list[float]]] = {label: {} for label in configs}
     try:
         for name, n_prompt, n_gen in TESTS:
@@ -236,6 +238,9 @@ def main() -> None:
     parser.add_argument("--delays", default="1,5", help="added round trips in ms (0: none)")
     parser.add_argument("--native", action="store_true", help="also run native llama-bench")
     parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument(
+        "--repack", choices=("0", "1"), default="1", help="local weights repacked (llama-bench)"
+    )
     args = parser.parse_args()
     delays = [float(d) for d in args.delays.split(",") if d.strip() and float(d) > 0]
 
@@ -249,7 +254,9 @@ def main() -> None:
             proxied = [DelayLine(e, delay).endpoint for e in pair]
             rtt = measured_rtt_ms(proxied[0])
             configs[f"rpc x2 +{delay:g} ms (round trip {rtt:.2f} ms)"] = proxied
-        for label, samples in bench(args.model, configs, args.reps, args.threads).items():
+        for label, samples in bench(
+            args.model, configs, args.reps, args.threads, args.repack == "1"
+        ).items():
             table += rows(label, samples, "localllm")
         if args.native:
             table += rows("local", native(args.model, [], args.reps, args.threads), "llama-bench")

@@ -232,6 +232,10 @@ def test_bench_through_rpc_records_the_servers_and_the_split(
         # 30 layers + output, -ngl 20: llama.cpp starts the offload at 31 - 20 = 11.
         assert record["layer_split"] == f"CPU 0-10/RPC0[{first}] 11-30"
         assert record["avg_ts"] > 0
+    table = cli("bench", "-p", "0", "-n", "2", "-r", "1", "--no-warmup", "--rpc", first)
+    assert table.exit_code == 0, table.stderr
+    (row,) = [ln for ln in table.stdout.splitlines() if "tg2" in ln]
+    assert row.split("|")[4].strip() == "RPC"  # the backend column, as llama-bench's
 
 
 @pytest.mark.slow

@@ -452,7 +452,7 @@ def format_markdown(
             "params": f"{r.model_n_params / 1e6:.2f} M"
             if r.model_n_params < 1e9
             else f"{r.model_n_params / 1e9:.2f} B",
-            "backend": r.environment.backends,
+            "backend": "RPC" if r.split else r.environment.backends,  # llama-bench --rpc
             "n_threads": str(r.test.n_threads),
             "n_batch": str(r.test.n_batch),
             "n_ubatch": str(r.test.n_ubatch),
