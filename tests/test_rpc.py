@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from gguf_bytes import tensor_bytes_by_layer
 
 from localllm.errors import InvalidArgument, RpcError
 from localllm.rpc import (
@@ -348,21 +349,6 @@ SMOL_LAYERS = 30
 KV_BYTES_PER_LAYER_CELL = 2 * 3 * 64 * 2  # K and V, 3 KV heads x head dim 64, f16
 
 
-def _layer_bytes(path: Path) -> tuple[dict[int, int], dict[str, int]]:
-    """Tensor bytes per repeating layer, and of the other tensors, from the GGUF itself."""
-    from gguf import GGUFReader
-
-    layers: dict[int, int] = {}
-    others: dict[str, int] = {}
-    for tensor in GGUFReader(path).tensors:
-        if tensor.name.startswith("blk."):
-            index = int(tensor.name.split(".")[1])
-            layers[index] = layers.get(index, 0) + int(tensor.n_bytes)
-        else:
-            others[tensor.name] = int(tensor.n_bytes)
-    return layers, others
-
-
 def _mib(n: int) -> float:
     return round(n / 1024 / 1024, 2)  # llama.cpp logs buffer sizes as %.2f MiB
 
@@ -434,7 +420,7 @@ def test_split_model_generates_exactly_as_local(smollm2_path: Path, rpc_servers)
         shares = {s.device: s for s in parse_placement(remote.load_log, devices)}
         # llama.cpp's split: layers from 31 - 20 = 11 go remote, cut at the 50/50 point of
         # equal free memory: 11..20 on the first server, 21..29 and the output on the second.
-        layers, others = _layer_bytes(smollm2_path)
+        layers, others = tensor_bytes_by_layer(smollm2_path)
         first, second = devices
         assert shares[first.name].endpoint == servers[0].endpoint
         expected = {
@@ -498,7 +484,7 @@ def test_dry_run_places_layers_without_sending_weights(smollm2_path: Path, rpc_s
     assert all(s.weights_bytes == 0 and s.kv_bytes == 0 for s in shares)  # nothing allocated
     assert all(s.compute_bytes > 0 for s in shares)
 
-    layers, others = _layer_bytes(smollm2_path)
+    layers, others = tensor_bytes_by_layer(smollm2_path)
     remote_weights = sum(layers[i] for i in range(11, 30)) + others["token_embd.weight"]
     assert sent_planning < 1024 * 1024  # queries only, against ~69 MiB of weights
     with model_devices(devices):
@@ -527,7 +513,7 @@ def test_server_cache_skips_resending_large_tensors(
         sent.append(proxy.sent - before)
     # ggml-rpc.cpp: tensors over 10 MiB go by hash (HASH_THRESHOLD) and are cached on the
     # server; in SmolLM2 that is only the output layer's copy of token_embd.
-    _layers, others = _layer_bytes(smollm2_path)
+    _layers, others = tensor_bytes_by_layer(smollm2_path)
     assert others["token_embd.weight"] > 10 * 1024 * 1024
     assert sent[0] - sent[1] == pytest.approx(others["token_embd.weight"], rel=0.01)
     assert [p.stat().st_size for p in cache.rglob("*") if p.is_file()] == [
@@ -616,7 +602,7 @@ def test_registered_servers_serve_default_loads(smollm2_path: Path, rpc_servers)
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
-    layers, others = _layer_bytes(smollm2_path)
+    layers, others = tensor_bytes_by_layer(smollm2_path)
     remote = sum(layers.values()) + others["token_embd.weight"] + others["output_norm.weight"]
     sizes = re.findall(r"RPC0\[(\S+)\] model buffer size =\s*([\d.]+) MiB", proc.stdout)
     assert [(endpoint, float(mib)) for endpoint, mib in sizes] == [(server.endpoint, _mib(remote))]

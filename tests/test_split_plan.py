@@ -22,6 +22,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import REPO
+from gguf_bytes import tensor_bytes_by_layer
 
 from localllm.bench.record import RpcSplit
 from localllm.chat.history import sessions_dir
@@ -121,21 +122,6 @@ def servers() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def _tensor_bytes(path: Path) -> tuple[dict[int, int], dict[str, int]]:
-    """Bytes per repeating layer and per other tensor, read by gguf-py."""
-    from gguf import GGUFReader
-
-    layers: dict[int, int] = {}
-    others: dict[str, int] = {}
-    for tensor in GGUFReader(path).tensors:
-        if tensor.name.startswith("blk."):
-            index = int(tensor.name.split(".")[1])
-            layers[index] = layers.get(index, 0) + int(tensor.n_bytes)
-        else:
-            others[tensor.name] = int(tensor.n_bytes)
-    return layers, others
-
-
 def _kv_calc_json(cli, *args: str) -> dict:
     result = cli("kv-calc", SMOL, *args, "--json")
     assert result.exit_code == 0, result.stderr
@@ -160,7 +146,7 @@ def test_kv_calc_split_is_the_split_a_real_load_makes(
     assert hosts[0]["layers"] == list(range(11))
     assert hosts[1]["layers"] + hosts[2]["layers"] == list(range(11, SMOL_LAYERS + 1))
     # Weights from gguf-py's tensor table; the output layer holds a copy of token_embd.
-    layers, others = _tensor_bytes(smollm2_path)
+    layers, others = tensor_bytes_by_layer(smollm2_path)
     assert (
         hosts[0]["weights_bytes"] == sum(layers[i] for i in range(11)) + others["token_embd.weight"]
     )
