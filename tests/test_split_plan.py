@@ -78,10 +78,11 @@ def test_bench_split_fields_as_llama_bench_writes_them() -> None:
     assert split.layer_split_field == "CPU 0-10/RPC0 11-12,30"
 
 
-def test_kv_calc_tensor_split_without_rpc_is_refused(cli) -> None:
-    result = cli("kv-calc", "llama-2-7b", "--tensor-split", "1,1")
+@pytest.mark.parametrize("flags", [("--tensor-split", "1,1"), ("-ngl", "20")])
+def test_kv_calc_split_flags_without_rpc_are_refused(cli, flags: tuple[str, str]) -> None:
+    result = cli("kv-calc", "llama-2-7b", *flags)
     assert result.exit_code == 2
-    assert "--rpc" in result.error_line
+    assert "add --rpc" in result.error_line
 
 
 # ------------------------------------------------------------------ with servers (slow)

@@ -102,6 +102,8 @@ def kv_calc_cmd(
         )  # fmt: skip
         return
     parse_tensor_split(tensor_split, ())  # refused without --rpc
+    if gpu_layers != -1:
+        raise InvalidArgument(f"-ngl {gpu_layers} places layers on --rpc devices; add --rpc")
     request = KVCalcRequest(
         model=model,
         ctx=parse_count_list(ctx, "--ctx") if ctx else (),
