@@ -7,6 +7,7 @@ duplicates dropped) and bench's (llama-bench's ``128,512``, repeated flags, rang
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ __all__ = [
     "parse_repack",
     "parse_size",
     "parse_sweep",
+    "parse_tensor_split",
     "threads_warning",
 ]
 
@@ -201,3 +203,28 @@ def parse_flash_attn_modes(values: Sequence[str], flag: str = "--flash-attn") ->
                 )
             modes.append(name)
     return tuple(modes)
+
+
+def parse_tensor_split(value: str | None, endpoints: tuple[str, ...]) -> tuple[float, ...]:
+    """--tensor-split's proportions, one per RPC device (llama.cpp's comma or slash list)."""
+    if not value:
+        return ()
+    if not endpoints:
+        raise InvalidArgument("--tensor-split shares layers between --rpc devices; add --rpc")
+    parts = value.replace("/", ",").split(",")
+    try:
+        shares = tuple(float(p) for p in parts)
+    except ValueError:
+        raise InvalidArgument(
+            f"--tensor-split {value!r} is not a list of numbers; use e.g. 3,1"
+        ) from None
+    if any(not math.isfinite(s) or s < 0 for s in shares) or not any(shares):
+        raise InvalidArgument(
+            f"--tensor-split {value!r} needs non-negative proportions, at least one above 0"
+        )
+    if len(shares) > len(endpoints):
+        raise InvalidArgument(
+            f"--tensor-split {value!r} has {len(shares)} shares for {len(endpoints)} --rpc "
+            "server(s); give one per server"
+        )
+    return shares

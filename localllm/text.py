@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from localllm.errors import InvalidArgument
 
-__all__ = ["escape_untrusted", "format_bytes", "format_count", "parse_size"]
+__all__ = ["escape_untrusted", "format_bytes", "format_count", "format_ranges", "parse_size"]
 
 # Bidirectional overrides can disguise what a string says (trojan source).
 _BIDI_CONTROLS = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
@@ -22,6 +23,17 @@ def format_bytes(n: int | float | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     return f"{value:.2f} TiB"
+
+
+def format_ranges(values: Iterable[int], sep: str = ",") -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``: runs of consecutive numbers as ranges."""
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and runs[-1][1] == v - 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return sep.join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def format_count(n: int | None) -> str:

@@ -26,8 +26,8 @@ from gguf_bytes import tensor_bytes_by_layer
 
 from localllm.bench.record import RpcSplit
 from localllm.chat.history import sessions_dir
-from localllm.commands.rpc import parse_tensor_split
 from localllm.errors import InvalidArgument
+from localllm.options import parse_tensor_split
 from localllm.split_plan import layer_of_tensor
 
 MIB = 1 << 20
@@ -284,3 +284,11 @@ def test_a_server_killed_mid_reply_is_one_line_and_the_chat_is_kept(
         if server.poll() is None:
             server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
+
+
+def test_layer_lists_read_as_ranges() -> None:
+    from localllm.text import format_ranges
+
+    assert format_ranges([30, 0, 1, 2, 11, 12]) == "0-2,11-12,30"  # order does not matter
+    assert format_ranges([5]) == "5" and format_ranges([]) == ""
+    assert format_ranges(range(11), ", ") == "0-10"

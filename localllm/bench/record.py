@@ -19,7 +19,7 @@ from typing import Any
 from localllm.bench.request import DEFAULT_BATCH, DEFAULT_UBATCH, BenchRequest, BenchTest
 from localllm.machine import Bandwidth
 from localllm.runtime.params import FLASH_ATTN_TYPES
-from localllm.text import escape_untrusted
+from localllm.text import escape_untrusted, format_ranges
 
 __all__ = [
     "EXTRA_FIELDS",
@@ -196,17 +196,9 @@ class RpcSplit:
     @property
     def layer_split_field(self) -> str:
         """Each device and its layer range: "CPU 0-10/RPC0[127.0.0.1:50052] 11-30"."""
-        return "/".join(f"{device} {_ranges(layers)}" for device, layers in self.layers if layers)
-
-
-def _ranges(values: Sequence[int]) -> str:
-    out: list[str] = []
-    for v in sorted(values):
-        if out and out[-1].split("-")[-1] == str(v - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{v}"
-        else:
-            out.append(str(v))
-    return ",".join(out)
+        return "/".join(
+            f"{device} {format_ranges(layers)}" for device, layers in self.layers if layers
+        )
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from localllm.commands.rpc import (
     TensorSplitOpt,
     install_rpc_abort_report,
     parse_rpc,
-    parse_tensor_split,
 )
+from localllm.options import parse_tensor_split
 
 _SweepOpt = list[str] | None
 

@@ -23,10 +23,9 @@ from localllm.commands.rpc import (
     TensorSplitOpt,
     install_rpc_abort_report,
     parse_rpc,
-    parse_tensor_split,
 )
 from localllm.errors import InvalidArgument
-from localllm.options import parse_on_off, parse_repack
+from localllm.options import parse_on_off, parse_repack, parse_tensor_split
 from localllm.views.console import note, out, spinner
 
 

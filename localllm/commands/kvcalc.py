@@ -18,10 +18,9 @@ from localllm.commands.rpc import (
     RpcOpt,
     TensorSplitOpt,
     parse_rpc,
-    parse_tensor_split,
 )
 from localllm.errors import InvalidArgument
-from localllm.options import check_count, parse_on_off, parse_repack
+from localllm.options import check_count, parse_on_off, parse_repack, parse_tensor_split
 from localllm.views.console import note, out, print_json, spinner, warn
 
 

@@ -21,9 +21,8 @@ from localllm.commands.rpc import (
     TensorSplitOpt,
     install_rpc_abort_report,
     parse_rpc,
-    parse_tensor_split,
 )
-from localllm.options import parse_repack
+from localllm.options import parse_repack, parse_tensor_split
 from localllm.views.console import note, print_json
 
 

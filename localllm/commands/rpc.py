@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from localllm.errors import InvalidArgument
 from localllm.views.console import note, warn
 
 __all__ = [
@@ -18,7 +16,6 @@ __all__ = [
     "TensorSplitOpt",
     "install_rpc_abort_report",
     "parse_rpc",
-    "parse_tensor_split",
     "rpc_server_cmd",
 ]
 
@@ -48,31 +45,6 @@ TensorSplitOpt = Annotated[
         show_default="by their memory",
     ),
 ]
-
-
-def parse_tensor_split(value: str | None, endpoints: tuple[str, ...]) -> tuple[float, ...]:
-    """--tensor-split's proportions, one per RPC device (llama.cpp's comma or slash list)."""
-    if not value:
-        return ()
-    if not endpoints:
-        raise InvalidArgument("--tensor-split shares layers between --rpc devices; add --rpc")
-    parts = value.replace("/", ",").split(",")
-    try:
-        shares = tuple(float(p) for p in parts)
-    except ValueError:
-        raise InvalidArgument(
-            f"--tensor-split {value!r} is not a list of numbers; use e.g. 3,1"
-        ) from None
-    if any(not math.isfinite(s) or s < 0 for s in shares) or not any(shares):
-        raise InvalidArgument(
-            f"--tensor-split {value!r} needs non-negative proportions, at least one above 0"
-        )
-    if len(shares) > len(endpoints):
-        raise InvalidArgument(
-            f"--tensor-split {value!r} has {len(shares)} shares for {len(endpoints)} --rpc "
-            "server(s); give one per server"
-        )
-    return shares
 
 
 def parse_rpc(value: str | None) -> tuple[str, ...]:

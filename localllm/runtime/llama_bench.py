@@ -179,20 +179,15 @@ class BenchModel:
 
     def _load_split(self, params: Any, rpc: Sequence[str], tensor_split: Sequence[float]) -> None:
         """Load onto the RPC servers' devices (as llama-bench --rpc) and note the split."""
-        from localllm.runtime.rpc import add_rpc_servers, devices_array
+        from localllm.runtime.rpc import add_rpc_servers, attach_devices
         from localllm.runtime.rpc_plan import debug_lines, parse_placement
 
         devices = add_rpc_servers(rpc)
-        array = devices_array(devices)  # referenced until the load returns
-        params.devices = ctypes.cast(array, ctypes.c_void_p)
-        split = None
-        if tensor_split:
-            split = (ctypes.c_float * self._lc.LLAMA_MAX_DEVICES)(*tensor_split)
-            params.tensor_split = split
+        arrays = attach_devices(params, devices, tensor_split)
         with debug_lines() as lines:
             self.model, self.load_log = load_model_file(self._lc, self.path, params)
         self.placement = parse_placement(lines, devices)
-        del array, split
+        del arrays  # llama.cpp has copied them
 
     def new_context(self, config: ContextConfig) -> BenchContext:
         return BenchContext(self, config)

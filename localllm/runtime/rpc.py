@@ -35,6 +35,7 @@ __all__ = [
     "RpcDevice",
     "RpcServerInfo",
     "add_rpc_servers",
+    "attach_devices",
     "check_endpoint",
     "devices_array",
     "model_devices",
@@ -297,6 +298,23 @@ def devices_array(devices: Sequence[RpcDevice]) -> Any:
     The caller keeps it referenced until the load returns (llama.cpp copies the list).
     """
     return (ctypes.c_void_p * (len(devices) + 1))(*[d.handle for d in devices], None)
+
+
+def attach_devices(
+    params: Any, devices: Sequence[RpcDevice], tensor_split: Sequence[float] = ()
+) -> tuple[Any, ...]:
+    """Point ``llama_model_params`` at ``devices`` (and their ``tensor_split`` shares).
+
+    Returns the ctypes arrays the params now point into: keep them referenced until the
+    load returns (llama.cpp copies them then).
+    """
+    array = devices_array(devices)
+    params.devices = ctypes.cast(array, ctypes.c_void_p)
+    if not tensor_split:
+        return (array,)
+    split = (ctypes.c_float * import_llama_cpp().LLAMA_MAX_DEVICES)(*tensor_split)
+    params.tensor_split = split
+    return (array, split)
 
 
 _patch_lock = threading.RLock()  # nested blocks in one thread stack their patches

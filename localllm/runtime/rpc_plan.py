@@ -24,7 +24,7 @@ from typing import Any
 from localllm.runtime.dry_run import ContextPlan, DryRunModel, DryRunSettings
 from localllm.runtime.library import import_llama_cpp
 from localllm.runtime.log import install_log_capture
-from localllm.runtime.rpc import RpcDevice, devices_array
+from localllm.runtime.rpc import RpcDevice, attach_devices
 
 __all__ = [
     "DeviceShare",
@@ -182,23 +182,17 @@ class SplitDryRun:
         tensor_split: Sequence[float] | None = None,
         use_extra_bufts: bool = True,
     ) -> None:
-        lc = import_llama_cpp()
         self.devices = tuple(devices)
-        array = devices_array(self.devices)
-        split = None
-        if tensor_split:
-            split = (ctypes.c_float * lc.LLAMA_MAX_DEVICES)(*tensor_split)
+        arrays: list[Any] = []
 
         def configure(params: Any) -> None:
-            params.devices = ctypes.cast(array, ctypes.c_void_p)
+            arrays.extend(attach_devices(params, self.devices, tensor_split or ()))
             params.n_gpu_layers = n_gpu_layers
             params.use_mmap = False  # nothing is read anyway; no mapping to describe
-            if split is not None:
-                params.tensor_split = split
 
-        # ``array`` and ``split`` stay referenced by configure() until the load returns.
         with debug_lines() as lines:
             self.model = DryRunModel(path, use_extra_bufts=use_extra_bufts, configure=configure)
+        arrays.clear()  # referenced until here: llama.cpp has copied them
         self.load_lines = tuple(lines)
         self.path = Path(path)
 

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from localllm.split_plan import THIS_MACHINE
-from localllm.text import format_bytes
+from localllm.text import format_bytes, format_ranges
 from localllm.views.console import note, out, safe
 
 if TYPE_CHECKING:
@@ -22,16 +22,10 @@ _VERDICT_STYLE = {"fits": "ok", "tight": "warn", "too big": "error", "unknown": 
 
 def _layer_ranges(layers: tuple[int, ...], n_layer: int) -> str:
     """0-10, 11-29 + output: llama.cpp's layer numbers, the output layer named."""
-    repeating = [i for i in layers if i < n_layer]
-    parts: list[str] = []
-    for i in repeating:
-        if parts and parts[-1].rsplit("-", 1)[-1] == str(i - 1):
-            parts[-1] = f"{parts[-1].split('-')[0]}-{i}"
-        else:
-            parts.append(str(i))
+    parts = [format_ranges((i for i in layers if i < n_layer), ", ")]
     if n_layer in layers:
         parts.append("output")
-    return ", ".join(parts) or "-"
+    return ", ".join(p for p in parts if p) or "-"
 
 
 def _plan_table(plan: SplitPlan, n_layer: int) -> Table:
