@@ -338,7 +338,13 @@ def test_a_template_failure_is_a_json_error_and_the_server_goes_on(
         assert error["code"] == "template_error" and "must alternate" in error["message"]
         good = json.dumps({"messages": COLOURS, "max_tokens": 3}).encode()
         status, _, data = raw(other.port, "POST", "/v1/chat/completions", good)
-        assert status == 200 and json.loads(data)["usage"]["completion_tokens"] >= 1
+        assert status == 200, data
+        # Served in full: the prompt went through the engine and generation ended normally.
+        # (Not "at least one token": this bare template gives no assistant turn, and an
+        # unseeded sample may be end-of-text at once.)
+        reply = json.loads(data)
+        assert reply["usage"]["prompt_tokens"] > 0
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 # ------------------------------------------------------------------------ security
