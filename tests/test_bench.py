@@ -17,17 +17,14 @@ import gguf
 import numpy as np
 import pytest
 
-from localllm.bench.record import (
-    EXTRA_FIELDS,
-    LLAMA_BENCH_FIELDS,
-    BenchResult,
-    Environment,
+from localllm.bench.formats import (
     format_csv_header,
     format_csv_row,
     format_json,
     format_jsonl_row,
     format_markdown,
 )
+from localllm.bench.record import EXTRA_FIELDS, LLAMA_BENCH_FIELDS, BenchResult, Environment
 from localllm.bench.request import BenchRequest, BenchTest
 from localllm.bench.run import weights_read_per_token
 from localllm.errors import InvalidArgument

@@ -44,6 +44,14 @@ def test_every_output_format_says_synthetic(cli, store_with_smollm2: Path) -> No
     assert md.exit_code == 0, md.stderr
     rows = [line for line in md.stdout.splitlines() if line.startswith("| llama")]
     assert rows and all("(synthetic)" in line for line in rows)
+    # The marker widens the model column instead of pushing the row out of line.
+    table_lines = [line for line in md.stdout.splitlines() if line.startswith("|")]
+    assert len({len(line) for line in table_lines}) == 1, table_lines
+    assert len({line.index("|", 1) for line in table_lines}) == 1, table_lines
+    # The model line names where the tensor table came from, not the temporary file's hash.
+    model_line = next(line for line in md.stdout.splitlines() if line.startswith("model: "))
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in model_line
+    assert "not hashed" in model_line and "sha256" not in model_line
     table = cli("bench", "--synthetic", *TINY, "-o", "csv").stdout
     parsed = list(csv.DictReader(io.StringIO(table)))
     assert [r["synthetic"] for r in parsed] == ["1", "1"]

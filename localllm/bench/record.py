@@ -3,23 +3,19 @@
 Every record carries llama-bench's fields (so tools that read llama-bench output read
 ours) and ours: peak RSS, the buffers llama.cpp allocated, the roofline fraction of
 ``tg`` and the machine and software the result was measured with. The formats (md, csv,
-json, jsonl) are llama-bench's printers.
+json, jsonl) are in :mod:`localllm.bench.formats`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from localllm.bench.request import DEFAULT_BATCH, DEFAULT_UBATCH, BenchRequest, BenchTest
+from localllm.bench.request import BenchTest
 from localllm.machine import Bandwidth
 from localllm.runtime.params import FLASH_ATTN_TYPES
-from localllm.text import escape_untrusted, format_ranges
+from localllm.text import format_ranges
 
 __all__ = [
     "EXTRA_FIELDS",
@@ -28,12 +24,6 @@ __all__ = [
     "Environment",
     "MemoryFigures",
     "RpcSplit",
-    "describe_environment",
-    "format_csv_header",
-    "format_csv_row",
-    "format_json",
-    "format_jsonl_row",
-    "format_markdown",
 ]
 
 # llama-bench's test::get_fields() of the llama.cpp build we run, in order, with the JSON
@@ -359,126 +349,3 @@ def _stdev(values: Sequence[float]) -> float:
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def _csv_value(name: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"  # std::to_string(bool), as llama-bench writes it
-    if name in ("avg_ts", "stddev_ts") or isinstance(value, float):
-        return f"{value:f}"
-    return str(value)
-
-
-def _csv_line(values: Sequence[str]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, quoting=csv.QUOTE_ALL, lineterminator="\n").writerow(values)
-    return buf.getvalue()
-
-
-def _csv_fields() -> list[str]:
-    return [*LLAMA_BENCH_FIELDS, *EXTRA_FIELDS]
-
-
-def format_csv_header() -> str:
-    """llama-bench's CSV header line, then our columns."""
-    return ",".join(_csv_fields()) + "\n"
-
-
-def format_csv_row(result: BenchResult) -> str:
-    record = result.record()
-    return _csv_line([_csv_value(name, record[name]) for name in _csv_fields()])
-
-
-def format_json(results: Sequence[BenchResult]) -> str:
-    """A JSON array of records, as llama-bench's ``-o json``."""
-    return json.dumps([r.record() for r in results], indent=2) + "\n"
-
-
-def format_jsonl_row(result: BenchResult) -> str:
-    return json.dumps(result.record()) + "\n"
-
-
-# Markdown columns as llama-bench's markdown_printer lays them out (width < 0: left-aligned).
-_MD_WIDTHS = {"model": -30, "size": 10, "params": 10, "backend": -10, "n_threads": 7,
-              "n_batch": 7, "n_ubatch": 8, "type_k": 6, "type_v": 6, "flash_attn": 3,
-              "n_ctx": 7, "test": 15, "t/s": 20, "roofline": 8}  # fmt: skip
-_MD_NAMES = {"n_threads": "threads", "flash_attn": "fa", "n_ctx": "ctx"}
-
-
-def _md_fields(request: BenchRequest, results: Sequence[BenchResult]) -> list[str]:
-    fields = ["model", "size", "params", "backend", "n_threads"]  # threads: always on CPU
-    for name, default in (("n_batch", (DEFAULT_BATCH,)), ("n_ubatch", (DEFAULT_UBATCH,)),
-                          ("type_k", ("f16",)), ("type_v", ("f16",)),
-                          ("flash_attn", ("auto",))):  # fmt: skip
-        if getattr(request, name) != default:
-            fields.append(name)
-    if any(r.test.ctx_asked for r in results):
-        fields.append("n_ctx")
-    fields += ["test", "t/s"]
-    if any(r.roofline_fraction is not None for r in results):
-        fields.append("roofline")
-    return fields
-
-
-def format_markdown(
-    request: BenchRequest,
-    results: Sequence[BenchResult],
-    environment: Environment | None = None,
-    bandwidth: Bandwidth | None = None,
-) -> str:
-    """llama-bench's markdown table (same columns and widths), a roofline column, the build."""
-    fields = _md_fields(request, results)
-    header, rule = "|", "|"
-    for f in fields:
-        width = _MD_WIDTHS[f]
-        header += f" {_MD_NAMES.get(f, f):{'<' if width < 0 else '>'}{abs(width)}} |"
-        rule += f" {'-' * (abs(width) - 1)}{':' if width > 0 else '-'} |"
-    lines = [header, rule]
-    for r in results:
-        size = r.model_size
-        cells = {
-            "model": escape_untrusted(r.model_type) + (" (synthetic)" if r.synthetic else ""),
-            "size": f"{size / 2**20:.2f} MiB" if size < 2**30 else f"{size / 2**30:.2f} GiB",
-            "params": f"{r.model_n_params / 1e6:.2f} M"
-            if r.model_n_params < 1e9
-            else f"{r.model_n_params / 1e9:.2f} B",
-            "backend": "RPC" if r.split else r.environment.backends,  # llama-bench --rpc
-            "n_threads": str(r.test.n_threads),
-            "n_batch": str(r.test.n_batch),
-            "n_ubatch": str(r.test.n_ubatch),
-            "type_k": r.test.type_k,
-            "type_v": r.test.type_v,
-            "flash_attn": str(FLASH_ATTN_TYPES[r.test.flash_attn]),
-            "n_ctx": str(r.test.n_ctx),
-            "test": r.test.name,
-            "t/s": f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}",
-            "roofline": f"{r.roofline_fraction:.1%}" if r.roofline_fraction is not None else "",
-        }
-        line = "|"
-        for f in fields:
-            width = _MD_WIDTHS[f]
-            line += f" {cells[f]:{'<' if width < 0 else '>'}{abs(width)}} |"
-        lines.append(line)
-    env = environment or (results[0].environment if results else None)
-    if env is not None:
-        lines += ["", f"build: {env.llama_cpp_build} (0)", *describe_environment(env)]
-        bandwidth = bandwidth or (results[0].bandwidth if results else None)
-        if bandwidth is not None and any(r.roofline_fraction is not None for r in results):
-            lines.append(
-                f"roofline: tg t/s as a share of {bandwidth.bytes_per_s / 1e9:.1f} GB/s memory "
-                "read bandwidth / bytes read per generated token (weights + KV)"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def describe_environment(env: Environment) -> list[str]:
-    """The machine and software behind a result, in a few human lines."""
-    return [
-        f"localllm {env.localllm_version}, llama-cpp-python {env.llama_cpp_python_version}, "
-        f"ggml {env.ggml_version}; Python {env.python_version}; {env.os}",
-        f"{env.cpu_model}: {env.cpu_cores} cores, {env.cpu_threads} threads, "
-        f"{env.ram_bytes / 2**30:.1f} GiB RAM",
-        f"model: {escape_untrusted(Path(env.model_path).name)} sha256 {env.model_sha256}",
-    ]

@@ -13,14 +13,14 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from localllm.bench.record import (
-    BenchResult,
+from localllm.bench.formats import (
     format_csv_header,
     format_csv_row,
     format_json,
     format_jsonl_row,
     format_markdown,
 )
+from localllm.bench.record import BenchResult
 from localllm.bench.request import BenchRequest
 from localllm.bench.run import BenchEvent, BenchPlan, BenchProgress, BenchRun
 from localllm.views.console import err, note, stdout_is_pipe, warn
