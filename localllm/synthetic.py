@@ -2,8 +2,8 @@
 
 llama.cpp's speed depends on the tensor table (names, shapes, types) and the settings,
 hardly on the weight values, so a file with the real header and random weights runs at
-about the real model's speed (SmolLM2 here: pp equal within noise, tg within ~3% once
-block scales spread as trained ones do, see _SCALE_SIGMA; all-zero weights are faster).
+about the real model's speed (SmolLM2 here, both read from disk: tg within 0.4%, pp 1.8%,
+once block scales spread as trained ones do, see SCALE_SIGMA; all-zero weights are faster).
 
 The header (key/values, tensor infos, alignment padding) is copied byte for byte from
 the source: nothing is decoded or re-encoded, so metadata, offsets and alignment are
@@ -55,10 +55,10 @@ _INT_TYPES = {24, 25, 26, 27}  # I8..I64: left as zeros (no model weights use th
 _WEIGHT_STD = 0.02
 # Trained weights vary in magnitude from block to block; i.i.d. normals do not. That spread
 # sets speed: ggml on x86 turns each block's f16 scale into f32 through a 256 KB lookup
-# table, so narrowly spread scales stay in L1 and ran SmolLM2 tg ~8% faster than its real
+# table, so narrowly spread scales stay in L1 and ran SmolLM2 tg 5-9% faster than its real
 # weights. Each 256-value group (a K-quant super-block) gets a lognormal factor: sigma 0.2
 # brings the spread of log2(block scale) to SmolLM2's (median over tensors 0.37, vs 0.24).
-_SCALE_SIGMA = 0.2
+SCALE_SIGMA = 0.2
 _SCALE_GROUP = 256
 _POOL_BLOCKS = 4096
 # IQ1/IQ2 quantizers search grids: ~1 ms per block, so their pools are kept small.
@@ -192,20 +192,23 @@ def _float_bytes(values: np.ndarray, type_id: int) -> np.ndarray:
     return values.astype(kind).view(np.uint8)
 
 
-def _float_values(rng: np.random.Generator, n: int, norm: bool) -> np.ndarray:
+def _float_values(
+    rng: np.random.Generator, n: int, norm: bool, scale_sigma: float = SCALE_SIGMA
+) -> np.ndarray:
     values = rng.standard_normal(n, dtype=np.float32) * np.float32(_WEIGHT_STD)
     if norm:  # RMS-norm weights sit around 1 in trained models, not around 0.
         return values + np.float32(1.0)
     groups = -(-n // _SCALE_GROUP)
-    factors = np.exp(np.float32(_SCALE_SIGMA) * rng.standard_normal(groups, dtype=np.float32))
+    factors = np.exp(np.float32(scale_sigma) * rng.standard_normal(groups, dtype=np.float32))
     return values * np.repeat(factors, _SCALE_GROUP)[:n]
 
 
 class _Pools:
     """Per-type pools of valid units (quantized blocks, or runs of float values)."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, scale_sigma: float) -> None:
         self.rng = rng
+        self.scale_sigma = scale_sigma
         self.pools: dict[tuple[int, bool], np.ndarray] = {}
 
     def get(self, type_id: int, norm: bool) -> np.ndarray:
@@ -219,7 +222,8 @@ class _Pools:
         name, block, block_bytes = GGML_TYPES[type_id]
         if type_id in _FLOAT_TYPES:
             unit = 256
-            data = _float_bytes(_float_values(self.rng, _POOL_BLOCKS * unit, norm), type_id)
+            values = _float_values(self.rng, _POOL_BLOCKS * unit, norm, self.scale_sigma)
+            data = _float_bytes(values, type_id)
             return data.reshape(_POOL_BLOCKS, -1)
         from localllm.runtime.quantize import QUANTIZABLE_TYPES, quantize_rows, rows_are_valid
 
@@ -229,7 +233,8 @@ class _Pools:
             )
         n_blocks = _SLOW_POOL_BLOCKS if type_id in _SLOW_QUANTIZERS else _POOL_BLOCKS
         rows = n_blocks * block // _QUANT_ROW
-        floats = _float_values(self.rng, rows * _QUANT_ROW, False).reshape(rows, _QUANT_ROW)
+        floats = _float_values(self.rng, rows * _QUANT_ROW, False, self.scale_sigma)
+        floats = floats.reshape(rows, _QUANT_ROW)
         pool = quantize_rows(type_id, floats)
         if not rows_are_valid(type_id, pool):  # ggml's own NaN/Inf check of every block
             raise LocalLLMError(f"ggml quantized finite values to invalid {name} blocks")
@@ -250,7 +255,8 @@ def _write_tensor(fd: int, pos: int, tensor: TensorEntry, pools: _Pools) -> None
     norm = tensor.name.endswith("norm.weight")
     rng = pools.rng
     if tensor.type_id in _FLOAT_TYPES and tensor.n_elements <= _POOL_BLOCKS * 256:
-        data = _float_bytes(_float_values(rng, tensor.n_elements, norm), tensor.type_id)
+        values = _float_values(rng, tensor.n_elements, norm, pools.scale_sigma)
+        data = _float_bytes(values, tensor.type_id)
         _pwrite_all(fd, memoryview(data), pos)
         return
     pool = pools.get(tensor.type_id, norm)
@@ -269,9 +275,29 @@ def _write_tensor(fd: int, pos: int, tensor: TensorEntry, pools: _Pools) -> None
         _pwrite_all(fd, memoryview(pool[0, :tail]), pos)
 
 
-def write_synthetic(table: TensorTable, path: Path, *, seed: int = 0) -> None:
-    """Write ``table``'s header and random weights to a new file at ``path``."""
-    pools = _Pools(np.random.default_rng(seed))
+def _leave_cold(fd: int) -> None:
+    """Flush the file and drop it from the page cache, so llama.cpp reads it from disk.
+
+    Flushed: otherwise the kernel writes gigabytes back while the benchmark runs, on the
+    same cores. Dropped: how a file sits in the page cache moves its speed a little (2 MiB
+    folios are mapped as huge pages: SmolLM2 written in 64 MiB chunks ran tg 2% faster
+    than written in 64 KiB ones), so the synthetic file is measured in the state any model
+    has once read from disk, whatever wrote it (benchmarks/synthetic_7b.md, section 4).
+    """
+    os.fsync(fd)
+    if hasattr(os, "posix_fadvise"):  # not on macOS: there the file stays cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def write_synthetic(
+    table: TensorTable, path: Path, *, seed: int = 0, scale_sigma: float = SCALE_SIGMA
+) -> None:
+    """Write ``table``'s header and random weights to a new file at ``path``, left cold.
+
+    ``scale_sigma``: the spread of the per-256-value magnitude factor (0: i.i.d. weights,
+    for comparisons; see SCALE_SIGMA).
+    """
+    pools = _Pools(np.random.default_rng(seed), scale_sigma)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
@@ -279,6 +305,7 @@ def write_synthetic(table: TensorTable, path: Path, *, seed: int = 0) -> None:
             _pwrite_all(fd, memoryview(table.header), 0)
             for tensor in table.tensors:
                 _write_tensor(fd, table.data_offset + tensor.offset, tensor, pools)
+            _leave_cold(fd)
         finally:
             os.close(fd)
     except OSError as exc:
