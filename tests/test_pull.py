@@ -539,6 +539,30 @@ def test_kv_calc_on_a_hub_ref_matches_the_local_file(cli, fake_hub: FakeHub, smo
     assert sum(fake_hub.bytes_served.values()) * 20 < smollm2_path.stat().st_size
 
 
+def test_bench_synthetic_on_a_hub_ref_downloads_only_the_header(
+    cli, fake_hub: FakeHub, smollm2_path: Path, isolated_paths: Path
+):
+    # Issue 15's "done when", on a file this session can serve: speed here, no download.
+    import gguf
+
+    result = cli("bench", SMOL_REF, "--synthetic", "-p", "16", "-n", "4", "-r", "1", "-o", "json")
+    assert result.exit_code == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [(r["n_prompt"], r["n_gen"]) for r in records] == [(16, 0), (0, 4)]
+    assert all(r["avg_ts"] > 0 and r["synthetic"] for r in records)
+    assert all(r["synthetic_source"] == SMOL_REF for r in records)
+    # The stand-in had the hub file's tensor table: llama.cpp's model size is its tensors'.
+    real_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(smollm2_path).tensors)
+    assert all(r["model_size"] == real_bytes for r in records)
+    # Only the header came over the wire (ranged reads), nothing was stored or left behind.
+    served = sum(fake_hub.bytes_served.values())
+    assert 0 < served <= 4 << 20 and served * 20 < smollm2_path.stat().st_size
+    assert all(g.range is not None for g in fake_hub.cdn_gets())
+    assert store_files(isolated_paths) == [] and partials(isolated_paths) == []
+    leftovers = (isolated_paths / ".tmp").glob("localllm-synthetic-*")
+    assert list(leftovers) == []
+
+
 def test_info_on_a_gated_hub_ref_is_one_line(cli, fake_hub: FakeHub):
     result = cli("info", "test-org/Gated-GGUF:Q4_1")
     assert result.exit_code == 1
