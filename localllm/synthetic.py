@@ -37,6 +37,7 @@ from localllm.gguf_meta import ModelSpec
 from localllm.text import escape_untrusted, format_bytes
 
 __all__ = [
+    "SCALE_SIGMA",
     "SyntheticFile",
     "TensorEntry",
     "TensorTable",
