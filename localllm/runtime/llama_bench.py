@@ -33,6 +33,7 @@ from localllm.errors import LocalLLMError, ModelLoadError
 from localllm.runtime.library import import_llama_cpp
 from localllm.runtime.log import (
     BufferReport,
+    debug_lines,
     install_log_capture,
     load_model_file,
     log_mark,
@@ -180,7 +181,7 @@ class BenchModel:
     def _load_split(self, params: Any, rpc: Sequence[str], tensor_split: Sequence[float]) -> None:
         """Load onto the RPC servers' devices (as llama-bench --rpc) and note the split."""
         from localllm.runtime.rpc import add_rpc_servers, attach_devices
-        from localllm.runtime.rpc_plan import debug_lines, parse_placement
+        from localllm.runtime.rpc_plan import parse_placement
 
         devices = add_rpc_servers(rpc)
         arrays = attach_devices(params, devices, tensor_split)

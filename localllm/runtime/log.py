@@ -1,16 +1,19 @@
 """llama.cpp's log, captured instead of printed, and the facts read out of it.
 
 Everything llama.cpp logs goes through one callback into a bounded list; a caller takes
-a mark before a load or a context creation and reads the lines since. The buffer sizes
-llama.cpp reports there are parsed into :class:`BufferReport`.
+a mark before a load or a context creation and reads the lines since. Debug lines are
+not kept there (thousands per load); :func:`debug_lines` collects every line, debug
+included, while a block runs. The buffer sizes llama.cpp reports are parsed into
+:class:`BufferReport`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from localllm.errors import ModelLoadError
 
 __all__ = [
     "BufferReport",
+    "debug_lines",
     "install_log_capture",
     "load_model_file",
     "log_mark",
@@ -44,6 +48,8 @@ class _LogState:
         self.echo = False
         self.callback: Any = None  # the ctypes callback must stay referenced while installed
         self.last_level = 2
+        self.listeners: list[list[str]] = []  # debug_lines() blocks running: every line
+        self.listener_partial: list[str] = []
 
 
 _state = _LogState()
@@ -52,6 +58,8 @@ _state = _LogState()
 def _capture(level: int, text: bytes) -> None:
     if level != 5:  # 5 continues the previous message at its level
         _state.last_level = level
+    if _state.listeners:
+        _to_listeners(text.decode("utf-8", errors="replace"))
     if _state.last_level not in _LOG_KEEP_LEVELS:
         return
     piece = text.decode("utf-8", errors="replace")
@@ -66,6 +74,33 @@ def _capture(level: int, text: bytes) -> None:
                 _state.dropped += 1000
     if _state.echo:
         os.write(2, text)
+
+
+def _to_listeners(piece: str) -> None:
+    with _state.lock:
+        _state.listener_partial.append(piece)
+        if piece.endswith("\n"):
+            line = "".join(_state.listener_partial).rstrip("\n")
+            _state.listener_partial.clear()
+            for lines in _state.listeners:
+                lines.append(line)
+
+
+@contextlib.contextmanager
+def debug_lines() -> Iterator[list[str]]:
+    """Every line llama.cpp logs while the block runs, debug lines included (the capture
+    itself keeps only info and above)."""
+    install_log_capture()
+    lines: list[str] = []
+    with _state.lock:
+        _state.listeners.append(lines)
+    try:
+        yield lines
+    finally:
+        with _state.lock:
+            _state.listeners = [other for other in _state.listeners if other is not lines]
+            if not _state.listeners:
+                _state.listener_partial.clear()
 
 
 def install_log_capture() -> None:

@@ -4,7 +4,7 @@ A ``no_alloc`` load with the RPC devices attached makes llama.cpp choose each la
 device exactly as a real load would (``load_tensors: layer N assigned to device D``), and
 a context on it says which device holds each layer's KV cache (``llama_kv_cache: layer N:
 dev = D``) and logs each device's compute buffer. Those are debug lines: they are
-collected here while the installed log callback keeps receiving everything.
+collected through runtime/log.py's ``debug_lines``.
 
 Weights and KV buffers are dummies in a dry run (they log 0.00 MiB); the caller sizes
 them from the tensor table and from the dry run's exact caches (:class:`SplitContext`).
@@ -12,18 +12,15 @@ them from the tensor table and from the dry run's exact caches (:class:`SplitCon
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from localllm.runtime.dry_run import ContextPlan, DryRunModel, DryRunSettings
-from localllm.runtime.library import import_llama_cpp
-from localllm.runtime.log import install_log_capture
+from localllm.runtime.log import debug_lines
 from localllm.runtime.rpc import RpcDevice, attach_devices
 
 __all__ = [
@@ -31,7 +28,6 @@ __all__ = [
     "SplitContext",
     "SplitDryRun",
     "cache_devices",
-    "debug_lines",
     "parse_placement",
 ]
 
@@ -116,36 +112,6 @@ def cache_devices(lines: Sequence[str]) -> list[dict[int, str]]:
             caches.append(current)
             current = {}
     return caches
-
-
-@contextlib.contextmanager
-def debug_lines() -> Iterator[list[str]]:
-    """Collect every llama.cpp log line (debug included) while forwarding to the installed
-    callback, which keeps seeing what it saw before."""
-    llama_cpp = import_llama_cpp()
-    install_log_capture()  # first: installed later, it would replace this hook
-    callback_type = llama_cpp.llama_log_callback
-    saved, user_data = callback_type(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(saved), ctypes.byref(user_data))
-    forward = saved if saved else None
-    lines: list[str] = []
-    partial: list[str] = []
-
-    def collect(level: int, text: bytes, user: Any) -> None:
-        piece = text.decode("utf-8", errors="replace")
-        partial.append(piece)
-        if piece.endswith("\n"):
-            lines.append("".join(partial).rstrip("\n"))
-            partial.clear()
-        if forward is not None:
-            forward(level, text, user)
-
-    hook = callback_type(collect)
-    llama_cpp.llama_log_set(hook, user_data)
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(saved, user_data)
 
 
 def _first_context(lines: Sequence[str]) -> list[str]:
