@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,3 +155,32 @@ def run_cli(*args: str, input: str | None = None, timeout: float = 300) -> CliRe
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_rpc_server(**popen: object) -> tuple[int, subprocess.Popen]:
+    """``localllm rpc-server -t 1`` on a free loopback port, once it accepts connections.
+
+    ``popen``: where its output goes (subprocess.Popen's keywords). Fails the test, with
+    the server killed, if it does not listen within 30 s.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localllm", "rpc-server", "--port", str(port), "-t", "1"],
+        cwd=REPO, **popen,  # type: ignore[arg-type]
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return port, proc
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=10)
+    pytest.fail(f"localllm rpc-server on 127.0.0.1:{port} did not start listening")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import REPO, free_port
 from gguf_bytes import tensor_bytes_by_layer
 
 from localllm.errors import InvalidArgument, RpcError
@@ -36,7 +37,6 @@ from localllm.rpc import (
 )
 from localllm.runtime.rpc import check_endpoint
 
-REPO = Path(__file__).resolve().parents[1]
 RPC_HEADER = (
     REPO / "benchmarks/build/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml/include/ggml-rpc.h"
 )
@@ -46,12 +46,6 @@ SERVE = (
     "s = serve(RpcServerOptions(port=int(sys.argv[1]), threads=1, cache_dir=cache)); "
     "print('listening', flush=True); s.wait()"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:

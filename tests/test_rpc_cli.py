@@ -4,45 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import free_port, start_rpc_server
 
 pytestmark = pytest.mark.slow
 
 GREEDY = ["--temp", "0", "--seed", "1", "--max-tokens", "24", "--no-history"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def rpc_server() -> object:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "localllm", "rpc-server", "--port", str(port), "-t", "1"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("localllm rpc-server did not start listening")
+    port, proc = start_rpc_server(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     yield port, proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
@@ -69,7 +45,7 @@ def test_rpc_server_exits_0_on_ctrl_c(rpc_server: tuple[int, subprocess.Popen]) 
 
 
 def test_a_dead_endpoint_is_one_line_within_seconds(cli, store_with_smollm2: Path) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     started = time.monotonic()
     result = cli("chat", "-p", "hi", "--rpc", f"127.0.0.1:{port}", timeout=60)
     assert result.exit_code == 1

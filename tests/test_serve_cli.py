@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get(url: str, data: dict | None = None) -> dict:
@@ -31,7 +24,7 @@ def _get(url: str, data: dict | None = None) -> dict:
 
 
 def test_serve_answers_as_chat_does_and_stops_on_ctrl_c(cli, store_with_smollm2: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "localllm", "serve", "--port", str(port), "--parallel", "2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -67,6 +60,6 @@ def test_serve_answers_as_chat_does_and_stops_on_ctrl_c(cli, store_with_smollm2:
 
 
 def test_serve_refuses_a_public_address_without_a_key(cli, store_with_smollm2: Path) -> None:
-    result = cli("serve", "--host", "0.0.0.0", "--port", str(_free_port()), timeout=60)
+    result = cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), timeout=60)
     assert result.exit_code != 0
     assert "--api-key" in result.error_line and "--insecure" in result.error_line

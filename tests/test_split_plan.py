@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from conftest import REPO
+from conftest import REPO, start_rpc_server
 from gguf_bytes import tensor_bytes_by_layer
 
 from localllm.bench.record import RpcSplit
@@ -88,37 +87,13 @@ def test_kv_calc_split_flags_without_rpc_are_refused(cli, flags: tuple[str, str]
 # ------------------------------------------------------------------ with servers (slow)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def servers() -> Iterator[str]:
     """Two rpc-server processes; yields their --rpc value."""
-    procs, endpoints = [], []
-    for _ in range(2):
-        port = _free_port()
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "localllm", "rpc-server", "--port", str(port), "-t", "1"],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        endpoints.append(f"127.0.0.1:{port}")
-    deadline = time.monotonic() + 30
-    for endpoint in endpoints:
-        port = int(endpoint.rsplit(":", 1)[1])
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"rpc-server on {endpoint} did not start")
-    yield ",".join(endpoints)
-    for proc in procs:
+    started = [start_rpc_server(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for _ in range(2)]  # fmt: skip
+    yield ",".join(f"127.0.0.1:{port}" for port, _ in started)
+    for _, proc in started:
         proc.kill()
         proc.wait(timeout=10)
 
@@ -241,18 +216,8 @@ def test_perplexity_through_rpc_equals_local_from_the_cli(
 def test_a_server_killed_mid_reply_is_one_line_and_the_chat_is_kept(
     store_with_smollm2: Path,
 ) -> None:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "localllm", "rpc-server", "--port", str(port), "-t", "1"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    port, server = start_rpc_server(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
         env = {**os.environ, "COLUMNS": "200", "TERM": "xterm", "NO_COLOR": "1"}
         child = pexpect.spawn(
             sys.executable,
