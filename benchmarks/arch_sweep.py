@@ -5,7 +5,7 @@ llama.cpp's own ``test-llama-archs -s SEED -o DIR`` (built by ``make native``) w
 small random-weight GGUF per architecture (dense and MoE variants). Each file is dry-run
 (localllm.runtime.dry_run: no_alloc, nothing allocated) at ctx 4096 with flash attention
 on, with the SWA cache sized to the window (llama.cpp's tools) and at full size
-(llama-cpp-python's default), and set beside ``localllm.memory``'s analytic figures on
+(llama-cpp-python's default), and set beside ``localllm.plan.memory``'s analytic figures on
 ``read_model_spec(file)``. The table shows which architectures the analytic model gets
 wrong. A file that makes llama.cpp abort is reported as such (files run in a worker
 process, restarted after a crash).
@@ -37,10 +37,10 @@ MIB = 1024 * 1024
 
 def _analytic(path: Path, n_ctx: int) -> dict[str, Any]:
     from localllm.errors import LocalLLMError
-    from localllm.gguf_header import read_header
-    from localllm.gguf_meta import read_model_spec
-    from localllm.kv_layout import layout_from_header
-    from localllm.memory import compute_buffer_bytes, context_shape, plan_kv
+    from localllm.gguf.header import read_header
+    from localllm.gguf.kv_layout import layout_from_header
+    from localllm.gguf.spec import read_model_spec
+    from localllm.plan.memory import compute_buffer_bytes, context_shape, plan_kv
 
     try:
         spec = read_model_spec(path)
@@ -186,7 +186,7 @@ def markdown(rows: list[dict[str, Any]], n_ctx: int, seed: int, seconds: float) 
         f"dry-run at ctx {n_ctx}, flash attention on, ubatch 512, f16 cache "
         "(`.venv/bin/python benchmarks/arch_sweep.py`). KV (window SWA): the SWA cache sized "
         "to the window as llama.cpp's tools do; (full SWA): llama-cpp-python's default. "
-        "Analytic: `localllm.memory.plan_kv` on `kv_layout.layout_from_header(file)` (both "
+        "Analytic: `localllm.plan.memory.plan_kv` on `kv_layout.layout_from_header(file)` (both "
         "SWA sizings must match), `compute_buffer_bytes` on `read_model_spec(file)`. "
         "Caches: kind x layers @ cells per stream; `~` marks a cache "
         "whose bytes are the log's 0.01 MiB figure (not rebuilt to the byte).",

@@ -1,6 +1,6 @@
 """Context extension on SmolLM2-135M: perplexity and speed per context and RoPE method.
 
-Runs ``localllm.ppl`` (the llama-perplexity method) on one chunk of the built-in pydoc
+Runs ``localllm.ppl.perplexity`` (the llama-perplexity method) on one chunk of the built-in pydoc
 text at 4k, 8k (trained), 16k and 32k tokens with none / linear / ntk / yarn, checks a
 few cells against the native ``llama-perplexity`` built from the same llama.cpp
 sources, and writes ``benchmarks/rope_extension.md`` (plus the raw numbers as JSON).
@@ -32,9 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from localllm.gguf_meta import read_model_spec  # noqa: E402
-from localllm.ppl import PerplexityResult, builtin_text, iter_perplexity  # noqa: E402
-from localllm.rope import DEFAULT_METHOD, ROPE_METHODS, RopePlan, plan_rope  # noqa: E402
+from localllm.gguf.spec import read_model_spec  # noqa: E402
+from localllm.plan.rope import DEFAULT_METHOD, ROPE_METHODS, RopePlan, plan_rope  # noqa: E402
+from localllm.ppl.perplexity import PerplexityResult, builtin_text, iter_perplexity  # noqa: E402
 from localllm.runtime import RopeParams, llama_cpp_version  # noqa: E402
 
 MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -217,7 +217,7 @@ def render(cells: list[Cell], checks: list[NativeCheck], argv: list[str], wall: 
             )
         lines += [
             "",
-            "Commands (pydoc.txt is `localllm.ppl.builtin_text()` written to a file):",
+            "Commands (pydoc.txt is `localllm.ppl.perplexity.builtin_text()` written to a file):",
             "",
         ]
         lines += [f"    {check.command}" for check in checks]

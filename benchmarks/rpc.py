@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 NATIVE_BENCH = REPO / "benchmarks" / "build" / "bin" / "llama-bench"
 SERVE = (
-    "import sys; from localllm.rpc import RpcServerOptions, serve; "
+    "import sys; from localllm.rpc.hosts import RpcServerOptions, serve; "
     "s = serve(RpcServerOptions(port=int(sys.argv[1]), threads=int(sys.argv[2]))); "
     "print('listening', flush=True); s.wait()"
 )
@@ -176,7 +176,7 @@ def bench(
     machine hits all alike. All layers go to the endpoints, none when there are none.
     """
     from localllm.runtime.llama_bench import BenchModel, ContextConfig
-    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
 
     models = {}
     for label, endpoints in configs.items():

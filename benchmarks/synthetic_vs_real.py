@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Real weights against synthetic twins of the same tensor table, in one page-cache state.
 
-Writes the twins from the real file's table (localllm.synthetic, as `bench --synthetic`
+Writes the twins from the real file's table (localllm.plan.synthetic_gguf, as `bench --synthetic`
 does; and an i.i.d. variant without the block-scale spread), then runs interleaved rounds
 of native llama-bench on each file, order rotated every round, each run under
 ``flock /tmp/localllm-cpu.lock``. Before every run the file is dropped from the page cache
@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from localllm import synthetic  # noqa: E402
+from localllm.plan import synthetic_gguf as synthetic  # noqa: E402
+from localllm.plan.tensor_table import table_from_gguf  # noqa: E402
 
 LOCK = "/tmp/localllm-cpu.lock"
 NATIVE = HERE / "build" / "bin" / "llama-bench"
@@ -50,7 +51,7 @@ def drop_from_cache(path: Path) -> None:
 
 def write_twins(real: Path, workdir: Path, warm_copy: bool) -> dict[str, tuple[Path, bool]]:
     """label -> (file, drop it from the cache before each run)."""
-    table = synthetic.table_from_gguf(real)
+    table = table_from_gguf(real)
     files = {"real": (real, True)}
     twin = workdir / "synthetic.gguf"
     synthetic.write_synthetic(table, twin)

@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
+from localllm.commands.arguments import RESUME_LATEST, JsonOpt, ModelArg
 from localllm.commands.bench import bench_cmd
 from localllm.commands.chat import chat_cmd
 from localllm.commands.kvcalc import kv_calc_cmd
-from localllm.commands.options import RESUME_LATEST, JsonOpt, ModelArg
 from localllm.commands.ppl import ppl_cmd
 from localllm.commands.rpc import rpc_server_cmd
 from localllm.commands.serve import serve_cmd
@@ -58,7 +58,7 @@ def _root(
 @app.command("list")
 def list_cmd(as_json: JsonOpt = False) -> None:
     """List the models in the store (alias, file, size, quant, architecture, context)."""
-    from localllm.inventory import list_models
+    from localllm.inventory.listing import list_models
     from localllm.views.models import render_model_list
 
     rows = list_models()
@@ -74,7 +74,7 @@ def rm_cmd(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove a model file from the store."""
-    from localllm.inventory import plan_removal, remove_model
+    from localllm.inventory.listing import plan_removal, remove_model
     from localllm.text import format_bytes
 
     path = plan_removal(model)
@@ -97,7 +97,7 @@ def rm_cmd(
 @app.command("info")
 def info_cmd(model: ModelArg = None, as_json: JsonOpt = False) -> None:
     """Architecture facts from the GGUF header (no weights loaded) and its KV cost."""
-    from localllm.inventory import model_info
+    from localllm.inventory.listing import model_info
     from localllm.views.models import render_info
 
     info = model_info(model)
@@ -127,8 +127,8 @@ def pull_cmd(
 ) -> None:
     """Download a model into the store: resumable, sha256-verified before it lands."""
     from localllm.errors import DownloadInterrupted
-    from localllm.hub import list_repo_files
-    from localllm.pull import pull
+    from localllm.store.hub import list_repo_files
+    from localllm.store.pull import pull
     from localllm.views.models import download_progress, render_hub_listing, render_pull_result
 
     if list_files:

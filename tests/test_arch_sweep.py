@@ -18,12 +18,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from llama_archs import arch_models
+from support.llama_archs import arch_models
 
-from localllm.gguf_header import read_header
-from localllm.gguf_meta import read_model_spec
-from localllm.kv_layout import layout_from_header
-from localllm.memory import compute_buffer_bytes, context_shape, plan_kv
+from localllm.gguf.header import read_header
+from localllm.gguf.kv_layout import layout_from_header
+from localllm.gguf.spec import read_model_spec
+from localllm.plan.memory import compute_buffer_bytes, context_shape, plan_kv
 from localllm.runtime.dry_run import DryRunModel, DryRunSettings
 
 # (ctx per sequence, sequences, K type, V type, flash attention, ubatch, full-size SWA)

@@ -28,9 +28,9 @@ from localllm.bench.record import EXTRA_FIELDS, LLAMA_BENCH_FIELDS, BenchResult,
 from localllm.bench.request import BenchRequest, BenchTest
 from localllm.bench.run import weights_read_per_token
 from localllm.errors import InvalidArgument
-from localllm.kvcalc import KVCalcRequest, kv_calc
+from localllm.flags import parse_pairs, parse_sweep
 from localllm.machine import Bandwidth, memory_bandwidth, online_cpus
-from localllm.options import parse_pairs, parse_sweep
+from localllm.plan.kvcalc import KVCalcRequest, kv_calc
 
 # ------------------------------------------------------------------------ parsing
 

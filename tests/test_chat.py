@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from gguf_factory import DROP, write_gguf
-from reference_chat import reference_prompt_tokens
+from support.gguf_files import DROP, write_gguf
+from support.reference_chat import reference_prompt_tokens
 
 from localllm.chat.opening import ChatRequest, open_session
 from localllm.chat.repl import SLASH_COMMANDS, MultilineInput, parse_slash_command

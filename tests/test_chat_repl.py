@@ -65,7 +65,7 @@ def _leave(child: pexpect.spawn, how: str) -> int:
 
 
 def _counts(smollm2_loaded, messages: list[dict[str, str]]) -> int:
-    from reference_chat import reference_prompt_tokens
+    from support.reference_chat import reference_prompt_tokens
 
     from localllm.generation import ChatMessage
 

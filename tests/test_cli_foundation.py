@@ -12,7 +12,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import REPO, SMOLLM2_FILE, SMOLLM2_SHA256
-from gguf_factory import DROP, write_gguf
+from support.gguf_files import DROP, write_gguf
 
 
 def test_help_is_fast_and_lists_commands(cli) -> None:
@@ -109,7 +109,7 @@ def _rm_in_a_terminal(name: str, answer: str) -> tuple[int, str]:
 
 
 def test_rm_asks_in_a_terminal_and_forgets_the_store_record(isolated_paths: Path) -> None:
-    from localllm.store import ModelStore
+    from localllm.store.model_store import ModelStore
 
     store = ModelStore()
     staged = write_gguf(store.temp_dir() / "victim.part", "mha-tiny")

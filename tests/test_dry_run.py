@@ -16,7 +16,8 @@ from pathlib import Path
 
 import gguf
 import pytest
-from header_gguf import header_model, llama_header, write_header_gguf
+from support.gguf_files import write_header_gguf
+from support.header_models import header_model, llama_header
 
 from localllm.errors import InvalidArgument, ModelLoadError
 from localllm.runtime.buffers import ContextSettings, measure_buffers

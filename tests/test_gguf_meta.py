@@ -8,10 +8,10 @@ import gguf
 import numpy as np
 import pytest
 from conftest import installed_within_the_pin
-from gguf_factory import ARCHS, DROP, write_gguf
+from support.gguf_files import ARCHS, DROP, write_gguf
 
 from localllm.errors import InvalidModelFile
-from localllm.gguf_meta import read_model_spec
+from localllm.gguf.spec import read_model_spec
 from localllm.text import escape_untrusted
 
 
@@ -194,7 +194,7 @@ def test_type_tables_mirror_gguf_py() -> None:
     """Our copies of gguf-py's type tables (kept to avoid importing gguf) stay equal."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-    from localllm.ggml_types import FILE_TYPES, GGML_TYPES
+    from localllm.gguf.ggml_types import FILE_TYPES, GGML_TYPES
 
     theirs = {
         int(t): (t.name, *GGML_QUANT_SIZES[t])
@@ -211,7 +211,7 @@ def test_header_reading_does_not_import_gguf_or_numpy(smollm2_path: Path) -> Non
     import sys
 
     code = (
-        "import sys\nfrom localllm.gguf_meta import read_model_spec\n"
+        "import sys\nfrom localllm.gguf.spec import read_model_spec\n"
         f"read_model_spec({str(smollm2_path)!r})\n"
         "print('gguf' in sys.modules, 'numpy' in sys.modules)"
     )

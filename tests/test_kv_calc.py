@@ -12,17 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from gguf_factory import write_gguf
+from support.gguf_files import write_gguf
 
-from localllm.catalog import load_catalog
 from localllm.errors import InvalidArgument, ModelNotFound
-from localllm.kvcalc import KVCalcRequest, kv_calc
+from localllm.flags import parse_count_list, parse_kv_types, parse_size
 from localllm.machine import available_memory_bytes
-from localllm.memory import KV_TYPE_BLOCKS, kv_bytes_per_token, kv_cache_bytes, with_kv_heads
-from localllm.model_facts import ArchFlags, resolve_architecture
-from localllm.options import parse_count_list, parse_kv_types, parse_size
-from localllm.presets import PRESETS, llama_param_count
+from localllm.plan.facts import ArchFlags, resolve_architecture
+from localllm.plan.kvcalc import KVCalcRequest, kv_calc
+from localllm.plan.memory import KV_TYPE_BLOCKS, kv_bytes_per_token, kv_cache_bytes, with_kv_heads
 from localllm.runtime import LoadOptions
+from localllm.store.catalog import load_catalog
+from localllm.store.presets import PRESETS, llama_param_count
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 JSON_ROW_KEYS = {"ctx", "batch", "type_k", "type_v", "cells", "k_bytes", "v_bytes", "kv_bytes",

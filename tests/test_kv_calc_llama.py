@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 
 from localllm.errors import InvalidArgument
-from localllm.gguf_meta import read_model_spec
-from localllm.kvcalc import KVCalcRequest, kv_calc
-from localllm.kvverify import mib_text
-from localllm.memory import (
+from localllm.gguf.spec import read_model_spec
+from localllm.plan.kvcalc import KVCalcRequest, kv_calc
+from localllm.plan.memory import (
     compute_buffer_bytes,
     context_shape,
     kv_cache_bytes,
     kv_cells_per_seq,
     output_buffer_bytes,
 )
+from localllm.plan.verify import mib_text
 from localllm.runtime import LoadOptions, load_model
 from localllm.runtime.buffers import BufferMeasurements, ContextSettings, measure_buffers
 

@@ -122,7 +122,11 @@ def test_the_llama_cpp_check_sees_function_level_imports(tmp_path: Path) -> None
 def test_views_import_no_runtime_and_no_store(module: str) -> None:
     imported = _imported(module, MODULES[module])
     bad = sorted(
-        n for n in imported if n.startswith(("localllm.runtime", "localllm.store", "llama_cpp"))
+        # The store's index touches the disk; its result dataclasses (hub listings, pulls)
+        # are data a view may render.
+        n
+        for n in imported
+        if n.startswith(("localllm.runtime", "localllm.store.model_store", "llama_cpp"))
     )
     assert bad == []
 
@@ -138,3 +142,78 @@ def test_no_private_name_is_imported_across_modules() -> None:
                     if alias.name.startswith("_") and not alias.name.startswith("__")
                 ]
     assert crossings == []
+
+
+# ------------------------------------------------------------------ the packages' order
+# Lowest first: a module may import from its own level or below, never above. Within a
+# level the cycle test above keeps the edges one-way.
+PACKAGE_ORDER: tuple[frozenset[str], ...] = tuple(
+    frozenset(level.split())
+    for level in (
+        "__init__ errors text paths fileio machine generation net",  # the shared bottom
+        "gguf",
+        "runtime",
+        "flags",
+        "store rpc",
+        "plan",
+        "bench chat serve templates ppl inventory",
+        "views",
+        "commands",
+        "cli __main__",
+    )
+)
+
+# Edges that go up, each with its reason.
+ORDER_EXCEPTIONS = {
+    # The REPL is chat's terminal loop: it reads lines and renders each streamed token as
+    # it arrives, which no single "core call, then render" step can do.
+    ("localllm.chat.repl", "localllm.views.chat"),
+    ("localllm.chat.repl", "localllm.views.console"),
+}
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _level(module: str) -> int:
+    unit = _unit(module)
+    for index, level in enumerate(PACKAGE_ORDER):
+        if unit in level:
+            return index
+    raise AssertionError(f"{module}: {unit!r} has no place in PACKAGE_ORDER; add it")
+
+
+def _upward_edges(edges: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{source} -> {target}"
+        for source, targets in edges.items()
+        for target in targets
+        if _level(target) > _level(source) and (source, target) not in ORDER_EXCEPTIONS
+    )
+
+
+def test_every_module_has_a_place_in_the_package_order() -> None:
+    for module in MODULES:
+        _level(module)
+
+
+def test_packages_import_only_their_level_or_below() -> None:
+    assert _upward_edges(_edges()) == []
+
+
+def test_the_order_check_finds_an_upward_edge() -> None:
+    edges = {"localllm.gguf.spec": {"localllm.plan.memory"}, "localllm.plan.memory": set()}
+    assert _upward_edges(edges) == ["localllm.gguf.spec -> localllm.plan.memory"]
+
+
+def test_every_order_exception_is_still_an_edge() -> None:
+    # An exception whose import is gone is a stale excuse: drop it.
+    edges = _edges()
+    assert sorted(e for e in ORDER_EXCEPTIONS if e[1] not in edges.get(e[0], set())) == []
+
+
+def test_at_most_twelve_plain_modules_at_the_top() -> None:
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 12, top

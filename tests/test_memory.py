@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from localllm.errors import InvalidArgument
-from localllm.ggml_types import kv_type_is_quantized
-from localllm.gguf_meta import ModelSpec
-from localllm.memory import (
+from localllm.gguf.ggml_types import kv_type_is_quantized
+from localllm.gguf.spec import ModelSpec
+from localllm.plan.memory import (
     KV_CELL_PADDING,
     KV_TYPE_BLOCKS,
     check_kv_types,
@@ -30,7 +30,7 @@ from localllm.memory import (
     swa_kv_cells,
     with_kv_heads,
 )
-from localllm.presets import PRESETS
+from localllm.store.presets import PRESETS
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 QUANT_TYPES = [t for t in KV_TYPE_BLOCKS if kv_type_is_quantized(t)]

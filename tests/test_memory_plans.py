@@ -1,7 +1,7 @@
 """One plan for everyone: llama.cpp's dry run behind kv-calc, info and the memory check,
 and the analytic model held to it on real-scale headers.
 
-Header-only GGUFs with published shapes (tests/header_gguf.py: no weights, sparse files)
+Header-only GGUFs with published shapes (tests/support/header_models.py: no weights, sparse files)
 are dry-run by llama.cpp; the analytic plan (kv_layout + memory.plan_kv) must give every
 cache to the byte. kv-calc, info and the pre-load memory check must report llama.cpp's
 figures whenever a GGUF (or a hub file's header) is at hand, and say "estimate" otherwise.
@@ -17,16 +17,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from header_gguf import gemma_header, write_header_gguf
+from support.gguf_files import write_header_gguf
+from support.header_models import gemma_header
 
-from localllm.gguf_header import read_header
-from localllm.gguf_meta import read_model_spec
-from localllm.kv_layout import MemoryLayout, layout_from_header
-from localllm.kvcalc import KVCalcRequest, kv_calc
-from localllm.memcheck import plan_load
-from localllm.memory import compute_buffer_bytes, context_shape, layout_bytes_per_token, plan_kv
-from localllm.memory_plan import DRY_RUN_SOURCE, ESTIMATE_SOURCE
-from localllm.model_facts import resolve_architecture
+from localllm.gguf.header import read_header
+from localllm.gguf.kv_layout import MemoryLayout, layout_from_header
+from localllm.gguf.spec import read_model_spec
+from localllm.plan.context_plan import DRY_RUN_SOURCE, ESTIMATE_SOURCE
+from localllm.plan.facts import resolve_architecture
+from localllm.plan.kvcalc import KVCalcRequest, kv_calc
+from localllm.plan.memory import (
+    compute_buffer_bytes,
+    context_shape,
+    layout_bytes_per_token,
+    plan_kv,
+)
+from localllm.plan.preload import plan_load
 from localllm.runtime.dry_run import DryRunModel, DryRunSettings
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
@@ -304,7 +310,7 @@ def test_resolve_architecture_keeps_the_files_layout(headers: dict[str, Path]) -
 
 
 def test_kv_calc_of_a_hub_file_dry_runs_its_header(tmp_path: Path, cli, monkeypatch) -> None:
-    from hub_server import FakeHub
+    from support.hub_server import FakeHub
 
     tiny = gemma_header("tiny-gemma3", n_layer=6, n_embd=256, n_head=4, n_head_kv=2,
                         head_dim=64, n_ff=512, n_vocab=32000, n_ctx=8192, window=512)  # fmt: skip

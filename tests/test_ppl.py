@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from localllm.errors import InvalidArgument
-from localllm.ppl import (
+from localllm.plan.rope import RopePlan
+from localllm.ppl.perplexity import (
     PerplexityProgress,
     PerplexityResult,
     builtin_text,
@@ -20,7 +21,6 @@ from localllm.ppl import (
     perplexity_stats,
     read_text,
 )
-from localllm.rope import RopePlan
 from localllm.runtime import LoadOptions, load_model
 
 SHORT_CTX = 64

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
-from header_gguf import write_header_gguf
+from support.gguf_files import write_header_gguf
 
 from localllm.runtime.dry_run import DryRunSettings, plan_contexts
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, SMOLLM2_SHA256, CliResult, installed_within_the_pin
-from gguf_factory import DROP, write_gguf
-from hub_server import GOOD_TOKEN, FakeHub
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
+from support.gguf_files import DROP, write_gguf
+from support.hub_server import GOOD_TOKEN, FakeHub
 
 from localllm.fileio import sha256_file
-from localllm.gguf_meta import read_model_spec
-from localllm.hub import quant_of
-from localllm.store import ModelStore
+from localllm.gguf.spec import read_model_spec
+from localllm.store.hub import quant_of
+from localllm.store.model_store import ModelStore
 
 SMOL_REPO = "test-org/SmolLM2-135M-Instruct-GGUF"
 SMOL_FILE = "smollm2-135m-instruct.Q4_1.gguf"
@@ -99,7 +99,7 @@ def test_full_pull_verifies_records_and_resolves(cli, fake_hub: FakeHub, isolate
     stored = ModelStore(isolated_paths).find(SMOL_REPO, "Q4_1")
     assert [m.filename for m in stored] == [SMOL_FILE]
     assert stored[0].sha256 == SMOLLM2_SHA256
-    from localllm.resolver import resolve_model
+    from localllm.store.resolver import resolve_model
 
     resolved = resolve_model(SMOL_REF, ModelStore(isolated_paths))
     assert resolved.present and resolved.path == isolated_paths / SMOL_FILE

@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from header_gguf import HeaderModel, write_header_gguf
+from support.gguf_files import write_header_gguf
+from support.header_models import HeaderModel
 
 from localllm.errors import InvalidArgument, InvalidModelFile
-from localllm.gguf_meta import read_model_spec
-from localllm.model_facts import ArchFlags, resolve_architecture
+from localllm.gguf.spec import read_model_spec
+from localllm.plan.facts import ArchFlags, resolve_architecture
 
 MIB = 1024 * 1024
 N_LAYER, N_EMBD, D_INNER, D_STATE, D_CONV, DT_RANK, N_VOCAB = 24, 768, 1536, 16, 4, 48, 50280

@@ -8,8 +8,8 @@ import pytest
 from conftest import SMOLLM2_FILE
 
 from localllm.errors import DefaultModelMissing, InvalidArgument, ModelNotFound
-from localllm.resolver import require_local_file, resolve_model
-from localllm.store import ModelStore
+from localllm.store.model_store import ModelStore
+from localllm.store.resolver import require_local_file, resolve_model
 
 
 def test_default_is_the_catalog_default(isolated_paths: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from localllm.errors import InvalidArgument
-from localllm.options import parse_sweep
+from localllm.flags import parse_sweep
 from localllm.runtime.library import (
     AMX_REPACK_NOTE,
     choose_repack,

@@ -6,12 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
-from gguf_factory import ARCHS, write_gguf
-from llama_log import parse_applied_rope
+from support.gguf_files import ARCHS, write_gguf
+from support.llama_log import parse_applied_rope
 
 from localllm.errors import InvalidArgument
-from localllm.gguf_meta import ModelSpec, read_model_spec
-from localllm.rope import DEFAULT_METHOD, ROPE_METHODS, plan_rope
+from localllm.gguf.spec import ModelSpec, read_model_spec
+from localllm.plan.rope import DEFAULT_METHOD, ROPE_METHODS, plan_rope
 from localllm.runtime import LoadOptions, RopeParams
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from llama_log import parse_applied_rope
+from support.llama_log import parse_applied_rope
 
-from localllm.gguf_meta import read_model_spec
-from localllm.rope import ROPE_METHODS, plan_rope
+from localllm.gguf.spec import read_model_spec
+from localllm.plan.rope import ROPE_METHODS, plan_rope
 from localllm.runtime import LoadOptions, RopeParams, load_model
 
 pytestmark = pytest.mark.slow

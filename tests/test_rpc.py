@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, free_port
-from gguf_bytes import tensor_bytes_by_layer
+from support.gguf_files import tensor_bytes_by_layer
 
 from localllm.errors import InvalidArgument, RpcError
-from localllm.rpc import (
+from localllm.rpc.hosts import (
     Endpoint,
     RpcServerOptions,
     hosts_memory,
@@ -35,13 +35,13 @@ from localllm.rpc import (
     parse_endpoints,
     serve,
 )
-from localllm.runtime.rpc import check_endpoint
+from localllm.runtime.rpc_devices import check_endpoint
 
 RPC_HEADER = (
     REPO / "benchmarks/build/llama_cpp_python-0.3.36/vendor/llama.cpp/ggml/include/ggml-rpc.h"
 )
 SERVE = (
-    "import sys; from pathlib import Path; from localllm.rpc import RpcServerOptions, serve; "
+    "import sys; from pathlib import Path; from localllm.rpc.hosts import RpcServerOptions, serve; "
     "cache = Path(sys.argv[2]) if len(sys.argv) > 2 else None; "
     "s = serve(RpcServerOptions(port=int(sys.argv[1]), threads=1, cache_dir=cache)); "
     "print('listening', flush=True); s.wait()"
@@ -49,7 +49,7 @@ SERVE = (
 
 
 class ServerProcess:
-    """``localllm.rpc.serve`` in its own process, as ``localllm rpc-server`` will run it."""
+    """``localllm.rpc.hosts.serve`` in its own process, as ``localllm rpc-server`` will run it."""
 
     def __init__(self, cache: Path | None = None) -> None:
         self.port = free_port()
@@ -233,7 +233,7 @@ def test_handshake_reports_the_pinned_protocol_and_this_machines_ram(rpc_servers
 
 
 def test_ggml_client_agrees_with_the_python_handshake(rpc_servers) -> None:
-    from localllm.runtime.rpc import rpc_device_memory
+    from localllm.runtime.rpc_devices import rpc_device_memory
 
     (server,) = rpc_servers(1)
     (host,) = hosts_memory(parse_endpoints(server.endpoint))
@@ -255,7 +255,7 @@ def test_dead_endpoint_never_reaches_ggml_abort() -> None:
     code = textwrap.dedent(
         f"""
         from localllm.errors import RpcError
-        from localllm.runtime.rpc import add_rpc_servers
+        from localllm.runtime.rpc_devices import add_rpc_servers
         try:
             add_rpc_servers(["127.0.0.1:{port}"])
         except RpcError as exc:
@@ -385,7 +385,7 @@ def test_split_model_generates_exactly_as_local(smollm2_path: Path, rpc_servers)
 
     from localllm.runtime.llama import load_model
     from localllm.runtime.params import LoadOptions
-    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
     from localllm.runtime.rpc_plan import parse_placement
 
     servers = rpc_servers(2)
@@ -438,9 +438,9 @@ def test_split_model_generates_exactly_as_local(smollm2_path: Path, rpc_servers)
 
 @pytest.mark.slow
 def test_perplexity_through_rpc_equals_local(smollm2_path: Path, rpc_servers) -> None:
-    from localllm.ppl import PerplexityResult, iter_perplexity
+    from localllm.ppl.perplexity import PerplexityResult, iter_perplexity
     from localllm.runtime.params import LoadOptions
-    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
 
     servers = rpc_servers(2)
     devices = add_rpc_servers([s.endpoint for s in servers])
@@ -459,7 +459,7 @@ def test_dry_run_places_layers_without_sending_weights(smollm2_path: Path, rpc_s
     from localllm.runtime.dry_run import DryRunSettings
     from localllm.runtime.llama import load_model
     from localllm.runtime.params import LoadOptions
-    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
     from localllm.runtime.rpc_plan import SplitDryRun
 
     servers = rpc_servers(2)
@@ -493,7 +493,7 @@ def test_server_cache_skips_resending_large_tensors(
 ) -> None:
     from localllm.runtime.llama import load_model
     from localllm.runtime.params import LoadOptions
-    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
 
     cache = tmp_path / "rpc-cache"
     (server,) = rpc_servers(1, cache)
@@ -519,7 +519,7 @@ CLIENT = """
 import os, sys, threading
 from localllm.runtime.llama import load_model
 from localllm.runtime.params import LoadOptions
-from localllm.runtime.rpc import add_rpc_servers, model_devices
+from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
 from localllm.runtime.rpc_server import install_abort_handler
 
 model_path, endpoint, server_pid, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -576,7 +576,7 @@ REGISTER = """
 import sys
 from localllm.runtime.llama import load_model
 from localllm.runtime.params import LoadOptions
-from localllm.runtime.rpc import add_rpc_servers
+from localllm.runtime.rpc_devices import add_rpc_servers
 
 add_rpc_servers([sys.argv[2]], register=True)  # as llama.cpp's --rpc: for every later load
 model = load_model(sys.argv[1], LoadOptions(n_ctx=256, n_gpu_layers=-1, n_threads=1))

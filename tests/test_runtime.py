@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from reference_chat import reference_prompt, reference_prompt_tokens, reference_reply
+from support.reference_chat import reference_prompt, reference_prompt_tokens, reference_reply
 
 from localllm.errors import InvalidArgument, ModelLoadError
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
@@ -77,8 +77,8 @@ def test_streamed_reply_is_llama_cpp_pythons_chat_completion(smollm2_loaded) -> 
 
 @pytest.mark.slow
 def test_chat_template_comes_from_the_gguf(smollm2_loaded, smollm2_path: Path) -> None:
-    from localllm.gguf_meta import read_model_spec
-    from localllm.templates.formats import choose_format
+    from localllm.gguf.spec import read_model_spec
+    from localllm.templates.selection import choose_format
 
     fmt = choose_format(read_model_spec(smollm2_path), smollm2_path.name)
     assert (fmt.name, fmt.source, fmt.kind) == ("gguf", "gguf", "jinja")
@@ -124,7 +124,7 @@ def test_quantized_v_without_flash_attention_is_refused_before_loading() -> None
 
 
 def test_llama_cpp_load_failure_is_a_domain_error(tmp_path: Path) -> None:
-    from gguf_factory import write_gguf
+    from support.gguf_files import write_gguf
 
     broken = write_gguf(tmp_path / "no-weights.gguf", "mha-tiny")  # header, no tensors
     with pytest.raises(ModelLoadError, match=r"could not load no-weights\.gguf"):
@@ -137,7 +137,8 @@ def test_llama_cpp_is_not_imported_by_core_modules() -> None:
 
     code = (
         "import sys\n"
-        "import localllm.cli, localllm.memory, localllm.inventory, localllm.resolver\n"
+        "import localllm.cli, localllm.plan.memory, localllm.inventory.listing\n"
+        "import localllm.store.resolver\n"
         "import localllm.runtime\n"
         "print('llama_cpp' in sys.modules)"
     )
@@ -147,7 +148,7 @@ def test_llama_cpp_is_not_imported_by_core_modules() -> None:
 
 def test_kv_cache_type_registries_agree() -> None:
     """The ggml ids the runtime passes and the block sizes memory.py counts name one set."""
-    from localllm.memory import KV_TYPE_BLOCKS
+    from localllm.plan.memory import KV_TYPE_BLOCKS
     from localllm.runtime.params import KV_CACHE_TYPE_IDS as KV_CACHE_TYPES
 
     assert set(KV_CACHE_TYPES) == set(KV_TYPE_BLOCKS)

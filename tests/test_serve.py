@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from localllm.errors import InvalidArgument
+from localllm.net import is_loopback
 from localllm.runtime.batch_records import (
     COUNTERS,
     EngineStats,
@@ -19,10 +20,10 @@ from localllm.runtime.batch_records import (
     TextState,
     TokenLogprob,
 )
+from localllm.serve.config import ServeOptions
 from localllm.serve.guard import host_name
 from localllm.serve.metrics import Metrics
-from localllm.serve.options import ServeOptions, is_loopback
-from localllm.serve.schema import ApiError, parse_chat_request, parse_completion_request
+from localllm.serve.schema import ApiError, parse_chat_completion_request, parse_completion_request
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -31,7 +32,7 @@ def chat(**fields: object) -> bytes:
     return json.dumps({"model": "m", "messages": USER, **fields}).encode()
 
 
-def refused(body: bytes, parser=parse_chat_request) -> ApiError:
+def refused(body: bytes, parser=parse_chat_completion_request) -> ApiError:
     with pytest.raises(ApiError) as info:
         parser(body)
     assert info.value.status == 400
@@ -42,7 +43,7 @@ def refused(body: bytes, parser=parse_chat_request) -> ApiError:
 
 
 def test_chat_defaults_are_chats_flags() -> None:
-    req = parse_chat_request(chat())
+    req = parse_chat_completion_request(chat())
     s = req.sampling
     assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repeat_penalty) == (
         0.8,
@@ -55,7 +56,7 @@ def test_chat_defaults_are_chats_flags() -> None:
 
 
 def test_what_common_clients_always_send_is_accepted() -> None:
-    req = parse_chat_request(
+    req = parse_chat_completion_request(
         chat(n=1, user="me", stream=True, stream_options={"include_usage": True}, stop=None)
     )
     assert req.stream and req.include_usage and req.sampling.stop == ()
@@ -115,7 +116,7 @@ def test_bad_messages_are_400s(messages: object, param: str, fragment: str) -> N
 
 def test_text_parts_are_joined_by_newlines() -> None:
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    req = parse_chat_request(
+    req = parse_chat_completion_request(
         json.dumps({"messages": [{"role": "user", "content": parts}]}).encode()
     )
     assert req.messages[0].content == "a\nb"
@@ -130,7 +131,7 @@ def test_malformed_json_is_a_400(body: bytes) -> None:
 def test_json_schema_response_format_keeps_the_schema() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
-    req = parse_chat_request(chat(response_format=fmt))
+    req = parse_chat_completion_request(chat(response_format=fmt))
     assert req.response_format == "json_schema" and req.json_schema == schema
 
 

@@ -24,8 +24,8 @@ import pytest
 
 from localllm.runtime.params import LoadOptions
 from localllm.serve import RunningServer, ServeError, ServeOptions, start_server
-from localllm.templates.formats import ChatFormat
-from localllm.templates.guard import GuardedTemplate
+from localllm.templates.sandbox import GuardedTemplate
+from localllm.templates.selection import ChatFormat
 
 pytestmark = pytest.mark.slow
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import REPO, start_rpc_server
-from gguf_bytes import tensor_bytes_by_layer
+from support.gguf_files import tensor_bytes_by_layer
 
 from localllm.bench.record import RpcSplit
 from localllm.chat.history import sessions_dir
 from localllm.errors import InvalidArgument
-from localllm.options import parse_tensor_split
-from localllm.split_plan import layer_of_tensor
+from localllm.flags import parse_tensor_split
+from localllm.plan.split import layer_of_tensor
 
 MIB = 1 << 20
 SMOL_LAYERS = 30
@@ -110,7 +110,7 @@ def test_kv_calc_split_is_the_split_a_real_load_makes(
 ) -> None:
     from localllm.runtime.llama import load_model
     from localllm.runtime.params import LoadOptions
-    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
     from localllm.runtime.rpc_plan import parse_placement
 
     plan = _kv_calc_json(cli, "--rpc", servers, "-ngl", "20", "--ctx", "512")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from localllm.catalog import load_catalog
 from localllm.errors import ChecksumMismatch, InvalidArgument
 from localllm.paths import store_root
-from localllm.store import ModelStore
+from localllm.store.catalog import load_catalog
+from localllm.store.model_store import ModelStore
 
 
 def _staged(store: ModelStore, payload: bytes) -> tuple[Path, str]:
@@ -95,7 +95,7 @@ def test_catalog_has_the_lecture_models() -> None:
 
 
 def test_catalog_facts_match_the_real_default_file(smollm2_path: Path) -> None:
-    from localllm.gguf_meta import read_model_spec
+    from localllm.gguf.spec import read_model_spec
 
     entry = load_catalog().lookup("smollm2-135m")
     assert entry is not None and entry.spec is not None

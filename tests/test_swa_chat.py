@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from llama_archs import arch_models
+from support.llama_archs import arch_models
 
 from localllm.chat.opening import ChatRequest, open_session
 from localllm.chat.session import ChatSession

@@ -23,15 +23,11 @@ import numpy as np
 import pytest
 
 from localllm.errors import InvalidArgument, LocalLLMError
-from localllm.gguf_header import HeaderIncomplete
-from localllm.gguf_meta import ModelSpec
-from localllm.presets import PRESETS
-from localllm.synthetic import (
-    preset_table,
-    synthetic_gguf,
-    table_from_gguf,
-    table_from_prefix,
-)
+from localllm.gguf.header import HeaderIncomplete
+from localllm.gguf.spec import ModelSpec
+from localllm.plan.synthetic_gguf import synthetic_gguf
+from localllm.plan.tensor_table import preset_table, table_from_gguf, table_from_prefix
+from localllm.store.presets import PRESETS
 from localllm.text import format_bytes
 
 # A preset-like shape small enough to write and load in a test: 2 layers, GQA 4/2.
@@ -283,7 +279,7 @@ def test_deleted_after_an_exception(smollm2_path: Path, tmp_path: Path):
 def test_deleted_after_a_write_error(
     smollm2_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    import localllm.synthetic as synthetic
+    import localllm.plan.synthetic_gguf as synthetic
 
     real_write = synthetic._write_tensor
     calls = []
@@ -308,7 +304,8 @@ def test_deleted_after_a_write_error(
 _CHILD = textwrap.dedent(
     """
     import sys, time
-    import localllm.synthetic as s
+    import localllm.plan.synthetic_gguf as s
+    from localllm.plan.tensor_table import table_from_gguf
 
     source, directory, when = sys.argv[1:]
     real_write, written = s._write_tensor, []
@@ -321,7 +318,7 @@ _CHILD = textwrap.dedent(
             time.sleep(60)
 
     s._write_tensor = write_then_wait
-    with s.synthetic_gguf(s.table_from_gguf(source), directory):
+    with s.synthetic_gguf(table_from_gguf(source), directory):
         print("ready", flush=True)
         time.sleep(60)
     """

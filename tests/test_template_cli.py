@@ -1,6 +1,6 @@
 """A chat template is untrusted input: every failure is one line, bounded, sandboxed (issue 13).
 
-The hostile templates are written into copies of the real SmolLM2 (tests/gguf_copy.py) or
+The hostile templates are written into copies of the real SmolLM2 (tests/support/gguf_files.py) or
 into files for ``--template FILE``, then ``localllm chat FILE -p hi`` runs for real: one
 line on stderr, exit 2, no traceback, and the whole run (Python start, header read, model
 load, the failing render) in under 2 s.
@@ -24,7 +24,7 @@ from typing import Any
 import pexpect
 import pytest
 from conftest import REPO, CliResult, run_cli
-from gguf_copy import gguf_with_chat_template
+from support.gguf_files import gguf_with_chat_template
 
 from localllm.errors import TemplateError
 from localllm.templates import GuardedTemplate, RenderBudget

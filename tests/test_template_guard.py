@@ -17,10 +17,10 @@ from typing import Any
 import gguf
 import numpy as np
 import pytest
-from gguf_copy import gguf_reader, gguf_with_chat_template, token_text
+from support.gguf_files import gguf_reader, gguf_with_chat_template, token_text
 
 from localllm.errors import TemplateError
-from localllm.gguf_meta import read_model_spec
+from localllm.gguf.spec import read_model_spec
 from localllm.templates import (
     SAMPLE_CONVERSATION,
     GuardedTemplate,
@@ -617,7 +617,7 @@ def test_sample_conversation_is_two_turns() -> None:
     assert [m["role"] for m in SAMPLE_CONVERSATION] == ["user", "assistant", "user"]
 
 
-# -- copies of SmolLM2 with another chat template (tests/gguf_copy.py, for CLI tests)
+# -- copies of SmolLM2 with another chat template (tests/support/gguf_files.py, for CLI tests)
 
 
 @pytest.mark.parametrize("template", ["{{ 'hostile' * 3 }}", None])

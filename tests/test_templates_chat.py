@@ -1,6 +1,6 @@
 """Chat with every chat GGUF, template-less ones included; --raw for base models (issue 12).
 
-The files are copies of the real SmolLM2 made in the test session (tests/gguf_copy.py) with
+The files are copies of the real SmolLM2 made in the test session (tests/support/gguf_files.py) with
 their chat template removed and sometimes general.name changed. The references are
 independent of localllm: llama.cpp's own ``llama_chat_apply_template`` and tokenizer (called
 here through llama-cpp-python's bindings), llama-cpp-python's ``Llama.create_completion`` and
@@ -24,14 +24,14 @@ import llama_cpp
 import pexpect
 import pytest
 from conftest import REPO
-from gguf_copy import gguf_with_chat_template
+from support.gguf_files import gguf_with_chat_template
 
 from localllm.chat.opening import ChatRequest, open_session
 from localllm.generation import ChatMessage
-from localllm.gguf_meta import ModelSpec, read_model_spec
+from localllm.gguf.spec import ModelSpec, read_model_spec
 from localllm.runtime import SamplingOptions
-from localllm.store import ModelStore
-from localllm.templates.formats import PUBLISHED, choose_format, recognize
+from localllm.store.model_store import ModelStore
+from localllm.templates.selection import PUBLISHED, choose_format, recognize
 
 pytestmark = pytest.mark.slow
 
@@ -426,7 +426,7 @@ def test_llama_2_chat_is_metas_format_token_for_token(
     dialog = conversation(system=with_system)
     expected = meta_llama_2_chat_tokens(llama_2_vocab, dialog)
     # The catalog's Llama-2-Chat entries name this template (catalog.toml).
-    from localllm.catalog import load_catalog
+    from localllm.store.catalog import load_catalog
 
     for alias in ("llama-2-7b-chat", "llama-2-13b-chat", "llama-2-70b-chat"):
         entry = load_catalog().lookup(alias)

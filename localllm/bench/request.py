@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import InvalidArgument
-from localllm.machine import physical_cores
-from localllm.options import (
+from localllm.flags import (
     MAX_THREADS,
     check_count,
     check_rope_method,
@@ -19,6 +18,7 @@ from localllm.options import (
     parse_repack,
     parse_sweep,
 )
+from localllm.machine import physical_cores
 from localllm.runtime.params import check_v_cache_attention
 
 __all__ = [

@@ -19,9 +19,10 @@ from localllm.bench.record import BenchResult, Environment, MemoryFigures, RpcSp
 from localllm.bench.request import BenchRequest, BenchTest
 from localllm.errors import InvalidArgument
 from localllm.fileio import cached_sha256
-from localllm.ggml_types import tensor_bytes
-from localllm.gguf_header import read_header
-from localllm.gguf_meta import ModelSpec, read_model_spec
+from localllm.flags import threads_warning
+from localllm.gguf.ggml_types import tensor_bytes
+from localllm.gguf.header import read_header
+from localllm.gguf.spec import ModelSpec, read_model_spec
 from localllm.machine import (
     Bandwidth,
     cpu_model,
@@ -31,15 +32,14 @@ from localllm.machine import (
     physical_cores,
     ram_bytes,
 )
-from localllm.memcheck import LoadPlan, check_load_fits, plan_load
-from localllm.memory import kv_bytes_per_token
-from localllm.options import threads_warning
-from localllm.resolver import require_local_file, resolve_model
-from localllm.rope import RopePlan, plan_rope
+from localllm.plan.memory import kv_bytes_per_token
+from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
+from localllm.plan.rope import RopePlan, plan_rope
+from localllm.plan.split import check_split_load
 from localllm.runtime.library import LlamaBuild, choose_repack, llama_build
 from localllm.runtime.llama_bench import BenchModel, ContextConfig
 from localllm.runtime.params import LoadOptions
-from localllm.split_plan import check_split_load
+from localllm.store.resolver import require_local_file, resolve_model
 
 __all__ = [
     "BenchEvent",

@@ -18,12 +18,12 @@ from pathlib import Path
 from localllm.bench.record import BenchResult
 from localllm.bench.request import BenchRequest
 from localllm.bench.run import BenchEvent, BenchPlan, BenchRun
-from localllm.gguf_meta import ModelSpec, read_model_spec_from_prefix
-from localllm.memcheck import check_load_fits, plan_load
-from localllm.rope import plan_rope
-from localllm.store import ModelStore
-from localllm.synthetic import synthetic_gguf
-from localllm.tensor_table import tensor_table_of
+from localllm.gguf.spec import ModelSpec, read_model_spec_from_prefix
+from localllm.plan.preload import check_load_fits, plan_load
+from localllm.plan.rope import plan_rope
+from localllm.plan.synthetic_gguf import synthetic_gguf
+from localllm.plan.tensor_table import tensor_table_of
+from localllm.store.model_store import ModelStore
 
 __all__ = ["SyntheticModel", "run_synthetic"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, fields, replace
 
-from localllm.catalog import load_catalog
 from localllm.chat.history import SavedSession
 from localllm.chat.session import (
     DEFAULT_CONTEXT,
@@ -14,16 +13,17 @@ from localllm.chat.session import (
     ChatSession,
 )
 from localllm.errors import InvalidArgument
-from localllm.gguf_meta import ModelSpec, read_model_spec
-from localllm.memcheck import LoadPlan, check_load_fits, plan_load
-from localllm.options import check_count, check_rope_method, check_threads, threads_warning
-from localllm.resolver import ResolvedModel, require_local_file, resolve_model
-from localllm.rope import plan_rope
+from localllm.flags import check_count, check_rope_method, check_threads, threads_warning
+from localllm.gguf.spec import ModelSpec, read_model_spec
+from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
+from localllm.plan.rope import plan_rope
+from localllm.plan.split import check_split_load
 from localllm.runtime.llama import load_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
-from localllm.split_plan import check_split_load
-from localllm.store import ModelStore
-from localllm.templates.formats import choose_format
+from localllm.store.catalog import load_catalog
+from localllm.store.model_store import ModelStore
+from localllm.store.resolver import ResolvedModel, require_local_file, resolve_model
+from localllm.templates.selection import choose_format
 
 __all__ = [
     "ChatRequest",

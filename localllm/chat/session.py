@@ -20,13 +20,13 @@ from typing import Any
 from localllm.errors import ContextOverflow, InvalidArgument, LocalLLMError
 from localllm.fileio import write_json_atomic
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
-from localllm.gguf_meta import ModelSpec
-from localllm.memcheck import LoadPlan
-from localllm.resolver import ResolvedModel
-from localllm.rope import RopePlan
+from localllm.gguf.spec import ModelSpec
+from localllm.plan.preload import LoadPlan
+from localllm.plan.rope import RopePlan
 from localllm.runtime.llama import LoadedModel
 from localllm.runtime.params import SamplingOptions
-from localllm.templates.formats import ChatFormat
+from localllm.store.resolver import ResolvedModel
+from localllm.templates.selection import ChatFormat
 
 __all__ = [
     "DEFAULT_CONTEXT",

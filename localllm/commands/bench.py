@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from localllm.commands.options import (
+from localllm.commands.arguments import (
     ModelArg,
     NoMemoryCheckOpt,
     RopeOpt,
@@ -20,7 +20,7 @@ from localllm.commands.rpc import (
     install_rpc_abort_report,
     parse_rpc,
 )
-from localllm.options import parse_tensor_split
+from localllm.flags import parse_tensor_split
 
 _SweepOpt = list[str] | None
 

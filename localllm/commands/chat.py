@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from localllm.commands.options import (
+from localllm.commands.arguments import (
     RESUME_LATEST,
     ModelArg,
     NoMemoryCheckOpt,
@@ -25,7 +25,7 @@ from localllm.commands.rpc import (
     parse_rpc,
 )
 from localllm.errors import InvalidArgument
-from localllm.options import parse_on_off, parse_repack, parse_tensor_split
+from localllm.flags import parse_on_off, parse_repack, parse_tensor_split
 from localllm.views.console import note, out, spinner
 
 
@@ -102,7 +102,7 @@ def chat_cmd(
     from localllm.views.chat import chat_opened
 
     if template == "list":
-        from localllm.templates.formats import template_names
+        from localllm.templates.selection import template_names
 
         out.print("\n".join(template_names()))
         return

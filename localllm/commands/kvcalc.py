@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from localllm.commands.options import (
+from localllm.commands.arguments import (
     JsonOpt,
     OnOffOpt,
     RepackOpt,
@@ -20,7 +20,7 @@ from localllm.commands.rpc import (
     parse_rpc,
 )
 from localllm.errors import InvalidArgument
-from localllm.options import check_count, parse_on_off, parse_repack, parse_tensor_split
+from localllm.flags import check_count, parse_on_off, parse_repack, parse_tensor_split
 from localllm.views.console import note, out, print_json, spinner, warn
 
 
@@ -79,10 +79,10 @@ def kv_calc_cmd(
 ) -> None:
     """KV cache, GQA savings and the memory plan of a model, before anything loads."""
     # Long: one Typer parameter per flag; the body builds one request and renders it.
-    from localllm.kvcalc import KVCalcRequest, kv_calc
-    from localllm.kvverify import verify_kv_calc
-    from localllm.model_facts import ArchFlags
-    from localllm.options import MAX_SEQUENCES, check_count, parse_count_list, parse_kv_types
+    from localllm.flags import MAX_SEQUENCES, check_count, parse_count_list, parse_kv_types
+    from localllm.plan.facts import ArchFlags
+    from localllm.plan.kvcalc import KVCalcRequest, kv_calc
+    from localllm.plan.verify import verify_kv_calc
     from localllm.text import parse_size
     from localllm.views.kvcalc import render_kv_calc, render_kv_verify
 
@@ -143,8 +143,8 @@ def kv_calc_cmd(
 
 def _split_cmd(model: str | None, endpoints: tuple[str, ...], **flags: Any) -> None:
     """kv-calc --rpc: each host's share from llama.cpp's dry run with the servers attached."""
-    from localllm.options import MAX_SEQUENCES, parse_count_list, parse_kv_types
-    from localllm.split_plan import SplitRequest, plan_split
+    from localllm.flags import MAX_SEQUENCES, parse_count_list, parse_kv_types
+    from localllm.plan.split import SplitRequest, plan_split
     from localllm.text import parse_size
     from localllm.views.split import render_split
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from localllm.commands.options import (
+from localllm.commands.arguments import (
     JsonOpt,
     ModelArg,
     NoMemoryCheckOpt,
@@ -22,7 +22,7 @@ from localllm.commands.rpc import (
     install_rpc_abort_report,
     parse_rpc,
 )
-from localllm.options import parse_repack, parse_tensor_split
+from localllm.flags import parse_repack, parse_tensor_split
 from localllm.views.console import note, print_json
 
 
@@ -55,8 +55,8 @@ def ppl_cmd(
 ) -> None:
     """Perplexity on a text, computed the way llama-perplexity computes it."""
     from localllm.generation import Notice
-    from localllm.ppl import PerplexityProgress, PerplexityResult, iter_perplexity
-    from localllm.rope import RopePlan
+    from localllm.plan.rope import RopePlan
+    from localllm.ppl.perplexity import PerplexityProgress, PerplexityResult, iter_perplexity
     from localllm.runtime.params import LoadOptions
     from localllm.views.ppl import PplProgress, render_ppl, show_rope_plan
 

@@ -51,7 +51,7 @@ def parse_rpc(value: str | None) -> tuple[str, ...]:
     """--rpc's endpoints as host:port strings, each reachable and speaking the protocol."""
     if not value:
         return ()
-    from localllm.rpc import hosts_memory, parse_endpoints
+    from localllm.rpc.hosts import hosts_memory, parse_endpoints
 
     endpoints = parse_endpoints(value)
     hosts_memory(endpoints)  # one line naming a dead, refused or mismatched server, in seconds
@@ -96,7 +96,7 @@ def rpc_server_cmd(
     ] = None,
 ) -> None:
     """Serve this machine's CPU to other localllm/llama.cpp hosts (llama.cpp's RPC server)."""
-    from localllm.rpc import RpcServerOptions, non_loopback_warning, serve
+    from localllm.rpc.hosts import RpcServerOptions, non_loopback_warning, serve
 
     options = RpcServerOptions(
         host=host, port=port, threads=threads, cache_dir=Path(cache) if cache else None

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from localllm.commands.options import ModelArg, OnOffOpt, RepackOpt, RopeOpt, ThreadsOpt
-from localllm.options import check_count, check_threads, parse_on_off, parse_repack
+from localllm.commands.arguments import ModelArg, OnOffOpt, RepackOpt, RopeOpt, ThreadsOpt
+from localllm.flags import check_count, check_threads, parse_on_off, parse_repack
 from localllm.views.console import note
 
 __all__ = ["serve_cmd"]
@@ -66,13 +66,13 @@ def serve_cmd(
 ) -> None:
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) and a chat page."""
     # Long: one Typer parameter per flag; the body maps them onto ServeOptions and one call.
-    from localllm.gguf_meta import read_model_spec
-    from localllm.memcheck import check_load_fits, plan_load
-    from localllm.resolver import require_local_file, resolve_model
-    from localllm.rope import plan_rope
+    from localllm.gguf.spec import read_model_spec
+    from localllm.plan.preload import check_load_fits, plan_load
+    from localllm.plan.rope import plan_rope
     from localllm.runtime.params import LoadOptions
-    from localllm.serve.options import ServeOptions
+    from localllm.serve.config import ServeOptions
     from localllm.serve.server import run_server
+    from localllm.store.resolver import require_local_file, resolve_model
 
     check_count(parallel, "--parallel", high=256)
     check_count(ctx, "--ctx")
@@ -117,8 +117,8 @@ def serve_cmd(
 
 def _chat_format(resolved: Any, spec: Any, file_name: str, template: str | None) -> Any:
     """Chat's template choice; None for a base model (then /v1/completions only)."""
-    from localllm.catalog import load_catalog
-    from localllm.templates.formats import choose_format
+    from localllm.store.catalog import load_catalog
+    from localllm.templates.selection import choose_format
 
     entry = resolved.entry or (load_catalog().by_file(file_name) or (None, None))[0]
     catalog_template = entry.template if entry is not None else None
@@ -128,7 +128,7 @@ def _chat_format(resolved: Any, spec: Any, file_name: str, template: str | None)
 
 
 def _report(event: object) -> None:
-    from localllm.serve.options import RequestLogged, ServerReady
+    from localllm.serve.config import RequestLogged, ServerReady
 
     if isinstance(event, ServerReady):
         key = "API key required" if event.api_key_required else "no API key (loopback)"

@@ -1,6 +1,6 @@
 """Ask llama.cpp what it allocates: load a model once, create contexts, read the buffer sizes.
 
-``kv-calc --verify`` and the tests hold the estimates of :mod:`localllm.memory` against
+``kv-calc --verify`` and the tests hold the estimates of :mod:`localllm.plan.memory` against
 these figures. Contexts are created with llama.cpp's own C API (not ``llama_cpp.Llama``)
 so that ``n_seq_max`` (parallel sequences) can be set, and so one model load serves
 many contexts. Nothing is evaluated; creating a context is what allocates its buffers.

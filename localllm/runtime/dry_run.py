@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import InvalidArgument, ModelLoadError
-from localllm.ggml_types import check_kv_type, kv_type_block, kv_type_is_quantized
-from localllm.kv_layout import recurrent_widths
+from localllm.gguf.ggml_types import check_kv_type, kv_type_block, kv_type_is_quantized
+from localllm.gguf.kv_layout import recurrent_widths
 from localllm.runtime.dry_run_log import (
     CacheReport,
     LoggedMemory,

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from localllm.ggml_types import kv_type_block
+from localllm.gguf.ggml_types import kv_type_block
 
 __all__ = [
     "CacheReport",

@@ -254,7 +254,7 @@ def _rpc_devices(endpoints: Sequence[str]) -> Iterator[None]:
     if not endpoints:
         yield
         return
-    from localllm.runtime.rpc import add_rpc_servers, model_devices
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
 
     with model_devices(add_rpc_servers(endpoints)):
         yield

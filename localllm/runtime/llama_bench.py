@@ -180,7 +180,7 @@ class BenchModel:
 
     def _load_split(self, params: Any, rpc: Sequence[str], tensor_split: Sequence[float]) -> None:
         """Load onto the RPC servers' devices (as llama-bench --rpc) and note the split."""
-        from localllm.runtime.rpc import add_rpc_servers, attach_devices
+        from localllm.runtime.rpc_devices import add_rpc_servers, attach_devices
         from localllm.runtime.rpc_plan import parse_placement
 
         devices = add_rpc_servers(rpc)

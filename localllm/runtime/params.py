@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localllm.errors import InvalidArgument
-from localllm.ggml_types import KV_CACHE_TYPES, check_kv_type, ggml_type_id, kv_type_is_quantized
+from localllm.gguf.ggml_types import (
+    KV_CACHE_TYPES,
+    check_kv_type,
+    ggml_type_id,
+    kv_type_is_quantized,
+)
 from localllm.machine import physical_cores
 
 __all__ = [

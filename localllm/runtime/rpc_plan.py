@@ -21,7 +21,7 @@ from typing import Any
 
 from localllm.runtime.dry_run import ContextPlan, DryRunModel, DryRunSettings
 from localllm.runtime.log import debug_lines
-from localllm.runtime.rpc import RpcDevice, attach_devices
+from localllm.runtime.rpc_devices import RpcDevice, attach_devices
 
 __all__ = [
     "DeviceShare",

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import RpcError
-from localllm.runtime.rpc import ABORT_CALLBACK, rpc_libraries, split_endpoint
+from localllm.net import parse_host_port
+from localllm.runtime.rpc_devices import ABORT_CALLBACK, rpc_libraries
 
 __all__ = ["RpcServerThread", "install_abort_handler", "start_rpc_server"]
 
@@ -49,7 +50,7 @@ class RpcServerThread:
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the accept loop: shut its listening socket and any client connection down."""
-        port = split_endpoint(self.endpoint)[1]
+        port = parse_host_port(self.endpoint)[1]
         for fd in _sockets():
             with contextlib.suppress(OSError):
                 sock = socket.socket(fileno=os.dup(fd))

@@ -1,6 +1,6 @@
 """``localllm serve``: an OpenAI-compatible API and a chat page over one loaded model.
 
-- :mod:`~localllm.serve.options`: ServeOptions (checked before the load) and the events
+- :mod:`~localllm.serve.config`: ServeOptions (checked before the load) and the events
   the server reports (ServerReady, RequestLogged);
 - :mod:`~localllm.serve.schema`: request bodies checked field by field (ApiError);
 - :mod:`~localllm.serve.app`: the Starlette routes over the batch engine;
@@ -14,7 +14,7 @@ Importing this package imports Starlette and uvicorn but not llama_cpp.
 from __future__ import annotations
 
 from localllm.serve.app import build_app
-from localllm.serve.options import RequestLogged, ServeEvent, ServeOptions, ServerReady
+from localllm.serve.config import RequestLogged, ServeEvent, ServeOptions, ServerReady
 from localllm.serve.server import (
     RunningServer,
     ServeError,

@@ -34,15 +34,15 @@ from localllm.runtime.batch_records import (
     TextDelta,
 )
 from localllm.serve import wire
+from localllm.serve.config import EventSink, ServeOptions
 from localllm.serve.guard import USAGE_KEY, Guard
 from localllm.serve.metrics import Metrics
-from localllm.serve.options import EventSink, ServeOptions
 from localllm.serve.schema import (
     ApiError,
-    ChatRequest,
+    ChatCompletionRequest,
     CompletionRequest,
     Sampling,
-    parse_chat_request,
+    parse_chat_completion_request,
     parse_completion_request,
 )
 
@@ -135,7 +135,7 @@ class _Service:
             **extra,
         )
 
-    def chat_job(self, req: ChatRequest) -> _Job:
+    def chat_job(self, req: ChatCompletionRequest) -> _Job:
         model = self.check_model(req.model)
         fmt = self.chat_format
         if fmt is None:
@@ -265,7 +265,7 @@ def build_app(
 
     async def chat_completions(request: Request) -> Response:
         try:
-            req = parse_chat_request(await request.body())
+            req = parse_chat_completion_request(await request.body())
             # Rendering and tokenizing may take a while on long prompts: not on the event loop.
             job = await run_in_threadpool(svc.chat_job, req)
             if req.stream:
@@ -385,7 +385,9 @@ def _sse(svc: _Service, events: Any) -> EventSourceResponse:
     )
 
 
-def _stream_chat(request: Request, svc: _Service, job: _Job, req: ChatRequest) -> Response:
+def _stream_chat(
+    request: Request, svc: _Service, job: _Job, req: ChatCompletionRequest
+) -> Response:
     stream = svc.submit(job)
     rid, created = wire.new_id("chatcmpl"), int(time.time())
 

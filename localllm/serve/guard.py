@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from localllm.serve.config import EventSink, RequestLogged
 from localllm.serve.metrics import Metrics
-from localllm.serve.options import EventSink, RequestLogged
 from localllm.serve.schema import ApiError
 
 __all__ = ["PUBLIC_PATHS", "Guard", "host_name"]

@@ -23,10 +23,10 @@ _CHAT = SamplingOptions()
 
 __all__ = [
     "ApiError",
-    "ChatRequest",
+    "ChatCompletionRequest",
     "CompletionRequest",
     "Sampling",
-    "parse_chat_request",
+    "parse_chat_completion_request",
     "parse_completion_request",
 ]
 
@@ -102,7 +102,7 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class ChatRequest:
+class ChatCompletionRequest:
     model: str | None
     messages: tuple[ChatMessage, ...]
     stream: bool
@@ -367,7 +367,7 @@ def _max_tokens(f: _Fields, *names: str) -> int | None:
     return given.pop() if given else None
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+def parse_chat_completion_request(body: bytes) -> ChatCompletionRequest:
     """A ``POST /v1/chat/completions`` body, or ApiError(400) naming the bad field."""
     f = _load_object(body, frozenset(_CHAT_KEYS))
     stream, include_usage = _common(f)
@@ -376,7 +376,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     if top is not None and not logprobs:
         raise _invalid("top_logprobs", "only allowed with logprobs: true")
     fmt, schema = _response_format(f)
-    return ChatRequest(
+    return ChatCompletionRequest(
         model=f.string("model"),
         messages=_messages(f.get("messages")),
         stream=stream,

@@ -20,12 +20,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from localllm.errors import LocalLLMError, TemplateError
 from localllm.generation import ChatMessage
-from localllm.gguf_meta import read_model_spec
+from localllm.gguf.spec import read_model_spec
 from localllm.runtime.batch_engine import BatchEngine
 from localllm.runtime.batch_records import PromptFormat
 from localllm.serve.app import build_app
-from localllm.serve.options import EventSink, ServeOptions, ServerReady
-from localllm.templates.formats import ChatFormat, choose_format
+from localllm.serve.config import EventSink, ServeOptions, ServerReady
+from localllm.templates.selection import ChatFormat, choose_format
 
 __all__ = [
     "RunningServer",

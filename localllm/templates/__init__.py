@@ -11,7 +11,7 @@ from localllm.templates.caps import (
     template_caps,
     validate,
 )
-from localllm.templates.guard import DEFAULT_HINT, GuardedTemplate
+from localllm.templates.sandbox import DEFAULT_HINT, GuardedTemplate
 
 __all__ = [
     "DEFAULT_HINT",

@@ -16,7 +16,7 @@ from typing import Any
 
 from localllm.errors import TemplateError
 from localllm.templates.budget import RenderBudget
-from localllm.templates.guard import DEFAULT_HINT, GuardedTemplate
+from localllm.templates.sandbox import DEFAULT_HINT, GuardedTemplate
 
 __all__ = [
     "SAMPLE_CONVERSATION",

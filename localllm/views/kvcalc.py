@@ -11,8 +11,8 @@ from localllm.text import format_bytes
 from localllm.views.console import note, out, print_unwrapped, safe, warn
 
 if TYPE_CHECKING:
-    from localllm.kvcalc import KVCalcResult, KVRow
-    from localllm.kvverify import VerifyReport
+    from localllm.plan.kvcalc import KVCalcResult, KVRow
+    from localllm.plan.verify import VerifyReport
 
 __all__ = ["render_kv_calc", "render_kv_verify"]
 

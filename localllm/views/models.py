@@ -13,9 +13,9 @@ from localllm.text import format_bytes, format_count
 from localllm.views.console import err, note, out, safe, warn
 
 if TYPE_CHECKING:
-    from localllm.hub import PullResult, RepoListing
-    from localllm.inventory import ModelInfo, ModelListing
-    from localllm.kvcalc import KVRow
+    from localllm.inventory.listing import ModelInfo, ModelListing
+    from localllm.plan.kvcalc import KVRow
+    from localllm.store.hub import PullResult, RepoListing
 
 __all__ = [
     "download_progress",

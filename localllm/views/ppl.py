@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 from localllm.views.console import err, note, out, safe, warn
 
 if TYPE_CHECKING:
-    from localllm.ppl import PerplexityProgress, PerplexityResult
-    from localllm.rope import RopePlan
+    from localllm.plan.rope import RopePlan
+    from localllm.ppl.perplexity import PerplexityProgress, PerplexityResult
 
 __all__ = ["PplProgress", "render_ppl", "show_rope_plan"]
 

@@ -8,12 +8,12 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from localllm.split_plan import THIS_MACHINE
+from localllm.plan.split import THIS_MACHINE
 from localllm.text import format_bytes, format_ranges
 from localllm.views.console import note, out, safe
 
 if TYPE_CHECKING:
-    from localllm.split_plan import SplitPlan, SplitResult
+    from localllm.plan.split import SplitPlan, SplitResult
 
 __all__ = ["render_split"]
 

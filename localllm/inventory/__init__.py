@@ -1,0 +1,1 @@
+"""``localllm list`` and ``info``: what the store holds and what a model file says."""

@@ -1,0 +1,1 @@
+"""``localllm ppl``: perplexity of a model on a text, scored in llama.cpp's chunks."""

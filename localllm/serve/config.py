@@ -1,0 +1,112 @@
+"""What ``localllm serve`` is asked to do, checked before anything loads, and what it reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localllm.errors import InvalidArgument
+from localllm.net import LOOPBACK_NAMES, is_loopback
+from localllm.runtime.batch_engine import MAX_PARALLEL
+from localllm.runtime.params import LoadOptions
+
+__all__ = [
+    "RequestLogged",
+    "ServeEvent",
+    "ServeOptions",
+    "ServerReady",
+]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The server's settings; ``load.n_ctx`` is the TOTAL context, split over the slots."""
+
+    model_path: Path
+    model_id: str  # the name /v1/models lists and requests send as "model"
+    model_aliases: tuple[str, ...] = ()  # other names accepted for it (file name, ref)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 1
+    load: LoadOptions = field(default_factory=LoadOptions)
+    api_key: str | None = None
+    insecure: bool = False  # allow a non-loopback host without an API key
+    allowed_hosts: tuple[str, ...] = ()  # extra Host names accepted (DNS rebinding check)
+    max_body_bytes: int = 2 * 1024 * 1024
+    idle_timeout: float = 10.0  # seconds a connection may sit without a complete request
+    body_timeout: float = 30.0  # seconds between two chunks of a request body
+    send_timeout: float = 60.0  # seconds a streamed chunk may wait on a client not reading
+    max_connections: int = 64  # beyond this uvicorn answers 503
+    max_tokens: int | None = None  # default reply budget; None: chat's, min(512, slot ctx / 2)
+
+    def validate(self) -> None:
+        """InvalidArgument for values that cannot work, before the model loads."""
+        self.load.validate()
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port {self.port} must be between 0 and 65535")
+        if not 1 <= self.parallel <= MAX_PARALLEL:
+            raise InvalidArgument(
+                f"--parallel {self.parallel} must be between 1 and {MAX_PARALLEL}"
+            )
+        if self.load.n_ctx < self.parallel:
+            raise InvalidArgument(
+                f"--ctx {self.load.n_ctx} cannot be split over {self.parallel} slots; "
+                "raise --ctx or lower --parallel"
+            )
+        if self.api_key is not None and not self.api_key.strip():
+            raise InvalidArgument("the API key is empty; pass a non-empty --api-key")
+        if not is_loopback(self.host) and self.api_key is None and not self.insecure:
+            raise InvalidArgument(
+                f"serving on {self.host} opens the model to the network without a key; "
+                "pass --api-key KEY (or set LOCALLLM_API_KEY), or --insecure to accept that"
+            )
+        for name in ("max_body_bytes", "max_connections"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} {getattr(self, name)} must be positive")
+        for name in ("idle_timeout", "body_timeout", "send_timeout"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(f"{name} {getattr(self, name)} must be positive seconds")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidArgument(f"--max-tokens {self.max_tokens} must be positive")
+
+    def host_names(self) -> frozenset[str] | None:
+        """Host header names to accept, or None when any is (a wildcard bind, no list)."""
+        names = {h.lower().strip("[]") for h in self.allowed_hosts}
+        bound = self.host.lower().strip("[]")
+        if bound in ("0.0.0.0", "::") and not names:
+            return None
+        if bound not in ("0.0.0.0", "::"):
+            names.add(bound)
+        return frozenset(names | set(LOOPBACK_NAMES))
+
+
+@dataclass(frozen=True)
+class ServerReady:
+    """Listening: where, with which model, how the context is split."""
+
+    url: str
+    port: int
+    model_id: str
+    n_ctx: int
+    n_ctx_slot: int
+    n_parallel: int
+    api_key_required: bool
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class RequestLogged:
+    """One HTTP request answered (generation fields set for the completion endpoints)."""
+
+    method: str
+    path: str
+    status: int
+    seconds: float
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+
+
+ServeEvent = ServerReady | RequestLogged
+EventSink = Callable[[ServeEvent], None]

@@ -1,0 +1,1 @@
+"""Test helpers: the GGUF writer, header models, the local hub, llama.cpp log parsing."""
