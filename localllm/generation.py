@@ -47,6 +47,8 @@ class GenerationStats:
     # The cached prefix was dropped and the whole prompt evaluated again: the sliding
     # window had moved past it (the SWA cache no longer held what the next token attends to).
     window_reevaluated: bool = False
+    # Prompt tokens whose KV cells came from a saved state (chat --resume), not evaluated.
+    prompt_from_state: int = 0
 
     @property
     def prompt_tps(self) -> float:

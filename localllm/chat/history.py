@@ -3,7 +3,8 @@
 One JSON file per session in ``$XDG_STATE_HOME/localllm/sessions/`` (mode 0600, written
 atomically), holding the messages, the settings, the model reference and its sha256 (from
 the store's record: never a re-hash per turn). ``chat --resume [ID]`` reads one back; the
-newest :data:`KEEP_SESSIONS` are kept.
+newest :data:`KEEP_SESSIONS` are kept. A session's saved KV state (``chat/saved_state.py``)
+lives in the cache, ``kv_dir()``, under the same id, and goes when its session goes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 from localllm.errors import InvalidArgument, LocalLLMError
 from localllm.fileio import write_json_atomic
 from localllm.generation import ChatMessage
-from localllm.paths import state_root
+from localllm.paths import cache_root, state_root
+from localllm.runtime.kv_state import prune_states, state_files
 from localllm.text import escape_untrusted
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "SavedSession",
     "SessionListing",
     "history_enabled",
+    "kv_dir",
     "list_sessions",
     "load_session",
     "new_session_id",
@@ -46,6 +49,11 @@ _ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,63}")
 
 def sessions_dir() -> Path:
     return state_root() / "sessions"
+
+
+def kv_dir() -> Path:
+    """Where sessions' KV states are cached: $XDG_CACHE_HOME/localllm/kv."""
+    return cache_root() / "kv"
 
 
 def history_enabled(no_history: bool = False) -> bool:
@@ -86,11 +94,13 @@ def _session_files() -> list[Path]:
 
 
 def prune_sessions(keep: int = KEEP_SESSIONS) -> int:
-    """Delete all but the newest ``keep`` sessions; returns how many went."""
-    old = _session_files()[keep:]
-    for path in old:
+    """Delete all but the newest ``keep`` sessions, and the KV states of sessions gone;
+    returns how many sessions went."""
+    files = _session_files()
+    for path in files[keep:]:
         path.unlink(missing_ok=True)
-    return len(old)
+    prune_states(kv_dir(), keep_keys={p.stem for p in files[:keep]})
+    return len(files[keep:])
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,7 @@ class SessionListing:
     messages: int
     first_message: str
     problem: str | None = None
+    state_bytes: int = 0  # its saved KV state on disk (0: none)
 
 
 def list_sessions(limit: int = 20) -> list[SessionListing]:
@@ -187,6 +198,7 @@ def list_sessions(limit: int = 20) -> list[SessionListing]:
         except LocalLLMError as exc:
             rows.append(SessionListing(path.stem, "", "?", 0, "", problem=str(exc)))
             continue
+        state = state_files(kv_dir(), path.stem)
         first = next((m.content for m in saved.messages if m.role == "user"), "")
         rows.append(
             SessionListing(
@@ -195,6 +207,7 @@ def list_sessions(limit: int = 20) -> list[SessionListing]:
                 saved.model_ref or saved.model_path or "?",
                 len(saved.messages),
                 first,
+                state_bytes=state.bytes,
             )
         )
     return rows

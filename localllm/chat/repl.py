@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from localllm.chat.history import list_sessions, new_session_id, save_session
+from localllm.chat.saved_state import StateWriter
 from localllm.chat.session import ChatSession, HistoryTrimmed, stats_as_json
 from localllm.errors import LocalLLMError
 from localllm.generation import GenerationStats, TextChunk
 from localllm.paths import cache_root
+from localllm.text import format_bytes
 from localllm.views.chat import (
     ReplyWriter,
     chat_banner,
@@ -185,7 +187,7 @@ def _stream_turn(session: ChatSession, text: str, writer: ReplyWriter) -> Genera
     return stats
 
 
-def _run_slash_command(session: ChatSession, name: str, arg: str) -> bool:
+def _run_slash_command(session: ChatSession, name: str, arg: str, record: _Recorder) -> bool:
     """Do one /command; False means leave the REPL."""
     if name == "/exit":
         return False
@@ -202,6 +204,13 @@ def _run_slash_command(session: ChatSession, name: str, arg: str) -> bool:
             note(f"system: {safe(session.system) if session.system else '(none)'}")
     elif name == "/stats":
         render_chat_stats(session.summary(), session)
+        record.wait()
+        if record.state.last is not None:
+            last = record.state.last
+            note(
+                f"KV state: {last.n_tokens} tokens, {format_bytes(last.bytes)} written in "
+                f"{last.seconds:.2f} s after the last reply (`chat --resume` loads it)"
+            )
     elif name == "/save":
         path = session.save(arg)
         note(f"saved the transcript ({len(session.transcript)} messages) and settings to {path}")
@@ -236,16 +245,19 @@ def _line_editing() -> Callable[[], None]:
 
 
 class _Recorder:
-    """Writes the session to disk after every turn; a failure is said once, never fatal."""
+    """Writes the session to disk after every turn, then its KV state (in the background);
+    a failure is said once, never fatal."""
 
-    def __init__(self, session: ChatSession, enabled: bool) -> None:
+    def __init__(self, session: ChatSession, enabled: bool, state_max: int) -> None:
         self.session = session
         self.enabled = enabled
         self.failed = False
+        self.state = StateWriter(session, state_max if enabled else 0)
+        self.state_failed = False
         if enabled and session.session_id is None:
             session.session_id = new_session_id()
 
-    def __call__(self) -> None:
+    def __call__(self, turn: bool = False) -> None:
         if not self.enabled or self.session.session_id is None:
             return
         try:
@@ -254,15 +266,26 @@ class _Recorder:
             if not self.failed:
                 warn(f"cannot save this session ({exc.strerror or exc}); the chat goes on")
             self.failed = True
+            return
+        if turn:
+            self.state.start()
+
+    def wait(self) -> None:
+        """Let the KV state write finish before the context is used again."""
+        self.state.wait()
+        if self.state.failure and not self.state_failed:
+            warn(f"the KV state is not saved ({self.state.failure}); --resume re-reads instead")
+            self.state_failed = True
 
 
-def chat_repl(session: ChatSession, keep_history: bool = True) -> None:
+def chat_repl(session: ChatSession, keep_history: bool = True, state_max: int = 0) -> None:
     """The interactive chat: read a message or /command, stream the reply, repeat.
 
-    With ``keep_history`` the conversation is written to disk after every turn.
+    With ``keep_history`` the conversation is written to disk after every turn, and its
+    KV state too when ``state_max`` (bytes for all saved states) is not 0.
     """
     save_history = _line_editing()
-    record = _Recorder(session, keep_history)
+    record = _Recorder(session, keep_history, state_max)
     chat_banner(session)
     if record.enabled:
         note(f"session {session.session_id} is saved after every turn (--no-history: off)")
@@ -288,7 +311,7 @@ def chat_repl(session: ChatSession, keep_history: bool = True) -> None:
             try:
                 command = parse_slash_command(text) if "\n" not in text else None
                 if command is not None:
-                    if not _run_slash_command(session, *command):
+                    if not _run_slash_command(session, *command, record):
                         break
                     if command[0] in ("/reset", "/system"):
                         record()
@@ -296,14 +319,16 @@ def chat_repl(session: ChatSession, keep_history: bool = True) -> None:
                     # "//..." is a message that starts with "/", not a command.
                     if text.lstrip().startswith("//"):
                         text = text.lstrip()[1:]
+                    record.wait()
                     try:
                         _stream_turn(session, text, writer)
                     finally:
-                        record()  # completed or interrupted, the turn is on disk
+                        record(turn=True)  # completed or interrupted, the turn is on disk
             except LocalLLMError as exc:
                 writer.end_line()
                 error(str(exc))
     finally:
+        record.wait()
         save_history()
 
 

@@ -114,6 +114,7 @@ class ChatSession:
     session_id: str | None = None  # set when the conversation is kept on disk
     notes: tuple[str, ...] = ()  # what the user is told once the model is loaded
     memory: LoadPlan | None = None  # llama.cpp's dry-run plan the memory check passed
+    state_tokens: int = 0  # tokens a saved KV state put in the cache, until the next turn
 
     @property
     def n_ctx(self) -> int:
@@ -224,8 +225,17 @@ class ChatSession:
             raise
         self._end_turn(reply, completed=stats is not None and stats.finish_reason != "interrupted")
         if stats is not None:
+            stats = self._count_state_tokens(stats)
             self.turns.append(stats)
             yield stats
+
+    def _count_state_tokens(self, stats: GenerationStats) -> GenerationStats:
+        """The first turn after a saved state was loaded: how much of its prompt it gave."""
+        if not self.state_tokens:
+            return stats
+        reused = min(self.state_tokens, stats.prompt_tokens - stats.prompt_evaluated)
+        self.state_tokens = 0
+        return replace(stats, prompt_from_state=max(reused, 0))
 
     def _end_turn(self, reply: list[str], completed: bool) -> None:
         if reply or completed:
@@ -240,6 +250,7 @@ class ChatSession:
     def recover_after_abort(self) -> None:
         """After an exception inside llama-cpp-python, start the next turn from a clean KV."""
         self.loaded.reset()
+        self.state_tokens = 0
 
     def reset(self) -> None:
         """Forget the conversation; the system prompt and the settings stay."""

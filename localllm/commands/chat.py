@@ -77,6 +77,18 @@ def chat_cmd(
         bool,
         typer.Option("--no-history", help="Do not save this session (also LOCALLLM_NO_HISTORY=1)."),
     ] = False,
+    kv_state_max: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-state-max",
+            help="Disk for saved KV states (--resume loads them), oldest dropped; 0: none. "
+            "Also LOCALLLM_KV_STATE_MAX.",
+            show_default="4GiB",
+        ),
+    ] = None,
+    sessions: Annotated[
+        bool, typer.Option("--sessions", help="List the saved sessions and their KV states.")
+    ] = False,
     template: Annotated[
         str | None,
         typer.Option(
@@ -95,17 +107,22 @@ def chat_cmd(
 ) -> None:
     """Chat with a model: a streaming REPL, or one reply with -p / piped stdin."""
     # Long: one Typer parameter per flag; the body parses, opens one session, hands it over.
-    from localllm.chat.history import history_enabled
+    from localllm.chat.history import history_enabled, list_sessions
     from localllm.chat.opening import ChatRequest, check_chat_options, open_session
     from localllm.chat.repl import chat_one_shot, chat_repl
+    from localllm.chat.saved_state import restore_state, state_max
     from localllm.runtime.params import LoadOptions, SamplingOptions
-    from localllm.views.chat import chat_opened
+    from localllm.views.chat import chat_opened, render_sessions, state_restored
 
     if template == "list":
         from localllm.templates.selection import template_names
 
         out.print("\n".join(template_names()))
         return
+    if sessions:
+        render_sessions(list_sessions())
+        return
+    max_state = state_max(kv_state_max)
     if resume is not None:
         _refuse_flags_with_resume(cli)
         request, saved = _resumed_request(resume, no_memory_check)
@@ -144,10 +161,12 @@ def chat_cmd(
             session.restore(saved.messages, saved.dropped_messages)
             session.session_id = saved.id
         chat_opened(session)
+        if saved is not None:
+            state_restored(restore_state(session), saved.id)
         if prompt is not None:
             chat_one_shot(session, prompt, as_json=as_json)
         else:
-            chat_repl(session, keep_history=history_enabled(no_history))
+            chat_repl(session, keep_history=history_enabled(no_history), state_max=max_state)
     finally:
         session.close()
 
@@ -169,7 +188,7 @@ def _one_shot_prompt(prompt: str | None, as_json: bool) -> str | None:
 
 
 # Flags that go with --resume; every other one would be silently overridden by the session.
-_RESUME_FLAGS = {"resume", "no_history", "no_memory_check", "prompt", "as_json"}
+_RESUME_FLAGS = {"resume", "no_history", "no_memory_check", "prompt", "as_json", "kv_state_max"}
 
 
 def _refuse_flags_with_resume(cli: typer.Context) -> None:

@@ -16,6 +16,7 @@ from localllm.views.ppl import show_rope_plan
 
 if TYPE_CHECKING:
     from localllm.chat.history import SessionListing
+    from localllm.chat.saved_state import StateRestore
     from localllm.chat.session import ChatSession, SessionSummary
     from localllm.generation import GenerationStats
 
@@ -30,6 +31,7 @@ __all__ = [
     "render_chat_stats",
     "render_sessions",
     "sampling_summary",
+    "state_restored",
 ]
 
 CHAT_INPUT_HELP = (
@@ -85,7 +87,9 @@ def format_turn_status(stats: GenerationStats, kv_bytes: int | None) -> str:
     """The dim line after each reply: tokens, speeds, first-token latency, KV fill."""
     fresh = stats.prompt_evaluated
     tokens_in = f"{stats.prompt_tokens} in"
-    if fresh != stats.prompt_tokens:
+    if stats.prompt_from_state:
+        tokens_in += f" ({fresh} new, {stats.prompt_from_state} from the saved state)"
+    elif fresh != stats.prompt_tokens:
         tokens_in += f" ({fresh} new)"
     pct = 100.0 * stats.kv_used / stats.kv_cells if stats.kv_cells else 0.0
     kv = f"KV {stats.kv_used}/{stats.kv_cells} cells ({pct:.1f}%"
@@ -125,6 +129,17 @@ def chat_opened(session: ChatSession) -> None:
     if not plan.extended and plan.method == "none":
         # --rope was given inside the trained context: say why nothing changed.
         note(f"rope: {plan.description}")
+
+
+def state_restored(restore: StateRestore, session_id: str) -> None:
+    """--resume: one line on the saved KV state, loaded or not used (and why)."""
+    if restore.note is not None:
+        note(safe(restore.note, 200))
+        return
+    note(
+        f"session {session_id}: {restore.tokens} tokens of KV state loaded "
+        f"({format_bytes(restore.bytes)} in {restore.seconds:.2f} s); only new text is evaluated"
+    )
 
 
 def chat_banner(session: ChatSession) -> None:
@@ -187,15 +202,17 @@ def render_sessions(rows: list[SessionListing], current: str | None = None) -> N
         note("no saved sessions yet")
         return
     table = Table(box=None, header_style="label", pad_edge=False)
-    for col in ("", "id", "saved", "model", "messages", "first message"):
+    for col in ("", "id", "saved", "model", "messages", "KV state", "first message"):
         table.add_column(col, no_wrap=col != "first message", overflow="ellipsis")
     for row in rows:
         mark = "*" if row.id == current else ""
         if row.problem:
-            table.add_row(mark, row.id, "", Text(safe(row.problem, 80), style="error"), "", "")
+            problem = Text(safe(row.problem, 80), style="error")
+            table.add_row(mark, row.id, "", problem, "", "", "")
             continue
         first = safe(row.first_message.replace("\n", " "), 50)
+        state = format_bytes(row.state_bytes) if row.state_bytes else "-"
         table.add_row(mark, row.id, row.saved_at, Text(safe(row.model, 40)), str(row.messages),
-                      Text(first))  # fmt: skip
+                      state, Text(first))  # fmt: skip
     err.print(table)
     note("continue one with `localllm chat --resume ID`")

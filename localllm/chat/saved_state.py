@@ -1,0 +1,163 @@
+"""The KV state of a saved chat session: written after each turn, loaded by ``--resume``.
+
+A cache beside the session record (``$XDG_CACHE_HOME/localllm/kv/ID.kv`` and its header
+``ID.json``): deleting it loses nothing but the time to re-read the history. Written in a
+background thread once the reply is on screen (the next turn waits for it); loaded only
+when its header matches this session and its tokens begin the re-rendered history.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, replace
+
+from localllm.chat.history import kv_dir
+from localllm.chat.session import ChatSession
+from localllm.errors import InvalidArgument
+from localllm.fileio import cached_sha256
+from localllm.runtime.kv_state import (
+    KvStateError,
+    SavedState,
+    StateHeader,
+    adopt_tokens,
+    common_prefix,
+    context_tokens,
+    library_version,
+    load_seq_state,
+    mismatch,
+    prune_states,
+    read_header,
+    save_seq_state,
+    state_files,
+)
+from localllm.text import parse_size
+
+__all__ = [
+    "DEFAULT_STATE_MAX",
+    "ENV_STATE_MAX",
+    "StateRestore",
+    "StateWriter",
+    "expected_header",
+    "restore_state",
+    "state_max",
+]
+
+ENV_STATE_MAX = "LOCALLLM_KV_STATE_MAX"
+DEFAULT_STATE_MAX = 4 << 30  # a 7B f16 cache is ~0.5 MiB a token: a few long chats
+_SEQ = 0  # llama-cpp-python's Llama keeps one sequence
+
+
+def state_max(flag: str | None = None) -> int:
+    """Bytes all saved states may take: --kv-state-max > $LOCALLLM_KV_STATE_MAX > 4 GiB;
+    0 or "off" keeps none."""
+    source = "--kv-state-max" if flag is not None else ENV_STATE_MAX
+    text = flag if flag is not None else os.environ.get(ENV_STATE_MAX, "")
+    if not text.strip():
+        return DEFAULT_STATE_MAX
+    if text.strip().lower() in ("0", "off"):
+        return 0
+    try:
+        return parse_size(text, source)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"{source} {text!r} is not a size; write e.g. 4GiB or 512MiB (0 or off: keep none)"
+        ) from None
+
+
+def expected_header(session: ChatSession) -> StateHeader:
+    """What a state must have been made with to be loaded into ``session``."""
+    opts = session.loaded.options
+    return StateHeader(
+        model_sha256=session.model_sha256 or cached_sha256(session.loaded.path),
+        n_ctx=session.n_ctx,
+        type_k=opts.type_k,
+        type_v=opts.type_v,
+        flash_attn=opts.flash_attn,
+        swa_full=opts.swa_full,
+        rope=session.rope_plan.as_json() if session.rope_plan is not None else None,
+        template=session.chat_format.as_json(),
+        library=library_version(),
+    )
+
+
+@dataclass(frozen=True)
+class StateRestore:
+    """What ``--resume`` did with the saved state."""
+
+    tokens: int  # tokens whose cells were loaded (0: none)
+    bytes: int
+    seconds: float
+    note: str | None  # why the history is read again instead; None when loaded
+
+
+def restore_state(session: ChatSession) -> StateRestore:
+    """Load the session's saved KV state if it fits; otherwise say why (never raises for a
+    bad state: the history is then evaluated on the first turn, as without one)."""
+    assert session.session_id is not None
+    files = state_files(kv_dir(), session.session_id)
+    try:
+        saved = read_header(files)
+        reason = mismatch(saved, expected_header(session))
+        if reason is not None:
+            raise KvStateError(reason)
+        if common_prefix(saved.tokens, session.prompt_tokens(session.messages())) == 0:
+            raise KvStateError("it holds another conversation")
+        ctx, _ = context_tokens(session.loaded.llama)
+        loaded = load_seq_state(ctx, _SEQ, files, saved)
+    except KvStateError as exc:
+        why = f"saved KV state not used ({exc}): the history is read again"
+        return StateRestore(0, 0, 0.0, why)
+    adopt_tokens(session.loaded.llama, loaded.tokens)
+    session.state_tokens = len(loaded.tokens)
+    return StateRestore(len(loaded.tokens), loaded.bytes, loaded.seconds, None)
+
+
+class StateWriter:
+    """Writes the session's KV state after a turn, in a thread; ``wait()`` before the
+    context is used again (the next turn, leaving)."""
+
+    def __init__(self, session: ChatSession, max_bytes: int) -> None:
+        self.session = session
+        self.max_bytes = max_bytes
+        self.last: SavedState | None = None
+        self.failure: str | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def start(self) -> None:
+        """Write now what the context holds (nothing when it holds nothing)."""
+        self.wait()
+        session = self.session
+        if not self.enabled or session.session_id is None or session.loaded.kv_used == 0:
+            return
+        ctx, tokens = context_tokens(session.loaded.llama)
+        key = session.session_id
+        self._thread = threading.Thread(
+            target=self._write, args=(ctx, tokens, key), name="kv-state", daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, ctx: object, tokens: list[int], key: str) -> None:
+        try:
+            header = expected_header(self.session)
+            saved = save_seq_state(ctx, _SEQ, tokens, state_files(kv_dir(), key), header)
+            dropped = prune_states(kv_dir(), max_bytes=self.max_bytes)
+        except (KvStateError, OSError) as exc:
+            self.failure = str(exc)
+            return
+        self.last = saved if key not in dropped else replace(saved, bytes=0)
+        if key in dropped:
+            self.failure = f"the KV state ({saved.bytes} bytes) is over --kv-state-max"
+
+    def wait(self) -> None:
+        """Until the write in flight is done; Ctrl-C cannot cut it (the context must outlive it)."""
+        thread, self._thread = self._thread, None
+        while thread is not None and thread.is_alive():
+            try:
+                thread.join()
+            except KeyboardInterrupt:
+                continue
