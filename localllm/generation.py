@@ -47,8 +47,10 @@ class GenerationStats:
     # The cached prefix was dropped and the whole prompt evaluated again: the sliding
     # window had moved past it (the SWA cache no longer held what the next token attends to).
     window_reevaluated: bool = False
-    # Prompt tokens whose KV cells came from a saved state (chat --resume), not evaluated.
+    # Prompt tokens whose KV cells came from a saved state (chat --resume), not evaluated,
+    # and the seconds that load took (included in ttft_seconds).
     prompt_from_state: int = 0
+    state_load_seconds: float = 0.0
 
     @property
     def prompt_tps(self) -> float:

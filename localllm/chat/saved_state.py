@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, replace
 
 from localllm.chat.history import kv_dir
@@ -95,6 +96,7 @@ def restore_state(session: ChatSession) -> StateRestore:
     """Load the session's saved KV state if it fits; otherwise say why (never raises for a
     bad state: the history is then evaluated on the first turn, as without one)."""
     assert session.session_id is not None
+    started = time.perf_counter()
     files = state_files(kv_dir(), session.session_id)
     try:
         saved = read_header(files)
@@ -109,8 +111,9 @@ def restore_state(session: ChatSession) -> StateRestore:
         why = f"saved KV state not used ({exc}): the history is read again"
         return StateRestore(0, 0, 0.0, why)
     adopt_tokens(session.loaded.llama, loaded.tokens)
-    session.state_tokens = len(loaded.tokens)
-    return StateRestore(len(loaded.tokens), loaded.bytes, loaded.seconds, None)
+    seconds = time.perf_counter() - started  # the header, the checks, the load
+    session.state_tokens, session.state_seconds = len(loaded.tokens), seconds
+    return StateRestore(len(loaded.tokens), loaded.bytes, seconds, None)
 
 
 class StateWriter:

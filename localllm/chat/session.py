@@ -115,6 +115,7 @@ class ChatSession:
     notes: tuple[str, ...] = ()  # what the user is told once the model is loaded
     memory: LoadPlan | None = None  # llama.cpp's dry-run plan the memory check passed
     state_tokens: int = 0  # tokens a saved KV state put in the cache, until the next turn
+    state_seconds: float = 0.0  # and how long it took to load them
 
     @property
     def n_ctx(self) -> int:
@@ -230,12 +231,18 @@ class ChatSession:
             yield stats
 
     def _count_state_tokens(self, stats: GenerationStats) -> GenerationStats:
-        """The first turn after a saved state was loaded: how much of its prompt it gave."""
+        """The first turn after a saved state was loaded: how much of its prompt it gave, and
+        its first token counted from before the load (the user waited for both)."""
         if not self.state_tokens:
             return stats
         reused = min(self.state_tokens, stats.prompt_tokens - stats.prompt_evaluated)
-        self.state_tokens = 0
-        return replace(stats, prompt_from_state=max(reused, 0))
+        seconds, self.state_tokens, self.state_seconds = self.state_seconds, 0, 0.0
+        return replace(
+            stats,
+            prompt_from_state=max(reused, 0),
+            state_load_seconds=seconds,
+            ttft_seconds=stats.ttft_seconds + seconds,
+        )
 
     def _end_turn(self, reply: list[str], completed: bool) -> None:
         if reply or completed:
