@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -290,7 +291,7 @@ def test_a_state_of_another_model_file_is_re_read_with_a_note(saved_session) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncated", "random", "random-header", "other-chat"])
+@pytest.mark.parametrize("damage", ["truncated", "random", "random-header"])
 def test_a_damaged_state_never_reaches_llama_cpp(saved_session, damage: str) -> None:
     files = state_files(kv_dir(), "s1")
     size = files.state.stat().st_size
@@ -305,12 +306,25 @@ def test_a_damaged_state_never_reaches_llama_cpp(saved_session, damage: str) -> 
     elif damage == "random-header":
         files.header.write_bytes(os.urandom(400))
         said = "header cannot be read"
-    else:
-        history = [type(m)(m.role, "Something else entirely.") for m in history]
-        said = "the history is read again"
     restored, stats = _resume(saved_session[0], history)
     assert restored.tokens == 0 and said in restored.note  # type: ignore[attr-defined]
     assert stats.prompt_from_state == 0 and stats.finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_a_state_of_another_conversation_is_not_loaded(saved_session) -> None:
+    restored, stats = _resume(*saved_session, system="Answer in French.")
+    assert "another conversation" in restored.note  # type: ignore[attr-defined]
+    assert stats.prompt_evaluated == stats.prompt_tokens and stats.prompt_from_state == 0
+
+
+@pytest.mark.slow
+def test_a_state_sharing_the_system_prompt_gives_that_prefix(saved_session) -> None:
+    """After /reset the history is the system prompt alone: its cells still come back."""
+    restored, stats = _resume(saved_session[0], [])
+    assert restored.note is None  # type: ignore[attr-defined]
+    assert 32 < stats.prompt_from_state < restored.tokens  # type: ignore[attr-defined]
+    assert stats.prompt_evaluated == stats.prompt_tokens - stats.prompt_from_state
 
 
 @pytest.mark.slow
@@ -418,7 +432,8 @@ def test_chat_resume_json_counts_the_tokens_from_the_state(store_with_smollm2: P
     assert state_tokens > first_prompt
 
     listing = cli("chat", "--sessions")
-    assert listing.exit_code == 0 and "KV state" in listing.stderr and "KiB" in listing.stderr
+    assert listing.exit_code == 0 and "KV state" in listing.stderr
+    assert re.search(r"  \d+ +[\d.]+ MiB +Name a colour\.", listing.stderr), listing.stderr
 
     result = cli("chat", "--resume", "-p", "And another?", "--json")
     assert result.exit_code == 0, result.stderr

@@ -37,6 +37,7 @@ from localllm.text import parse_size
 __all__ = [
     "DEFAULT_STATE_MAX",
     "ENV_STATE_MAX",
+    "MIN_SHARED_TOKENS",
     "StateRestore",
     "StateWriter",
     "expected_header",
@@ -47,6 +48,9 @@ __all__ = [
 ENV_STATE_MAX = "LOCALLLM_KV_STATE_MAX"
 DEFAULT_STATE_MAX = 4 << 30  # a 7B f16 cache is ~0.5 MiB a token: a few long chats
 _SEQ = 0  # llama-cpp-python's Llama keeps one sequence
+# Below this the state shares no more than a template's opening with the history: not
+# worth reading (a longer shared prefix is loaded; llama.cpp drops the cells past it).
+MIN_SHARED_TOKENS = 32
 
 
 def state_max(flag: str | None = None) -> int:
@@ -103,8 +107,9 @@ def restore_state(session: ChatSession) -> StateRestore:
         reason = mismatch(saved, expected_header(session))
         if reason is not None:
             raise KvStateError(reason)
-        if common_prefix(saved.tokens, session.prompt_tokens(session.messages())) == 0:
-            raise KvStateError("it holds another conversation")
+        shared = common_prefix(saved.tokens, session.prompt_tokens(session.messages()))
+        if shared < MIN_SHARED_TOKENS:
+            raise KvStateError(f"it holds another conversation: {shared} tokens in common")
         ctx, _ = context_tokens(session.loaded.llama)
         loaded = load_seq_state(ctx, _SEQ, files, saved)
     except KvStateError as exc:
