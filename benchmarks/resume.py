@@ -52,8 +52,8 @@ def cpu_lock():
 
 
 def system_prompt(tokens: int, per_fact: int) -> str:
-    """Numbered facts, about ``tokens`` long: a fact is ~11 tokens of a BPE vocabulary,
-    ~33 of a synthetic one (its text falls back to byte tokens)."""
+    """Numbered facts, about ``tokens`` long: a fact is ~11 tokens of SmolLM2's vocabulary,
+    ~50 of a synthetic one (its text falls back to byte tokens, a space to three)."""
     colours = ["red", "green", "blue", "amber", "violet", "teal", "grey", "gold"]
     n = tokens // per_fact
     facts = [f"Fact {i}: number {i} goes with {colours[i % 8]}." for i in range(n)]
@@ -83,7 +83,8 @@ def make_session(env: dict, model: Path, args: argparse.Namespace) -> tuple[str,
     )  # fmt: skip
     child.expect_exact(">>> ")
     child.sendline("Remember these facts.")
-    child.expect(r"\d+ in · \d+ out[^\n]*")
+    if child.expect([r"\d+ in · \d+ out[^\n]*", r"error: [^\n]*"]) == 1:
+        raise SystemExit(f"the first turn failed: {child.match[0]}")
     status = child.match[0].strip()
     child.expect_exact(">>> ")
     child.sendline("/stats")
@@ -131,7 +132,7 @@ def main() -> None:
             model = synthetic_model(args.preset, args.quant, work)
             # A stand-in has no chat template of its own: llama.cpp's chatml.
             template = ["--template", "chatml"]
-            args.per_fact = 33
+            args.per_fact = 50
         else:
             model, template = Path(args.model), []
             args.per_fact = 11
