@@ -234,6 +234,21 @@ def saved_session(store_with_smollm2: Path) -> tuple[str, list]:
         session.close()
 
 
+@pytest.mark.slow
+def test_a_state_over_the_cap_is_not_kept(store_with_smollm2: Path) -> None:
+    session = _session()
+    try:
+        session.session_id = "s1"
+        _turn(session, "Name a colour.")
+        writer = StateWriter(session, 100_000)  # SmolLM2: 22.5 KiB a token
+        writer.start()
+        writer.wait()
+    finally:
+        session.close()
+    assert writer.last is None and "over --kv-state-max" in (writer.failure or "")
+    assert not list(kv_dir().iterdir())
+
+
 def _resume(session_id: str, history: list, **request: object) -> tuple[object, GenerationStats]:
     session = _session(**request)
     try:

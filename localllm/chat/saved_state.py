@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from localllm.chat.history import kv_dir
 from localllm.chat.session import ChatSession
@@ -32,7 +32,7 @@ from localllm.runtime.kv_state import (
     save_seq_state,
     state_files,
 )
-from localllm.text import parse_size
+from localllm.text import format_bytes, parse_size
 
 __all__ = [
     "DEFAULT_STATE_MAX",
@@ -157,9 +157,10 @@ class StateWriter:
         except (KvStateError, OSError) as exc:
             self.failure = str(exc)
             return
-        self.last = saved if key not in dropped else replace(saved, bytes=0)
         if key in dropped:
-            self.failure = f"the KV state ({saved.bytes} bytes) is over --kv-state-max"
+            self.failure = f"it takes {format_bytes(saved.bytes)}, over --kv-state-max"
+            return
+        self.last = saved
 
     def wait(self) -> None:
         """Until the write in flight is done; Ctrl-C cannot cut it (the context must outlive it)."""
