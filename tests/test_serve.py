@@ -128,6 +128,21 @@ def test_malformed_json_is_a_400(body: bytes) -> None:
     assert error.code == "invalid_json"
 
 
+@pytest.mark.parametrize("parser", [parse_chat_completion_request, parse_completion_request])
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        ('{"prompt": "\u00e9"}'.encode("latin-1"), "not valid JSON"),
+    ],
+)
+def test_bodies_the_json_parser_cannot_take_are_400s(parser, body: bytes, fragment: str) -> None:
+    error = refused(body, parser)
+    assert error.code == "invalid_json" and fragment in error.message
+
+
 def test_json_schema_response_format_keeps_the_schema() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}

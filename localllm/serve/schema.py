@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -181,7 +182,16 @@ class _Fields:
 def _load_object(body: bytes, allowed: frozenset[str]) -> _Fields:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        # json recurses once per nesting level: a deep array would otherwise be a 500.
+        raise ApiError(
+            400,
+            "the request body is nested too deeply for the JSON parser "
+            f"(more than about {sys.getrecursionlimit()} levels of arrays or objects)",
+            code="invalid_json",
+        ) from None
+    except ValueError as exc:
+        # JSONDecodeError, UnicodeDecodeError and int-conversion limits are all ValueErrors.
         raise ApiError(
             400, f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
