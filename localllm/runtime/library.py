@@ -18,6 +18,7 @@ __all__ = [
     "choose_repack",
     "cpu_has_amx",
     "import_llama_cpp",
+    "library_fingerprint",
     "llama_build",
     "llama_cpp_version",
     "load_log_uses_amx",
@@ -51,6 +52,27 @@ def llama_cpp_version() -> str:
         return version("llama-cpp-python")
     except PackageNotFoundError:
         return "not installed"
+
+
+def library_fingerprint() -> tuple[tuple[str, int, int], ...]:
+    """Which llama.cpp build is installed, without loading it: the name, size and mtime of
+    llama_cpp's ``__init__.py`` and of each shared library (a rebuild changes them)."""
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    spec = find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    package = Path(next(iter(spec.submodule_search_locations)))
+    files = [package / "__init__.py", *sorted((package / "lib").glob("*"))]
+    found = []
+    for file in files:
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        found.append((file.name, st.st_size, st.st_mtime_ns))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
