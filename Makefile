@@ -9,12 +9,13 @@ STAMP  := $(VENV)/.installed
 # llama.cpp's RPC backend (localllm rpc-server, --rpc) is off in llama-cpp-python's default build.
 LLAMA_CMAKE_ARGS := -DGGML_RPC=ON
 
-.PHONY: setup model native chat test test-fast lint format clean
+.PHONY: setup model native chat test test-fast lint format clean prerequisites
 
 setup: $(STAMP) model
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "localllm needs Python >= 3.11")'
+	@PYTHON=$(PYTHON) bash .ci/prerequisites.sh check setup
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --disable-pip-version-check -e ".[dev]"
@@ -40,7 +41,12 @@ $(NATIVE) &: benchmarks/build_native.sh | $(STAMP)
 chat: setup
 	$(BIN)/localllm chat
 
-test: setup native
+# The system packages (README's list, .ci/prerequisites.sh): one line naming what is
+# missing and the command that installs it, before anything is built.
+prerequisites:
+	@PYTHON=$(PYTHON) bash .ci/prerequisites.sh check test
+
+test: prerequisites setup native
 	$(BIN)/pytest
 
 # No model loads, no native tools: LOCALLLM_ALLOW_NO_NATIVE=1 lets the comparisons with
