@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """One-shot `localllm chat -p` against a plain llama-cpp-python script: whole-process wall
-time and peak RSS, what a script calling `chat -p` in a loop pays per call.
+time, peak RSS and CPU time, what a script calling `chat -p` in a loop pays per call.
 
 Both sides are fresh processes answering the same prompt from the same file with the same
 settings: localllm's defaults (context min(trained, 4096), flash attention on, threads =
 physical cores, temperature 0, no repeat penalty, at most 16 tokens). The plain side is
 the eight lines a llama-cpp-python user writes (PLAIN below). Each round runs both, in
 alternating order, under /tmp/localllm-cpu.lock; the figure is the median of the
-per-round ratios (ours / plain). One warm-up of each side first fills the page cache and
-localllm's caches (its dry-run figures and bandwidth live under a temporary
-$XDG_CACHE_HOME that the warm-up fills, as a user's first run does); `--cold` adds
-rounds of localllm with an empty cache, for the first call's price.
+per-round ratios (ours / plain). CPU time (user + system, from wait4) is printed too:
+on a shared machine it moves far less with other load than wall time does. One
+warm-up of each side first fills the page cache and localllm's caches (its dry-run
+figures, under a temporary $XDG_CACHE_HOME, as after a user's first call); `--cold`
+adds rounds of localllm with an empty cache, for the first call's price.
 
-    .venv/bin/python benchmarks/chat_oneshot.py --rounds 11
+    .venv/bin/python -u benchmarks/chat_oneshot.py --rounds 11 [--base ../main]
 
 Goal (issue 23): wall <= 1.2x and peak RSS <= 1.1x the plain script.
 """
@@ -44,8 +45,9 @@ print(out["choices"][0]["message"]["content"])
 """
 
 
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """One run: wall time and peak RSS (ru_maxrss of this child alone, via wait4)."""
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str, float]:
+    """One run: wall time, peak RSS (ru_maxrss of this child alone, via wait4), its stdout
+    and its CPU time (user + system: what it cost, whatever else the machine ran)."""
     start = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child: exec with stdout to a pipe-less temp file
@@ -64,7 +66,7 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     if os.waitstatus_to_exitcode(status) != 0:
         err = Path(env["_ONESHOT_ERR"]).read_text(errors="replace").strip()
         sys.exit(f"{' '.join(cmd[:4])} failed: {err[-400:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    return wall, usage.ru_maxrss * 1024, out, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -122,8 +124,8 @@ def main() -> None:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     # Warm-up: page cache, and localllm's caches as after a user's first run.
-    _, _, plain_reply = locked(lambda: run_measured(plain, env))
-    _, _, ours_reply = locked(lambda: run_measured(ours, env))
+    _, _, plain_reply, _ = locked(lambda: run_measured(plain, env))
+    _, _, ours_reply, _ = locked(lambda: run_measured(ours, env))
     if args.base:
         locked(lambda: run_measured(ours, base_env))
     print(f"plain reply: {plain_reply!r}\nours reply:  {ours_reply!r}")
@@ -145,7 +147,7 @@ def main() -> None:
         p, o = got["plain"], got["ours"]
         print(f"round {r + 1:2d}: plain {p[0]:.3f} s {p[1] / 2**20:6.1f} MiB | "
               f"ours {o[0]:.3f} s {o[1] / 2**20:6.1f} MiB | "
-              f"wall x{o[0] / p[0]:.3f} rss x{o[1] / p[1]:.3f}"
+              f"wall x{o[0] / p[0]:.3f} rss x{o[1] / p[1]:.3f} cpu x{o[3] / p[3]:.3f}"
               + (f" | base {got['base'][0]:.3f} s x{got['base'][0] / p[0]:.3f}"
                  if "base" in got else ""))  # fmt: skip
 
@@ -154,12 +156,15 @@ def main() -> None:
 
     wall_ratio = statistics.median(row["ours"][0] / row["plain"][0] for row in rows)
     rss_ratio = statistics.median(row["ours"][1] / row["plain"][1] for row in rows)
+    cpu_ratio = statistics.median(row["ours"][3] / row["plain"][3] for row in rows)
     print()
     print("| | plain llama-cpp-python | localllm chat -p | ratio (median of rounds) |")
     print("|---|---|---|---|")
     print(f"| wall, median | {med('plain', 0):.3f} s | {med('ours', 0):.3f} s | {wall_ratio:.3f} |")
     print(f"| peak RSS, median | {med('plain', 1) / 2**20:.1f} MiB | "
           f"{med('ours', 1) / 2**20:.1f} MiB | {rss_ratio:.3f} |")  # fmt: skip
+    print(f"| CPU time (user + system), median | {med('plain', 3):.3f} s | "
+          f"{med('ours', 3):.3f} s | {cpu_ratio:.3f} |")  # fmt: skip
     if args.base:
         base_ratio = statistics.median(row["base"][0] / row["plain"][0] for row in rows)
         base_rss = statistics.median(row["base"][1] / row["plain"][1] for row in rows)
