@@ -65,7 +65,8 @@ def test_what_common_clients_always_send_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "fragment"),
     [
-        ({"tools": []}, "tools", "unsupported parameter 'tools'"),
+        ({"tools": []}, "tools", "non-empty list"),
+        ({"functions": []}, "functions", "unsupported parameter 'functions'"),
         ({"n": 2}, "n", "one choice per request"),
         ({"temperature": -1}, "temperature", "-1 must be >= 0.0"),
         ({"temperature": "hot"}, "temperature", "expected a number"),
@@ -98,7 +99,8 @@ def test_bad_chat_fields_are_400s_naming_the_field(
     [
         (None, "messages", "non-empty list"),
         ([], "messages", "non-empty list"),
-        ([{"role": "tool", "content": "x"}], "messages[0].role", "not supported"),
+        ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id", "needs the call's id"),
+        ([{"role": "function", "content": "x"}], "messages[0].role", "not supported"),
         ([{"role": "developer", "content": "x"}], "messages[0].role", "use 'system'"),
         ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name", "not supported"),
         ([{"role": "user", "content": None}], "messages[0].content", "string or a list"),

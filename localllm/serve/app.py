@@ -24,6 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from localllm.chat.session import DEFAULT_MAX_TOKENS
 from localllm.errors import LocalLLMError
+from localllm.generation import ChatMessage
 from localllm.runtime.batch_engine import BatchEngine
 from localllm.runtime.batch_llama import json_grammar
 from localllm.runtime.batch_records import (
@@ -45,6 +46,10 @@ from localllm.serve.schema import (
     parse_chat_completion_request,
     parse_completion_request,
 )
+from localllm.tools.grammar import ToolGrammar
+from localllm.tools.parse import ToolStream, parse_reply
+from localllm.tools.setup import needs_tools, prepare_tools
+from localllm.tools.spec import ToolError
 
 __all__ = ["STATIC_DIR", "build_app"]
 
@@ -68,6 +73,7 @@ class _Job:
     prompt: list[int]
     params: GenerationParams
     model: str
+    tool_family: str | None = None  # read the reply for calls in this family's format
 
 
 class _Service:
@@ -146,17 +152,23 @@ class _Service:
                 param="messages",
                 code="no_chat_template",
             )
+        family, tool_grammar = None, None
         try:
-            text = fmt.render(req.messages)
+            if needs_tools(req.messages, req.tools):
+                text, family, tool_grammar = self.render_with_tools(fmt, req)
+            else:
+                text = fmt.render(req.messages)
         except LocalLLMError as exc:
             raise ApiError(400, str(exc), param="messages", code="template_error") from None
         prompt = self.engine.tokenize(text, add_bos=fmt.add_bos, special=True)
-        grammar = None
+        grammar, triggers, what = None, (), "response_format"
         if req.response_format != "text":
             try:
                 grammar = json_grammar(req.json_schema)
             except LocalLLMError as exc:
                 raise ApiError(400, str(exc), param="response_format") from None
+        elif tool_grammar is not None:
+            grammar, triggers, what = tool_grammar.gbnf, tool_grammar.triggers, "tools"
         params = self.params(
             prompt,
             req.sampling,
@@ -165,8 +177,32 @@ class _Service:
             stop=req.sampling.stop + fmt.stop,
             top_logprobs=req.top_logprobs if req.logprobs else None,
             grammar=grammar,
+            grammar_triggers=triggers,
+            grammar_for=what,
         )
-        return _Job(prompt, params, model)
+        return _Job(prompt, params, model, family)
+
+    def render_with_tools(
+        self, fmt: PromptFormat, req: ChatCompletionRequest
+    ) -> tuple[str, str | None, ToolGrammar | None]:
+        """The prompt with the tools in the template's own format, the family to read the
+        reply in (None with tool_choice none) and the grammar."""
+        try:
+            setup = prepare_tools(
+                fmt.template_text,
+                req.messages,
+                req.tools,
+                req.tool_choice,
+                req.parallel_tool_calls,
+            )
+        except ToolError as exc:
+            raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+        if setup.family == "generic" or fmt.render_messages is None:
+            # The generic format's turns are plain {role, content}: any renderer takes them.
+            text = fmt.render([ChatMessage(m["role"], m["content"]) for m in setup.messages])
+        else:
+            text = fmt.render_messages(setup.messages, setup.extra)
+        return text, setup.family if setup.parse_calls else None, setup.grammar
 
     def completion_job(self, req: CompletionRequest) -> _Job:
         model = self.check_model(req.model)
@@ -279,7 +315,9 @@ def build_app(
         if done is None:
             return Response(status_code=499)
         logprobs = wire.chat_logprobs(entries) if req.logprobs else None
-        return _json(200, wire.chat_response(wire.new_id("chatcmpl"), job.model, done, logprobs))
+        parsed = parse_reply(job.tool_family, done.text) if job.tool_family else None
+        body = wire.chat_response(wire.new_id("chatcmpl"), job.model, done, logprobs, parsed)
+        return _json(200, body)
 
     async def completions(request: Request) -> Response:
         try:
@@ -393,6 +431,7 @@ def _stream_chat(
 
     async def events() -> Any:
         done = None
+        calls = ToolStream(job.tool_family) if job.tool_family else None
         try:
             yield json.dumps(
                 wire.chat_chunk(rid, job.model, created, {"role": "assistant", "content": ""})
@@ -400,12 +439,22 @@ def _stream_chat(
             async for event in stream:
                 if isinstance(event, TextDelta):
                     lp = wire.chat_logprobs(event.logprobs) if req.logprobs else None
-                    delta = {"content": event.text}
-                    yield json.dumps(wire.chat_chunk(rid, job.model, created, delta, None, lp))
+                    if calls is None:
+                        delta = {"content": event.text}
+                        yield json.dumps(wire.chat_chunk(rid, job.model, created, delta, None, lp))
+                        continue
+                    for delta in wire.tool_deltas(*calls.push(event.text), lp is not None):
+                        yield json.dumps(wire.chat_chunk(rid, job.model, created, delta, None, lp))
+                        lp = None
                 else:
                     done = event
             assert done is not None
-            last = wire.chat_chunk(rid, job.model, created, {}, done.finish_reason)
+            finish = done.finish_reason
+            if calls is not None:
+                for delta in wire.tool_deltas(*calls.finish()):
+                    yield json.dumps(wire.chat_chunk(rid, job.model, created, delta))
+                finish = wire.finish_reason(done, bool(calls.calls))
+            last = wire.chat_chunk(rid, job.model, created, {}, finish)
             last["timings"] = wire.timings(done)
             yield json.dumps(last)
             if req.include_usage:

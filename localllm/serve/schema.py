@@ -15,11 +15,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from localllm.generation import ChatMessage
 from localllm.runtime.params import SamplingOptions
+from localllm.tools.spec import (
+    Message,
+    Tool,
+    ToolChoice,
+    ToolError,
+    parse_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
 
 # Chat's sampling defaults, the one source serve's requests default to.
 _CHAT = SamplingOptions()
+NO_TOOLS = ToolChoice("none")
 
 __all__ = [
     "ApiError",
@@ -33,7 +42,7 @@ __all__ = [
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions allow 0..5
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 _SAMPLING_KEYS = frozenset(
     {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty"}
@@ -43,7 +52,7 @@ _COMMON_KEYS = _SAMPLING_KEYS | {"model", "stream", "stream_options", "max_token
 _CHAT_KEYS = (
     _COMMON_KEYS
     | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-    | {"response_format"}
+    | {"response_format", "tools", "tool_choice", "parallel_tool_calls"}
 )
 _COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 
@@ -104,7 +113,7 @@ class Sampling:
 @dataclass(frozen=True)
 class ChatCompletionRequest:
     model: str | None
-    messages: tuple[ChatMessage, ...]
+    messages: tuple[Message, ...]
     stream: bool
     include_usage: bool
     max_tokens: int | None
@@ -113,6 +122,9 @@ class ChatCompletionRequest:
     top_logprobs: int
     response_format: str  # text | json_object | json_schema
     json_schema: dict[str, Any] | None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = NO_TOOLS
+    parallel_tool_calls: bool = True
 
 
 @dataclass(frozen=True)
@@ -304,7 +316,53 @@ def _content(index: int, content: Any) -> str:
     raise ApiError(400, f"{where} must be a string or a list of text parts", param=where)
 
 
-def _messages(value: Any) -> tuple[ChatMessage, ...]:
+_MESSAGE_KEYS = {
+    "system": {"role", "content"},
+    "user": {"role", "content"},
+    "assistant": {"role", "content", "tool_calls"},
+    "tool": {"role", "content", "tool_call_id", "name"},
+}
+
+
+def _message(i: int, message: Any) -> Message:
+    if not isinstance(message, dict):
+        raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+    role = message.get("role")
+    if role not in ROLES:
+        hint = "; use 'system'" if role == "developer" else ""
+        raise ApiError(
+            400,
+            f"messages[{i}].role {json.dumps(role)[:40]} is not supported: "
+            f"use one of {', '.join(ROLES)}{hint}",
+            param=f"messages[{i}].role",
+            code="invalid_value",
+        )
+    allowed = _MESSAGE_KEYS[role]
+    extra = sorted(set(message) - allowed)
+    if extra:
+        raise ApiError(
+            400,
+            f"messages[{i}].{extra[0]} is not supported in a {role} message "
+            f"(only {', '.join(sorted(allowed))})",
+            param=f"messages[{i}].{extra[0]}",
+            code="unsupported_parameter",
+        )
+    name = _Fields(message).string("name")
+    calls = ()
+    if message.get("tool_calls") is not None:
+        calls = parse_tool_calls(f"messages[{i}].tool_calls", message["tool_calls"])
+    content = message.get("content")
+    if content is None and calls:
+        content = ""  # an assistant turn that only called tools
+    tool_call_id = None
+    if role == "tool":
+        tool_call_id = message.get("tool_call_id")
+        if not isinstance(tool_call_id, str) or not tool_call_id:
+            raise _invalid(f"messages[{i}].tool_call_id", "a tool message needs the call's id")
+    return Message(role, _content(i, content), calls, tool_call_id, name)
+
+
+def _messages(value: Any) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
         raise ApiError(
             400,
@@ -312,30 +370,20 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
             param="messages",
             code="missing_required_parameter" if value is None else "invalid_value",
         )
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
-        extra = sorted(set(message) - {"role", "content"})
-        if extra:
-            raise ApiError(
-                400,
-                f"messages[{i}].{extra[0]} is not supported (only role and content are)",
-                param=f"messages[{i}].{extra[0]}",
-                code="unsupported_parameter",
-            )
-        role = message.get("role")
-        if role not in ROLES:
-            hint = "; use 'system'" if role == "developer" else ""
-            raise ApiError(
-                400,
-                f"messages[{i}].role {json.dumps(role)[:40]} is not supported: "
-                f"use one of {', '.join(ROLES)}{hint}",
-                param=f"messages[{i}].role",
-                code="invalid_value",
-            )
-        out.append(ChatMessage(role, _content(i, message.get("content"))))
-    return tuple(out)
+    try:
+        return tuple(_message(i, message) for i, message in enumerate(value))
+    except ToolError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+
+
+def _tools(f: _Fields) -> tuple[tuple[Tool, ...], ToolChoice, bool]:
+    try:
+        tools = parse_tools(f.get("tools"))
+        choice = parse_tool_choice(f.get("tool_choice"), tools)
+    except ToolError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+    parallel = f.boolean("parallel_tool_calls", True)
+    return tools, choice, parallel
 
 
 def _response_format(f: _Fields) -> tuple[str, dict[str, Any] | None]:
@@ -376,6 +424,13 @@ def parse_chat_completion_request(body: bytes) -> ChatCompletionRequest:
     if top is not None and not logprobs:
         raise _invalid("top_logprobs", "only allowed with logprobs: true")
     fmt, schema = _response_format(f)
+    tools, choice, parallel = _tools(f)
+    if fmt != "text" and choice.mode != "none":
+        raise _invalid(
+            "response_format",
+            "cannot be combined with tools unless tool_choice is 'none' "
+            "(a tool call's arguments already follow the tool's schema)",
+        )
     return ChatCompletionRequest(
         model=f.string("model"),
         messages=_messages(f.get("messages")),
@@ -387,6 +442,9 @@ def parse_chat_completion_request(body: bytes) -> ChatCompletionRequest:
         top_logprobs=top or 0,
         response_format=fmt,
         json_schema=schema,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
     )
 
 

@@ -11,7 +11,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,9 +164,20 @@ def prompt_format(chat_format: ChatFormat, engine: BatchEngine) -> PromptFormat:
         chat = [{"role": m.role, "content": m.content} for m in messages]
         return chat_format.render(chat, bos_token=bos, eos_token=eos)
 
+    def render_messages(messages: Sequence[Mapping[str, Any]], extra: Mapping[str, Any]) -> str:
+        assert chat_format.template is not None
+        return chat_format.template.render(messages, bos_token=bos, eos_token=eos, **extra)
+
     # As chat's session: the template's end marks and EOS's text, none for --raw.
     stop = () if chat_format.kind == "raw" else (*chat_format.stop_strings, *([eos] if eos else []))
-    return PromptFormat(render=render, stop=stop, add_bos=chat_format.add_bos)
+    jinja = chat_format.template
+    return PromptFormat(
+        render=render,
+        stop=stop,
+        add_bos=chat_format.add_bos,
+        render_messages=render_messages if jinja is not None else None,
+        template_text=jinja.source if jinja is not None else None,
+    )
 
 
 def _prompt_format(
