@@ -1,16 +1,13 @@
 """The ASGI app: OpenAI's endpoints over the batch engine, /health, /metrics, the chat page.
 
-Each completion request is checked (schema), formatted with the injected chat format,
-tokenized, held against its slot's context, then streamed from the engine. A client
-that disconnects cancels its generation, which frees its slot's cells.
+Each completion request is checked (schema), made a job (service), then streamed from the
+engine. A client that disconnects cancels its generation, which frees its slot's cells.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,34 +19,27 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from localllm.chat.session import DEFAULT_MAX_TOKENS
 from localllm.errors import LocalLLMError
-from localllm.generation import ChatMessage
 from localllm.runtime.batch_engine import BatchEngine
-from localllm.runtime.batch_llama import json_grammar
 from localllm.runtime.batch_records import (
     GenerationDone,
     GenerationFailedError,
-    GenerationParams,
     PromptFormat,
     TextDelta,
 )
 from localllm.serve import wire
 from localllm.serve.config import EventSink, ServeOptions
+from localllm.serve.embeddings import embeddings_response, parse_embeddings_request
 from localllm.serve.guard import USAGE_KEY, Guard
-from localllm.serve.metrics import Metrics
 from localllm.serve.schema import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    Sampling,
     parse_chat_completion_request,
     parse_completion_request,
 )
-from localllm.tools.grammar import ToolGrammar
+from localllm.serve.service import Job, Service
 from localllm.tools.parse import ToolStream, parse_reply
-from localllm.tools.setup import needs_tools, prepare_tools
-from localllm.tools.spec import ToolError
 
 __all__ = ["STATIC_DIR", "build_app"]
 
@@ -64,212 +54,6 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A checked request ready for the engine."""
-
-    prompt: list[int]
-    params: GenerationParams
-    model: str
-    tool_family: str | None = None  # read the reply for calls in this family's format
-
-
-class _Service:
-    def __init__(
-        self, options: ServeOptions, engine: BatchEngine, chat_format: PromptFormat | None
-    ) -> None:
-        self.options = options
-        self.engine = engine
-        self.chat_format = chat_format
-        self.metrics = Metrics()
-        self.created = int(time.time())
-        self.names = {options.model_id, *options.model_aliases}
-        budget = options.max_tokens or min(DEFAULT_MAX_TOKENS, engine.n_ctx_slot // 2)
-        self.default_max_tokens = budget
-
-    # ------------------------------------------------------------------ checks
-    def check_model(self, model: str | None) -> str:
-        if model is not None and model not in self.names:
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; this server holds "
-                f"{self.options.model_id!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-        return self.options.model_id
-
-    def params(
-        self, prompt: list[int], s: Sampling, max_tokens: int | None, what: str, **extra: Any
-    ) -> GenerationParams:
-        """The engine's parameters; 400 when the prompt (``what``) and reply cannot fit."""
-        budget = max_tokens if max_tokens is not None else self.default_max_tokens
-        slot = self.engine.n_ctx_slot
-        if len(prompt) + budget > slot:
-            o = self.options
-            raise ApiError(
-                400,
-                f"this request needs {len(prompt)} prompt tokens + {budget} max_tokens = "
-                f"{len(prompt) + budget} tokens, but each slot holds {slot} "
-                f"(--ctx {self.engine.n_ctx} over --parallel {o.parallel}); shorten the "
-                "prompt, lower max_tokens, or restart with a larger --ctx",
-                param="max_tokens" if max_tokens is not None else what,
-                code="context_length_exceeded",
-            )
-        for token, _ in s.logit_bias:
-            if token >= self.engine.n_vocab:
-                raise ApiError(
-                    400,
-                    f"invalid 'logit_bias': token {token} is not in the vocabulary "
-                    f"(0..{self.engine.n_vocab - 1})",
-                    param="logit_bias",
-                )
-        return GenerationParams(
-            max_tokens=budget,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            seed=s.seed,
-            logit_bias=s.logit_bias,
-            ignore_eos=s.ignore_eos,
-            **extra,
-        )
-
-    def chat_job(self, req: ChatCompletionRequest) -> _Job:
-        model = self.check_model(req.model)
-        fmt = self.chat_format
-        if fmt is None:
-            raise ApiError(
-                400,
-                f"{self.options.model_path.name} has no chat template; use /v1/completions "
-                "with a raw prompt",
-                param="messages",
-                code="no_chat_template",
-            )
-        family, tool_grammar = None, None
-        try:
-            if needs_tools(req.messages, req.tools):
-                text, family, tool_grammar = self.render_with_tools(fmt, req)
-            else:
-                text = fmt.render(req.messages)
-        except LocalLLMError as exc:
-            raise ApiError(400, str(exc), param="messages", code="template_error") from None
-        prompt = self.engine.tokenize(text, add_bos=fmt.add_bos, special=True)
-        grammar, triggers, what = None, (), "response_format"
-        if req.response_format != "text":
-            try:
-                grammar = json_grammar(req.json_schema)
-            except LocalLLMError as exc:
-                raise ApiError(400, str(exc), param="response_format") from None
-        elif tool_grammar is not None:
-            grammar, triggers, what = tool_grammar.gbnf, tool_grammar.triggers, "tools"
-        params = self.params(
-            prompt,
-            req.sampling,
-            req.max_tokens,
-            "messages",
-            stop=req.sampling.stop + fmt.stop,
-            top_logprobs=req.top_logprobs if req.logprobs else None,
-            grammar=grammar,
-            grammar_triggers=triggers,
-            grammar_for=what,
-        )
-        return _Job(prompt, params, model, family)
-
-    def render_with_tools(
-        self, fmt: PromptFormat, req: ChatCompletionRequest
-    ) -> tuple[str, str | None, ToolGrammar | None]:
-        """The prompt with the tools in the template's own format, the family to read the
-        reply in (None with tool_choice none) and the grammar."""
-        try:
-            setup = prepare_tools(
-                fmt.template_text,
-                req.messages,
-                req.tools,
-                req.tool_choice,
-                req.parallel_tool_calls,
-            )
-        except ToolError as exc:
-            raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
-        if setup.family == "generic" or fmt.render_messages is None:
-            # The generic format's turns are plain {role, content}: any renderer takes them.
-            text = fmt.render([ChatMessage(m["role"], m["content"]) for m in setup.messages])
-        else:
-            text = fmt.render_messages(setup.messages, setup.extra)
-        return text, setup.family if setup.parse_calls else None, setup.grammar
-
-    def completion_job(self, req: CompletionRequest) -> _Job:
-        model = self.check_model(req.model)
-        if isinstance(req.prompt, str):
-            # As llama-cpp-python's create_completion: BOS if the vocabulary wants one,
-            # control tokens written in the text are parsed.
-            prompt = self.engine.tokenize(req.prompt, add_bos=True, special=True)
-        else:
-            prompt = list(req.prompt)
-            bad = [t for t in prompt if not 0 <= t < self.engine.n_vocab]
-            if bad:
-                raise ApiError(
-                    400,
-                    f"invalid 'prompt': token {bad[0]} is not in the vocabulary "
-                    f"(0..{self.engine.n_vocab - 1})",
-                    param="prompt",
-                )
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        params = self.params(
-            prompt,
-            req.sampling,
-            req.max_tokens,
-            "prompt",
-            stop=req.sampling.stop,
-            top_logprobs=req.logprobs,
-        )
-        return _Job(prompt, params, model)
-
-    # ------------------------------------------------------------------ generation
-    def submit(self, job: _Job) -> Any:
-        try:
-            return self.engine.stream(job.prompt, job.params)
-        except LocalLLMError as exc:
-            raise ApiError(400, str(exc)) from None
-
-    async def collect(self, request: Request, job: _Job) -> tuple[GenerationDone | None, list]:
-        """Run to the end; None when the client disconnected first (its slot is freed)."""
-        stream = self.submit(job)
-        logprobs: list = []
-
-        async def run() -> GenerationDone:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    logprobs.extend(event.logprobs)
-                else:
-                    return event
-            raise GenerationFailedError("the engine ended the request without a result")
-
-        task = asyncio.ensure_future(run())
-        gone = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                task.cancel()
-                return None, logprobs
-            return task.result(), logprobs
-        finally:
-            gone.cancel()
-            stream.cancel()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _json(status: int, body: dict[str, Any]) -> JSONResponse:
@@ -297,7 +81,7 @@ def build_app(
     on_event: EventSink | None = None,
 ) -> Guard:
     """The whole ASGI app for ``engine``: routes behind the Host/Origin/auth/body guard."""
-    svc = _Service(options, engine, chat_format)
+    svc = Service(options, engine, chat_format)
 
     async def chat_completions(request: Request) -> Response:
         try:
@@ -335,6 +119,22 @@ def build_app(
             return Response(status_code=499)
         logprobs = wire.completion_logprobs(entries, 0) if req.logprobs is not None else None
         body = wire.completion_response(wire.new_id("cmpl"), job.model, done, logprobs)
+        return _json(200, body)
+
+    async def embeddings(request: Request) -> Response:
+        try:
+            req = parse_embeddings_request(await request.body())
+            result = await run_in_threadpool(svc.embed, req)
+        except ApiError as exc:
+            return _json(exc.status, exc.body())
+        except LocalLLMError as exc:
+            return _json(500, _failure_body(exc))
+        request.scope.setdefault("state", {})[USAGE_KEY] = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": 0,
+            "finish_reason": "stop",
+        }
+        body = embeddings_response(result, options.model_id, req.encoding_format)
         return _json(200, body)
 
     def model_card() -> dict[str, Any]:
@@ -399,6 +199,7 @@ def build_app(
         Route("/v1/models/{model_id:path}", model),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={Exception: server_error})
@@ -413,7 +214,7 @@ def build_app(
     )
 
 
-def _sse(svc: _Service, events: Any) -> EventSourceResponse:
+def _sse(svc: Service, events: Any) -> EventSourceResponse:
     return EventSourceResponse(
         events,
         sep="\n",
@@ -423,9 +224,7 @@ def _sse(svc: _Service, events: Any) -> EventSourceResponse:
     )
 
 
-def _stream_chat(
-    request: Request, svc: _Service, job: _Job, req: ChatCompletionRequest
-) -> Response:
+def _stream_chat(request: Request, svc: Service, job: Job, req: ChatCompletionRequest) -> Response:
     stream = svc.submit(job)
     rid, created = wire.new_id("chatcmpl"), int(time.time())
 
@@ -471,7 +270,7 @@ def _stream_chat(
 
 
 def _stream_completion(
-    request: Request, svc: _Service, job: _Job, req: CompletionRequest
+    request: Request, svc: Service, job: Job, req: CompletionRequest
 ) -> Response:
     stream = svc.submit(job)
     rid, created = wire.new_id("cmpl"), int(time.time())

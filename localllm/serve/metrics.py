@@ -17,6 +17,7 @@ ENDPOINTS = (
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/embeddings",
 )
 
 # engine counter -> (metric name, help)

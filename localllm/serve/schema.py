@@ -34,7 +34,10 @@ __all__ = [
     "ApiError",
     "ChatCompletionRequest",
     "CompletionRequest",
+    "Fields",
     "Sampling",
+    "invalid",
+    "load_object",
     "parse_chat_completion_request",
     "parse_completion_request",
 ]
@@ -89,7 +92,7 @@ class ApiError(Exception):
         }
 
 
-def _invalid(param: str, message: str) -> ApiError:
+def invalid(param: str, message: str) -> ApiError:
     return ApiError(400, f"invalid '{param}': {message}", param=param, code="invalid_value")
 
 
@@ -138,7 +141,7 @@ class CompletionRequest:
     logprobs: int | None
 
 
-class _Fields:
+class Fields:
     """Typed reads from a JSON object; ``None`` (or absence) returns the default."""
 
     def __init__(self, data: Mapping[str, Any]) -> None:
@@ -158,11 +161,11 @@ class _Fields:
             or not isinstance(value, int | float)
             or not math.isfinite(value)
         ):
-            raise _invalid(name, f"expected a number, got {json.dumps(value)[:40]}")
+            raise invalid(name, f"expected a number, got {json.dumps(value)[:40]}")
         if value < lo or value > hi or (open_lo and value == lo):
             low = f"> {lo}" if open_lo else f">= {lo}"
             rule = low if hi == math.inf else f"{low} and <= {hi}"
-            raise _invalid(name, f"{value} must be {rule}")
+            raise invalid(name, f"{value} must be {rule}")
         return float(value)
 
     def integer(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
@@ -170,9 +173,9 @@ class _Fields:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _invalid(name, f"expected an integer, got {json.dumps(value)[:40]}")
+            raise invalid(name, f"expected an integer, got {json.dumps(value)[:40]}")
         if not lo <= value <= hi:
-            raise _invalid(name, f"{value} must be between {lo} and {hi}")
+            raise invalid(name, f"{value} must be between {lo} and {hi}")
         return value
 
     def boolean(self, name: str, default: bool = False) -> bool:
@@ -180,17 +183,17 @@ class _Fields:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise _invalid(name, f"expected true or false, got {json.dumps(value)[:40]}")
+            raise invalid(name, f"expected true or false, got {json.dumps(value)[:40]}")
         return value
 
     def string(self, name: str) -> str | None:
         value = self.data.get(name)
         if value is not None and not isinstance(value, str):
-            raise _invalid(name, f"expected a string, got {json.dumps(value)[:40]}")
+            raise invalid(name, f"expected a string, got {json.dumps(value)[:40]}")
         return value
 
 
-def _load_object(body: bytes, allowed: frozenset[str]) -> _Fields:
+def load_object(body: bytes, allowed: frozenset[str]) -> Fields:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -209,10 +212,10 @@ def _load_object(body: bytes, allowed: frozenset[str]) -> _Fields:
             param=name,
             code="unsupported_parameter",
         )
-    return _Fields(data)
+    return Fields(data)
 
 
-def _only(fields: _Fields, name: str, allowed: Any, what: str) -> None:
+def _only(fields: Fields, name: str, allowed: Any, what: str) -> None:
     """A parameter accepted only with the value that means 'the default behaviour'."""
     value = fields.get(name)
     if value is not None and value != allowed:
@@ -224,37 +227,37 @@ def _only(fields: _Fields, name: str, allowed: Any, what: str) -> None:
         )
 
 
-def _stop(fields: _Fields) -> tuple[str, ...]:
+def _stop(fields: Fields) -> tuple[str, ...]:
     value = fields.get("stop")
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _invalid("stop", "expected a string or a list of strings")
+        raise invalid("stop", "expected a string or a list of strings")
     if len(items) > MAX_STOP_STRINGS:
-        raise _invalid("stop", f"{len(items)} stop strings; at most {MAX_STOP_STRINGS}")
+        raise invalid("stop", f"{len(items)} stop strings; at most {MAX_STOP_STRINGS}")
     if any(not s for s in items):
-        raise _invalid("stop", "a stop string cannot be empty")
+        raise invalid("stop", "a stop string cannot be empty")
     return tuple(items)
 
 
-def _logit_bias(fields: _Fields) -> tuple[tuple[int, float], ...]:
+def _logit_bias(fields: Fields) -> tuple[tuple[int, float], ...]:
     value = fields.get("logit_bias")
     if value is None:
         return ()
     if not isinstance(value, dict):
-        raise _invalid("logit_bias", "expected an object mapping token ids to biases")
+        raise invalid("logit_bias", "expected an object mapping token ids to biases")
     out = []
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isdigit()):
-            raise _invalid("logit_bias", f"key {key!r} is not a token id")
+            raise invalid("logit_bias", f"key {key!r} is not a token id")
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            raise _invalid("logit_bias", f"bias for token {key} must be a number in [-100, 100]")
+            raise invalid("logit_bias", f"bias for token {key} must be a number in [-100, 100]")
         out.append((int(key), float(bias)))
     return tuple(out)
 
 
-def _sampling(f: _Fields) -> Sampling:
+def _sampling(f: Fields) -> Sampling:
     return Sampling(
         temperature=f.number("temperature", 0.8, 0.0, math.inf),
         top_p=f.number("top_p", 0.95, 0.0, 1.0, open_lo=True),
@@ -271,7 +274,7 @@ def _sampling(f: _Fields) -> Sampling:
     )
 
 
-def _common(f: _Fields) -> tuple[bool, bool]:
+def _common(f: Fields) -> tuple[bool, bool]:
     """model/user/n checks shared by both endpoints; returns (stream, include_usage)."""
     f.string("model")
     f.string("user")
@@ -281,10 +284,10 @@ def _common(f: _Fields) -> tuple[bool, bool]:
     include_usage = False
     if options is not None:
         if not stream:
-            raise _invalid("stream_options", "only allowed with stream: true")
+            raise invalid("stream_options", "only allowed with stream: true")
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _invalid("stream_options", "only {'include_usage': bool} is supported")
-        include_usage = _Fields(options).boolean("include_usage")
+            raise invalid("stream_options", "only {'include_usage': bool} is supported")
+        include_usage = Fields(options).boolean("include_usage")
     return stream, include_usage
 
 
@@ -347,7 +350,7 @@ def _message(i: int, message: Any) -> Message:
             param=f"messages[{i}].{extra[0]}",
             code="unsupported_parameter",
         )
-    name = _Fields(message).string("name")
+    name = Fields(message).string("name")
     calls = ()
     if message.get("tool_calls") is not None:
         calls = parse_tool_calls(f"messages[{i}].tool_calls", message["tool_calls"])
@@ -358,7 +361,7 @@ def _message(i: int, message: Any) -> Message:
     if role == "tool":
         tool_call_id = message.get("tool_call_id")
         if not isinstance(tool_call_id, str) or not tool_call_id:
-            raise _invalid(f"messages[{i}].tool_call_id", "a tool message needs the call's id")
+            raise invalid(f"messages[{i}].tool_call_id", "a tool message needs the call's id")
     return Message(role, _content(i, content), calls, tool_call_id, name)
 
 
@@ -376,7 +379,7 @@ def _messages(value: Any) -> tuple[Message, ...]:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
 
 
-def _tools(f: _Fields) -> tuple[tuple[Tool, ...], ToolChoice, bool]:
+def _tools(f: Fields) -> tuple[tuple[Tool, ...], ToolChoice, bool]:
     try:
         tools = parse_tools(f.get("tools"))
         choice = parse_tool_choice(f.get("tool_choice"), tools)
@@ -386,7 +389,7 @@ def _tools(f: _Fields) -> tuple[tuple[Tool, ...], ToolChoice, bool]:
     return tools, choice, parallel
 
 
-def _response_format(f: _Fields) -> tuple[str, dict[str, Any] | None]:
+def _response_format(f: Fields) -> tuple[str, dict[str, Any] | None]:
     value = f.get("response_format")
     if value is None:
         return "text", None
@@ -397,36 +400,36 @@ def _response_format(f: _Fields) -> tuple[str, dict[str, Any] | None]:
         spec = value["json_schema"]
         if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
             if set(spec) - {"name", "schema", "strict", "description"}:
-                raise _invalid("response_format", "json_schema takes name, schema, strict")
+                raise invalid("response_format", "json_schema takes name, schema, strict")
             return kind, spec["schema"]
-        raise _invalid("response_format", "json_schema needs a 'schema' object")
-    raise _invalid(
+        raise invalid("response_format", "json_schema needs a 'schema' object")
+    raise invalid(
         "response_format",
         "use {'type': 'text'}, {'type': 'json_object'} or "
         "{'type': 'json_schema', 'json_schema': {'schema': {...}}}",
     )
 
 
-def _max_tokens(f: _Fields, *names: str) -> int | None:
+def _max_tokens(f: Fields, *names: str) -> int | None:
     values = {n: f.integer(n, None, 1, 1 << 30) for n in names}
     given = {v for v in values.values() if v is not None}
     if len(given) > 1:
-        raise _invalid(names[-1], f"conflicts with {names[0]}; send one of them")
+        raise invalid(names[-1], f"conflicts with {names[0]}; send one of them")
     return given.pop() if given else None
 
 
 def parse_chat_completion_request(body: bytes) -> ChatCompletionRequest:
     """A ``POST /v1/chat/completions`` body, or ApiError(400) naming the bad field."""
-    f = _load_object(body, frozenset(_CHAT_KEYS))
+    f = load_object(body, frozenset(_CHAT_KEYS))
     stream, include_usage = _common(f)
     logprobs = f.boolean("logprobs")
     top = f.integer("top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
-        raise _invalid("top_logprobs", "only allowed with logprobs: true")
+        raise invalid("top_logprobs", "only allowed with logprobs: true")
     fmt, schema = _response_format(f)
     tools, choice, parallel = _tools(f)
     if fmt != "text" and choice.mode != "none":
-        raise _invalid(
+        raise invalid(
             "response_format",
             "cannot be combined with tools unless tool_choice is 'none' "
             "(a tool call's arguments already follow the tool's schema)",
@@ -477,7 +480,7 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """A ``POST /v1/completions`` body, or ApiError(400) naming the bad field."""
-    f = _load_object(body, frozenset(_COMPLETION_KEYS))
+    f = load_object(body, frozenset(_COMPLETION_KEYS))
     stream, include_usage = _common(f)
     _only(f, "echo", False, "the prompt is not repeated in the reply")
     _only(f, "best_of", 1, "one candidate per request")
