@@ -15,6 +15,7 @@ import typer
 from localllm.commands.arguments import RESUME_LATEST, JsonOpt, ModelArg
 from localllm.commands.bench import bench_cmd
 from localllm.commands.chat import chat_cmd
+from localllm.commands.embed import embed_cmd
 from localllm.commands.kvcalc import kv_calc_cmd
 from localllm.commands.ppl import ppl_cmd
 from localllm.commands.rpc import rpc_server_cmd
@@ -153,6 +154,7 @@ def pull_cmd(
 # Each lives in localllm/commands/: its flags are long, its body is one core call.
 
 app.command("chat")(chat_cmd)
+app.command("embed")(embed_cmd)
 app.command("kv-calc")(kv_calc_cmd)
 app.command("ppl")(ppl_cmd)
 app.command("rpc-server")(rpc_server_cmd)

@@ -20,7 +20,7 @@ from localllm.errors import ContextOverflow, InvalidArgument, LocalLLMError, Mod
 from localllm.runtime.library import import_llama_cpp
 from localllm.runtime.log import install_log_capture, load_model_file, set_log_echo
 
-__all__ = ["POOLING_NAMES", "Embedder", "EmbeddingError", "EmbeddingResult"]
+__all__ = ["POOLING_NAMES", "Embedder", "EmbeddingError", "EmbeddingResult", "embed_file"]
 
 POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
 MAX_SEQUENCES = 16  # inputs decoded together in one batch
@@ -168,6 +168,14 @@ class Embedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def embed_file(
+    path: Path, texts: Sequence[str], *, n_ctx: int = 4096, threads: int | None = None
+) -> EmbeddingResult:
+    """Load ``path`` for embeddings, embed ``texts``, free it."""
+    with Embedder.load(path, n_ctx=n_ctx, threads=threads) as embedder:
+        return embedder.embed(texts)
 
 
 def _meta(lc: Any, model: Any, key: str) -> str | None:
