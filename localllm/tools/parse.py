@@ -127,10 +127,13 @@ def _json_sequence(text: str, key: str) -> tuple[list[_RawCall], int] | None:
 
 def _llama3(text: str, final: bool) -> _Parsed:
     body = text.lstrip()
-    if body.startswith(_PYTHON_TAG):
+    tagged = body.startswith(_PYTHON_TAG)
+    if tagged:
         body = body[len(_PYTHON_TAG) :]
-    elif not final and (_PYTHON_TAG.startswith(body) or not body):
+    elif not final and _PYTHON_TAG.startswith(body):  # nothing yet, or a partial tag
         return _Parsed("", ())
+    if not body.strip():
+        return _Parsed("" if tagged or not final else text, ())
     if not body.lstrip().startswith("{"):
         return _Parsed(text, ())
     found = _json_sequence(body, "parameters")
