@@ -350,9 +350,9 @@ def test_five_sampled_required_replies_are_valid_calls(client: openai.OpenAI) ->
     with ThreadPoolExecutor(5) as pool:
         replies = list(pool.map(one, range(1, 6)))
     for reply in replies:
-        choice = choice0 = reply.choices[0]
-        assert choice.finish_reason == "tool_calls", choice0
-        assert choice.message.tool_calls
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        assert len(choice.message.tool_calls) == 1  # parallel_tool_calls is off by default
         for call in choice.message.tool_calls:
             assert call.type == "function" and call.id.startswith("call_")
             assert_valid(call.function.name, call.function.arguments)
@@ -404,13 +404,21 @@ def test_auto_replies_either_call_or_text_and_say_which(client: openai.OpenAI) -
 
 
 @pytest.mark.slow
-def test_one_call_when_parallel_calls_are_off(client: openai.OpenAI) -> None:
-    ask = [{"role": "user", "content": "Weather in Paris, in London and in Rome?"}]
-    for seed in (1, 2):
-        reply = chat(
-            client, messages=ask, tool_choice="required", parallel_tool_calls=False, seed=seed
-        )
-        assert len(reply.choices[0].message.tool_calls) == 1
+def test_parallel_calls_in_the_history_are_rendered_and_answered(client: openai.OpenAI) -> None:
+    calls = [
+        {"id": f"call_{i}", "type": "function", "function": {"name": "add", "arguments": args}}
+        for i, args in enumerate(['{"a": 1, "b": 2}', '{"a": 3, "b": 4}'])
+    ]
+    history = [
+        {"role": "user", "content": "What are 1+2 and 3+4?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_0", "content": "3"},
+        {"role": "tool", "tool_call_id": "call_1", "content": "7"},
+    ]
+    reply = chat(client, messages=history, tool_choice="required", temperature=0, max_tokens=60)
+    assert reply.choices[0].finish_reason == "tool_calls"
+    for call in reply.choices[0].message.tool_calls:
+        assert_valid(call.function.name, call.function.arguments)
 
 
 @pytest.mark.slow

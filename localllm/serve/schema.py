@@ -127,7 +127,7 @@ class ChatCompletionRequest:
     json_schema: dict[str, Any] | None
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = NO_TOOLS
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool = False
 
 
 @dataclass(frozen=True)
@@ -385,7 +385,9 @@ def _tools(f: Fields) -> tuple[tuple[Tool, ...], ToolChoice, bool]:
         choice = parse_tool_choice(f.get("tool_choice"), tools)
     except ToolError as exc:
         raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
-    parallel = f.boolean("parallel_tool_calls", True)
+    # llama-server's default, not OpenAI's: asked for "one or more" calls, small models
+    # repeat calls until max_tokens; a client that wants several says so.
+    parallel = f.boolean("parallel_tool_calls", False)
     return tools, choice, parallel
 
 

@@ -109,7 +109,7 @@ def _generic_message(message: Message, names: dict[str, str]) -> dict[str, Any]:
 def _generic_system(tools: Sequence[Tool], choice: ToolChoice) -> str:
     if choice.mode == "none":
         return ""
-    listed = json.dumps([t.as_openai() for t in tools], ensure_ascii=False, indent=2)
+    listed = json.dumps([t.as_openai() for t in tools], ensure_ascii=False)
     example = json.dumps(
         {"tool_calls": [{"name": "tool_name", "arguments": {"arg1": "some_value"}}]}
     )
