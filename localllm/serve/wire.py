@@ -154,14 +154,16 @@ def chat_chunk(
 def tool_deltas(
     text: str, calls: Sequence[CallPiece], always: bool = False
 ) -> list[dict[str, Any]]:
-    """Stream deltas for released text and completed calls: each call as OpenAI streams
-    it, its index, id and name first, then its arguments (``always``: a delta even when
+    """Stream deltas for released text and call pieces, as OpenAI streams calls: the
+    index, id and name first, then argument fragments (``always``: a delta even when
     there is nothing, to carry logprobs)."""
     out: list[dict[str, Any]] = [{"content": text}] if text or always else []
     for c in calls:
-        head = _tool_call(c.id, c.name, "")
-        out.append({"tool_calls": [{"index": c.index, **head}]})
-        out.append({"tool_calls": [{"index": c.index, "function": {"arguments": c.arguments}}]})
+        if c.id is not None:
+            head = _tool_call(c.id, c.name or "", c.arguments)
+            out.append({"tool_calls": [{"index": c.index, **head}]})
+        else:
+            out.append({"tool_calls": [{"index": c.index, "function": {"arguments": c.arguments}}]})
     return out
 
 
