@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from localllm.runtime.embeddings import EmbeddingResult
-from localllm.serve.schema import ApiError, invalid, load_object
+from localllm.serve.fields import ApiError, invalid, load_object
 
 __all__ = ["MAX_INPUTS", "EmbeddingsRequest", "embeddings_response", "parse_embeddings_request"]
 
