@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/localllm pull smollm2-135m
 
-# llama-bench, llama-perplexity and test-llama-archs from the same llama.cpp commit: the
-# native reference the tests and benchmarks compare against (built once, ~6 minutes on 2 cores).
-NATIVE := benchmarks/build/bin/llama-bench benchmarks/build/bin/llama-perplexity benchmarks/build/bin/test-llama-archs
+# llama.cpp's own tools from the same commit: the native reference the tests and benchmarks
+# compare against (built once, ~10 minutes on 2 cores; see benchmarks/build_native.sh).
+NATIVE := $(addprefix benchmarks/build/bin/,llama-bench llama-perplexity test-llama-archs \
+	llama-server llama-embedding llama-lookup llama-speculative-simple)
 native: $(NATIVE)
 
 $(NATIVE) &: benchmarks/build_native.sh | $(STAMP)
