@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
@@ -106,16 +106,29 @@ def remote_header(model: ResolvedModel) -> HeaderPreview:
     store = ModelStore()
     listing = list_repo(model.repo, store)
     file = locate_file(model, listing)
-    return cached_header(file, listing.revision).preview
+    read = cached_header(file, listing.revision)
+    return HeaderPreview(read.spec(), read.prefix, read.file_bytes)
 
 
 @dataclass(frozen=True)
 class HeaderRead:
-    """A hub file's header, and how many bytes reading it took (0: from the cache)."""
+    """A hub file's header bytes (to the data offset) and how many bytes reading them
+    took (0: from the cache). A split model's later parts hold tensors, no facts."""
 
     file: HubFile
-    preview: HeaderPreview
+    prefix: bytes = field(repr=False)
+    file_bytes: int
     bytes_read: int
+
+    def spec(self) -> ModelSpec:
+        """The model's facts (a whole model's header, or a split model's first part)."""
+        spec = read_model_spec_from_prefix(self.prefix, self.file_bytes, self.file.ref)
+        return spec.with_source("hub header")
+
+    @property
+    def data_bytes(self) -> int:
+        """What follows the header: the tensors (with their alignment padding)."""
+        return max(self.file_bytes - len(self.prefix), 0)
 
 
 def fetch_header(file: HubFile, revision: str) -> HeaderRead:
@@ -143,11 +156,8 @@ def fetch_header(file: HubFile, revision: str) -> HeaderRead:
                     ) from None
                 want *= 2
                 continue
-            read = len(prefix)
             kept = prefix[: header.data_offset]  # the header alone: the rest is weights
-            spec = read_model_spec_from_prefix(kept, size or read, file.ref)
-            preview = HeaderPreview(spec.with_source("hub header"), kept, size or read)
-            return HeaderRead(file, preview, read)
+            return HeaderRead(file, kept, size or len(prefix), len(prefix))
 
 
 # ------------------------------------------------------------------------ header cache
@@ -158,19 +168,20 @@ def header_cache_dir() -> Path:
     return cache_root() / "hub-headers"
 
 
-def _cached(file: HubFile) -> HeaderPreview | None:
+def _cached(file: HubFile) -> HeaderRead | None:
     if file.sha256 is None or file.size_bytes is None:
         return None
     path = header_cache_dir() / f"{file.sha256}.gguf.z"
     try:
         prefix = zlib.decompress(path.read_bytes())
-        spec = read_model_spec_from_prefix(prefix, file.size_bytes, file.ref)
+        parse_header_prefix(prefix, file.ref)
     except (OSError, zlib.error, HeaderIncomplete, InvalidModelFile):
         return None  # absent, or damaged: read it again
-    return HeaderPreview(spec.with_source("hub header"), prefix, file.size_bytes)
+    return HeaderRead(file, prefix, file.size_bytes, 0)
 
 
-def _keep(file: HubFile, preview: HeaderPreview) -> None:
+def _keep(read: HeaderRead) -> None:
+    file = read.file
     if file.sha256 is None or file.size_bytes is None:
         return
     folder = header_cache_dir()
@@ -178,7 +189,7 @@ def _keep(file: HubFile, preview: HeaderPreview) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{file.sha256[:16]}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(zlib.compress(preview.prefix, 1))  # vocabularies shrink ~3x
+            fh.write(zlib.compress(read.prefix, 1))  # vocabularies shrink ~3x
         os.replace(tmp, folder / f"{file.sha256}.gguf.z")
     except OSError:  # a cache that cannot be written costs a re-read, nothing more
         Path(tmp).unlink(missing_ok=True)
@@ -186,11 +197,11 @@ def _keep(file: HubFile, preview: HeaderPreview) -> None:
 
 def cached_header(file: HubFile, revision: str) -> HeaderRead:
     """The header of ``file``: from the cache by its sha256, else read and cached."""
-    preview = _cached(file)
-    if preview is not None:
-        return HeaderRead(file, preview, 0)
+    cached = _cached(file)
+    if cached is not None:
+        return cached
     read = fetch_header(file, revision)
-    _keep(file, read.preview)
+    _keep(read)
     return read
 
 
