@@ -298,6 +298,35 @@ def test_pull_of_a_split_choice_stores_every_part(cli, hub, repo_files, isolated
         assert sha256_file(isolated_paths / name) == sha256_file(repo_files[f"split{i}"])
 
 
+@pytest.mark.slow
+def test_bench_synthetic_measures_several_quants_of_a_repo(cli, hub: FakeHub, isolated_paths):
+    result = cli("bench", TWO, "--synthetic", "--quant", "Q4_K_M,q8_0", "-p", "16", "-n", "4",
+                 "-r", "1", "-o", "json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    records = json.loads(result.stdout)
+    assert [(r["model_filename"], r["n_prompt"], r["n_gen"]) for r in records] == [
+        (f"{TWO}:Q4_K_M", 16, 0), (f"{TWO}:Q4_K_M", 0, 4),
+        (f"{TWO}:Q8_0", 16, 0), (f"{TWO}:Q8_0", 0, 4),
+    ]  # fmt: skip
+    assert all(r["avg_ts"] > 0 and r["synthetic"] for r in records)
+    q4, q8 = records[0]["model_size"], records[2]["model_size"]
+    assert q8 > q4 * 1.5  # each stand-in has its own file's tensor table
+    assert all(n <= HEADER_LIMIT for n in hub.bytes_served.values())  # headers only
+    assert stored(isolated_paths) == [] and list((isolated_paths / ".tmp").glob("*")) == []
+    csv = cli("bench", TWO, "--synthetic", "--quant", "Q4_K_M,Q8_0", "-p", "16", "-n", "0",
+              "-r", "1", "-o", "csv")  # fmt: skip
+    assert csv.exit_code == 0, csv.stderr
+    lines = csv.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("build_commit")  # one header, two rows
+
+
+def test_bench_quant_list_needs_a_repo_or_a_preset(cli, hub: FakeHub):
+    result = cli("bench", f"{TWO}:Q8_0", "--synthetic", "--quant", "Q4_K_M,Q8_0")
+    assert result.exit_code == 2
+    assert "names one file already" in result.error_line
+    assert hub.cdn_gets() == []
+
+
 # ------------------------------------------------------------------------- errors
 
 
