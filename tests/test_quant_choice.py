@@ -204,6 +204,37 @@ def test_a_longer_context_chooses_a_smaller_file(cli, hub: FakeHub, monkeypatch)
     assert 512 <= long["files"][1]["max_ctx"] < 2048  # Q8_0: what fits, short of 2048
 
 
+def test_a_progress_line_while_reading_on_a_terminal(hub: FakeHub):
+    """stderr on a pseudo-terminal: the progress line says what is read, then goes."""
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localllm", "kv-calc", TWO], stdout=subprocess.PIPE,
+        stderr=follower, cwd=REPO, env={**os.environ, "COLUMNS": "200", "TERM": "xterm"},
+    )  # fmt: skip
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    stdout, _ = proc.communicate(timeout=120)
+    os.close(leader)
+    assert proc.returncode == 0
+    # Rich redraws 10 times a second: the dry runs last long enough to be seen for sure.
+    assert b"test-org/Two-GGUF: planning" in seen
+    assert b"recommended: tiny.Q8_0.gguf" in stdout
+
+
 def test_headers_are_cached_by_file_hash(cli, hub: FakeHub, repo_files, tmp_path):
     first = choice_json(cli, TWO)
     assert first["headers"]["read"] == 2 and first["headers"]["cached"] == 0

@@ -213,6 +213,7 @@ def render_kv_verify(report: VerifyReport) -> None:
 def choice_progress(repo: str) -> Iterator[Callable[[str, int, int], None]]:
     """One progress line on stderr while a repo's headers are read and planned (silent
     when stderr is not a terminal); yields the callback the core calls."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     if not err.is_terminal:
@@ -220,11 +221,11 @@ def choice_progress(repo: str) -> Iterator[Callable[[str, int, int], None]]:
         return
     columns = (TextColumn("[accent]{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(f"{safe(repo, 60)}: listing", total=None)
+        name = escape(safe(repo, 60))
+        task = progress.add_task(f"{name}: listing", total=None)
 
         def update(what: str, done: int, total: int) -> None:
-            progress.update(task, description=f"{safe(repo, 60)}: {what}", completed=done,
-                            total=total)  # fmt: skip
+            progress.update(task, description=f"{name}: {what}", completed=done, total=total)
 
         yield update
 
