@@ -197,8 +197,8 @@ def _plan_row(
     row = at_ctx.rows[0]
     max_ctx, capped = None, False
     if available is not None:
-        pair = ((row.type_k,), row.type_k, row.type_v)
-        budget = replace(base, ctx=(), kv_types=pair[0], type_k=pair[1], type_v=pair[2],
+        # The row's own K/V types: the budget search would otherwise sweep every type.
+        budget = replace(base, ctx=(), kv_types=(), type_k=row.type_k, type_v=row.type_v,
                          budget_bytes=int(available * FIT_SHARE))  # fmt: skip
         solved = kv_calc(budget, facts).budget[0]
         max_ctx, capped = solved.max_ctx, solved.capped
