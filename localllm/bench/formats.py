@@ -120,7 +120,8 @@ def format_markdown(
         lines.append(line)
     env = environment or (results[0].environment if results else None)
     if env is not None:
-        source = next((r.synthetic for r in results if r.synthetic), None)
+        # bench --synthetic --quant A,B: every stand-in's source
+        source = ", ".join(dict.fromkeys(r.synthetic for r in results if r.synthetic)) or None
         lines += [
             "",
             f"build: {env.llama_cpp_build} (0)",
