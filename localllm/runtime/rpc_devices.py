@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
-import re
 import socket
 import struct
 import threading
@@ -27,7 +25,7 @@ from typing import Any
 
 from localllm.errors import RpcError
 from localllm.net import parse_host_port
-from localllm.runtime.library import import_llama_cpp
+from localllm.runtime.library import import_llama_cpp, loaded_library
 
 __all__ = [
     "ABORT_CALLBACK",
@@ -186,8 +184,8 @@ class _Libs:
                 "rebuild it with `make setup` (CMAKE_ARGS=-DGGML_RPC=ON)"
             )
         libdir = Path(llama_cpp.__file__).resolve().parent / "lib"
-        self.rpc = _loaded_library("ggml-rpc", libdir)
-        self.ggml = _loaded_library("ggml", libdir)
+        self.rpc = loaded_library("ggml-rpc", libdir)
+        self.ggml = loaded_library("ggml", libdir)
         vp, sz, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
         for lib, name, args, res in (
             (self.rpc, "ggml_backend_rpc_add_server", [cp], vp),
@@ -207,24 +205,6 @@ class _Libs:
         ):
             func = getattr(lib, name)
             func.argtypes, func.restype = args, res
-
-
-def _loaded_library(name: str, libdir: Path) -> Any:
-    """A CDLL over the very file libllama already mapped for ``lib<name>``.
-
-    The wheel ships ``libggml.so``, ``.so.0`` and ``.so.0.x`` as three copies (wheels
-    hold no symlinks), and libllama maps the ``.so.0`` ones: opening another copy would
-    load a second ggml with its own device registry and RPC connections.
-    """
-    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.rstrip("\n").split(maxsplit=5)[-1]
-            base = os.path.basename(path)
-            if path.startswith("/") and re.fullmatch(rf"lib{re.escape(name)}\.so\.\d+", base):
-                return ctypes.CDLL(path)
-    from llama_cpp._ctypes_extensions import load_shared_library
-
-    return load_shared_library(name, libdir)  # not Linux: the loader's own naming
 
 
 _libs_lock = threading.Lock()
