@@ -155,6 +155,9 @@ def available_memory() -> AvailableMemory:
     override = os.environ.get(ENV_AVAILABLE_MEMORY)
     if override:
         return AvailableMemory(parse_size(override, ENV_AVAILABLE_MEMORY), SOURCE_ENV)
+    if sys.platform == "darwin":
+        found = _macos_available()
+        return AvailableMemory(found, SOURCE_VM_STAT if found is not None else "unknown")
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
@@ -162,8 +165,6 @@ def available_memory() -> AvailableMemory:
                     return AvailableMemory(int(line.split()[1]) * 1024, SOURCE_MEMINFO)
     except (OSError, ValueError, IndexError):
         pass
-    if sys.platform == "darwin":
-        return AvailableMemory(_macos_available(), SOURCE_VM_STAT)
     try:
         pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return AvailableMemory(pages, SOURCE_AVPHYS)

@@ -24,7 +24,7 @@ def system_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Compiled backends, every ggml device and its memory, CPU features and defaults."""
-    from localllm.runtime.devices import system_report
+    from localllm.inventory.system import system_report
 
     report = system_report(parse_rpc(rpc), bandwidth=not no_bandwidth)
     if as_json:

@@ -1,4 +1,4 @@
-"""What llama.cpp sees on this machine: ggml's backends and devices, and `system`'s report.
+"""What llama.cpp sees on this machine: ggml's compiled backends and its devices.
 
 Devices come from ggml's device registry in libllama's own copy of libggml (the one a
 load uses), through ctypes: name, description, type, backend and the free and total
@@ -12,31 +12,15 @@ import ctypes
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from localllm.errors import LocalLLMError
-from localllm.machine import (
-    available_memory,
-    memory_bandwidth,
-    physical_cores,
-    ram_bytes,
-)
-from localllm.runtime.library import (
-    choose_repack,
-    import_llama_cpp,
-    llama_cpp_version,
-    loaded_library,
-    system_info,
-)
+from localllm.runtime.library import import_llama_cpp, loaded_library
 
 __all__ = [
     "DEVICE_TYPES",
     "UNIFIED_BACKENDS",
     "GgmlDevice",
-    "SystemReport",
     "cpu_features",
     "ggml_devices",
-    "system_report",
 ]
 
 # enum ggml_backend_dev_type (ggml-backend.h), as `system` names them.
@@ -149,91 +133,3 @@ def ggml_devices(endpoints: Sequence[str] = ()) -> tuple[tuple[str, ...], tuple[
 def cpu_features(info: str) -> tuple[str, ...]:
     """The features llama_print_system_info() reports as 1 (AVX2, NEON, AMX_INT8, ...)."""
     return tuple(_FEATURE.findall(info))
-
-
-@dataclass(frozen=True)
-class SystemReport:
-    """`localllm system`: what llama.cpp sees here and the defaults localllm derives."""
-
-    llama_cpp_python: str
-    backends: tuple[str, ...]  # compiled (registered) backends: CPU, RPC, CUDA, MTL...
-    devices: tuple[GgmlDevice, ...]
-    cpu_features: tuple[str, ...]
-    system_info: str
-    repack: bool
-    repack_reason: str
-    threads: int  # the default: physical cores, as llama.cpp
-    gpu_layers_default: str  # what -ngl's default (-1) does here
-    ram_bytes: int
-    available_memory_bytes: int | None
-    available_memory_source: str
-    bandwidth_bytes_per_s: float | None
-    bandwidth_note: str  # how it was measured, or why not
-
-    @property
-    def gpu_devices(self) -> tuple[GgmlDevice, ...]:
-        return tuple(d for d in self.devices if d.type in ("GPU", "iGPU", "RPC"))
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "llama_cpp_python": self.llama_cpp_python,
-            "backends": list(self.backends),
-            "devices": [d.as_json() for d in self.devices],
-            "cpu_features": list(self.cpu_features),
-            "system_info": self.system_info,
-            "repack": self.repack,
-            "repack_reason": self.repack_reason,
-            "threads": self.threads,
-            "gpu_layers_default": self.gpu_layers_default,
-            "ram_bytes": self.ram_bytes,
-            "available_memory_bytes": self.available_memory_bytes,
-            "available_memory_source": self.available_memory_source,
-            "memory_bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
-            "memory_bandwidth_note": self.bandwidth_note,
-        }
-
-
-def _gpu_layers_default(devices: Sequence[GgmlDevice]) -> str:
-    local = [d.name for d in devices if d.type in ("GPU", "iGPU")]
-    if local:
-        return f"all layers on {', '.join(local)} (-ngl -1)"
-    if any(d.type == "RPC" for d in devices):
-        return "all layers on the --rpc devices (-ngl -1)"
-    return "no GPU backend: every layer on the CPU"
-
-
-def system_report(endpoints: Sequence[str] = (), *, bandwidth: bool = True) -> SystemReport:
-    """Backends, devices, CPU features, defaults and memory of this machine."""
-    backends, devices = ggml_devices(endpoints)
-    info = system_info()
-    choice = choose_repack(None)
-    reason = choice.note or (
-        "llama.cpp's default: weights repacked for this CPU's kernels"
-        if choice.repack
-        else "llama.cpp's default"
-    )
-    bw, bw_note = None, "not measured (--no-bandwidth)"
-    if bandwidth:
-        try:
-            measured = memory_bandwidth()
-            bw = measured.bytes_per_s
-            bw_note = f"{measured.method}; {'cached' if measured.cached else 'measured now'}"
-        except LocalLLMError as exc:
-            bw_note = str(exc)
-    avail = available_memory()
-    return SystemReport(
-        llama_cpp_python=llama_cpp_version(),
-        backends=backends,
-        devices=devices,
-        cpu_features=cpu_features(info),
-        system_info=info,
-        repack=choice.repack,
-        repack_reason=reason,
-        threads=physical_cores(),
-        gpu_layers_default=_gpu_layers_default(devices),
-        ram_bytes=ram_bytes(),
-        available_memory_bytes=avail.bytes,
-        available_memory_source=avail.source,
-        bandwidth_bytes_per_s=bw,
-        bandwidth_note=bw_note,
-    )

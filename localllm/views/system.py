@@ -12,7 +12,7 @@ from localllm.text import format_bytes
 from localllm.views.console import out, print_unwrapped, safe
 
 if TYPE_CHECKING:
-    from localllm.runtime.devices import SystemReport
+    from localllm.inventory.system import SystemReport
 
 __all__ = ["render_system"]
 
