@@ -4,6 +4,7 @@ No GPU here: an RPC server stands in for one (llama.cpp counts RPC devices as GP
 macOS is represented by the output of real Macs, recorded below with where it comes from.
 """
 
+# ruff: noqa: UP031  (llama.cpp's log lines are written with its own printf formats)
 from __future__ import annotations
 
 import json
@@ -266,3 +267,117 @@ def test_bench_records_carry_the_gpu_backends_and_rpc_as_llama_bench() -> None:
     cpu_split = replace(split, layers=(("CPU", (0, 1)), ("RPC0[10.0.0.2:50052]", (2, 3))))
     rpc = _result("CPU", "", cpu_split).record()
     assert (rpc["backends"], rpc["gpu_info"]) == ("RPC", "10.0.0.2:50052")
+
+
+# ------------------------------------------------------ GPUs in the split plan (no GPU here)
+
+
+def _gpu_load_log(gpu: str = "CUDA0", host: str = "CUDA_Host", model: str = "") -> list[str]:
+    """A load and a context on ``gpu`` with -ngl 3 of 4 layers + output, in the format strings
+    of llama.cpp at the pinned commit (llama-model.cpp, llama-kv-cache.cpp,
+    llama-context.cpp); written here, as no GPU machine is at hand."""
+    lines = [
+        "load_tensors: layer %3d assigned to device %s, is_swa = %d" % (i, dev, 0)
+        for i, dev in enumerate(["CPU", "CPU", gpu, gpu, gpu])
+    ]
+    lines += [
+        "load_tensors: %12s model buffer size = %8.2f MiB" % ("CPU_Mapped", 70.31),
+        "load_tensors: %12s model buffer size = %8.2f MiB" % (model or gpu, 500.0),
+        "llama_context: constructing llama_context",
+    ]
+    lines += [
+        "llama_kv_cache: layer %3d: dev = %s" % (i, d)
+        for i, d in enumerate(["CPU"] * 2 + [gpu] * 2)
+    ]
+    lines += [
+        "llama_kv_cache: %10s KV buffer size = %8.2f MiB" % ("CPU", 8.0),
+        "llama_kv_cache: %10s KV buffer size = %8.2f MiB" % (gpu, 8.0),
+        "llama_kv_cache: size = %7.2f MiB (%6u cells, %3d layers, %2u/%u seqs), K (%s): %7.2f MiB, "
+        "V (%s): %7.2f MiB" % (16.0, 4096, 4, 1, 1, "f16", 8.0, "f16", 8.0),
+        "llama_context: %10s  output buffer size = %8.2f MiB" % (host, 0.19),
+        "llama_context: %10s compute buffer size = %8.2f MiB" % (gpu, 120.5),
+        "llama_context: %10s compute buffer size = %8.2f MiB" % (host, 12.01),
+    ]
+    return lines
+
+
+def test_placement_names_a_local_gpu_and_keeps_pinned_host_memory_here() -> None:
+    from localllm.runtime.rpc_plan import parse_placement
+
+    shares = {s.device: s for s in parse_placement(_gpu_load_log(), (), ["CUDA0"])}
+    assert list(shares) == ["CPU", "CUDA0"]
+    cpu, gpu = shares["CPU"], shares["CUDA0"]
+    assert (cpu.layers, gpu.layers) == ((0, 1), (2, 3, 4))
+    assert (cpu.kv_layers, gpu.kv_layers) == ((0, 1), (2, 3))
+    assert gpu.endpoint is None  # a local device, not a server's
+    assert gpu.weights_bytes == round(500.0 * MIB) and cpu.weights_bytes == round(70.31 * MIB)
+    assert gpu.compute_bytes == round(120.5 * MIB)
+    # CUDA_Host is pinned RAM of this machine: its compute and output buffers stay here.
+    assert (cpu.compute_bytes, cpu.output_bytes) == (round(12.01 * MIB), round(0.19 * MIB))
+
+
+def test_metal_buffer_types_are_the_metal_device_s() -> None:
+    from localllm.runtime.rpc_plan import parse_placement
+
+    # Metal's weights buffer is MTL0_Mapped (mmap) or MTL0_Private; host buffers are CPU.
+    lines = _gpu_load_log("MTL0", "CPU", model="MTL0_Mapped")
+    shares = {s.device: s for s in parse_placement(lines, (), ["MTL0"])}
+    assert shares["MTL0"].weights_bytes == round(500.0 * MIB)
+    assert shares["MTL0"].layers == (2, 3, 4)
+
+
+MIB = 1 << 20
+# recommendedMaxWorkingSetSize of a 16 GB M1 as llama.cpp logged it ("10922.67 MB"), from
+# abetlen/llama-cpp-python issue #687: what ggml reports as the Metal device's memory.
+M1_16GB_WORKING_SET = round(10922.67 * MIB)
+
+
+def _split_context(gpu: str):
+    from localllm.runtime.dry_run import CacheReport, ContextPlan, DryRunSettings
+    from localllm.runtime.rpc_plan import DeviceShare, SplitContext
+
+    cache = CacheReport("kv", 4096, 1, 4, "f16", "f16", 512 * MIB, 512 * MIB)
+    plan = ContextPlan(DryRunSettings(4096), (cache,), cache.bytes, 300 * MIB, 1 * MIB)
+    shares = (
+        DeviceShare("CPU", None, (0, 1), (0, 1), 0, 0, 20 * MIB, 1 * MIB),
+        DeviceShare(gpu, None, (2, 3, 4), (2, 3), 0, 0, 280 * MIB, 0),
+    )
+    devices = {i: "CPU" if i < 2 else gpu for i in range(4)}
+    return SplitContext(plan, shares, (devices,))
+
+
+@pytest.mark.parametrize("unified", [True, False], ids=["metal", "cuda"])
+def test_a_unified_gpu_s_share_counts_once_against_this_machine_s_ram(unified: bool) -> None:
+    from localllm.plan.split import THIS_MACHINE, host_shares
+
+    name, backend = ("MTL0", "MTL") if unified else ("CUDA0", "CUDA")
+    gpu = GgmlDevice(name, "gpu", "GPU", backend, M1_16GB_WORKING_SET, M1_16GB_WORKING_SET)
+    weights = {None: 100 * MIB, 0: 1000 * MIB, 1: 1000 * MIB, 2: 1000 * MIB, 3: 1000 * MIB,
+               4: 2000 * MIB}  # fmt: skip
+    memory = {THIS_MACHINE: 4 << 30, name: gpu.memory_free_bytes}
+    here, there = host_shares(_split_context(name), weights, memory, (gpu,))
+    assert (here.host, there.host, there.unified) == (THIS_MACHINE, name, unified)
+    assert here.weights_bytes == 2100 * MIB and there.weights_bytes == 4000 * MIB
+    assert (here.kv_bytes, there.kv_bytes) == (512 * MIB, 512 * MIB)
+    assert there.verdict == "fits"  # 4.8 GiB in a 10.7 GiB working set
+    # Here: 2.6 GiB of its own share in 4 GiB. On unified memory the GPU's 4.8 GiB are in
+    # the same RAM: 7.4 GiB, too big; a discrete GPU's are not.
+    assert here.shared_bytes == (there.total_bytes if unified else 0)
+    assert here.verdict == ("too big" if unified else "fits")
+
+
+def test_no_gpu_and_no_rpc_means_no_split_here() -> None:
+    from localllm.plan.split import split_applies
+    from localllm.runtime.devices import local_gpus
+    from localllm.runtime.params import LoadOptions
+
+    if local_gpus():
+        pytest.skip("this machine has a GPU")
+    assert not split_applies(LoadOptions())
+    assert split_applies(LoadOptions(rpc=("127.0.0.1:50052",)))
+
+
+def test_ngl_without_a_gpu_or_rpc_is_refused_in_one_line(cli, store_with_smollm2: Path) -> None:
+    result = cli("kv-calc", "--ctx", "512", "-ngl", "10")
+    assert result.exit_code != 0
+    assert "-ngl 10 places layers on a GPU or --rpc devices" in result.error_line

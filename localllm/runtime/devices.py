@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from localllm.runtime.library import import_llama_cpp, loaded_library
 
@@ -21,6 +21,7 @@ __all__ = [
     "GgmlDevice",
     "cpu_features",
     "ggml_devices",
+    "local_gpus",
 ]
 
 # enum ggml_backend_dev_type (ggml-backend.h), as `system` names them.
@@ -41,6 +42,7 @@ class GgmlDevice:
     memory_total_bytes: int
     memory_free_bytes: int
     endpoint: str | None = None  # an RPC device's server
+    handle: int = field(default=0, repr=False, compare=False)  # ggml_backend_dev_t
 
     @property
     def unified(self) -> bool:
@@ -100,6 +102,7 @@ class _Registry:
             memory_total_bytes=total.value,
             memory_free_bytes=free.value,
             endpoint=endpoint,
+            handle=handle,
         )
 
     def backends(self) -> tuple[str, ...]:
@@ -128,6 +131,11 @@ def ggml_devices(endpoints: Sequence[str] = ()) -> tuple[tuple[str, ...], tuple[
             if rpc.name not in known:  # already in the registry: listed above
                 devices.append(registry.device(rpc.handle, rpc.endpoint))
     return registry.backends(), tuple(devices)
+
+
+def local_gpus() -> tuple[GgmlDevice, ...]:
+    """This machine's GPU and iGPU devices (RPC servers' devices are not local)."""
+    return tuple(d for d in ggml_devices()[1] if d.type in ("GPU", "iGPU"))
 
 
 def cpu_features(info: str) -> tuple[str, ...]:

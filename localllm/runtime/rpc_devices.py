@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from localllm.errors import RpcError
 from localllm.net import parse_host_port
@@ -31,6 +31,7 @@ __all__ = [
     "ABORT_CALLBACK",
     "RPC_PROTO_MAJOR",
     "RPC_PROTO_MINOR",
+    "DeviceHandle",
     "RpcDevice",
     "RpcServerInfo",
     "add_rpc_servers",
@@ -69,6 +70,16 @@ class RpcServerInfo:
     @property
     def free_bytes(self) -> int:
         return sum(free for free, _total in self.device_memory)
+
+
+class DeviceHandle(Protocol):
+    """A ggml device a load can be pointed at: an RPC device, or a local GPU."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def handle(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -264,7 +275,7 @@ def rpc_device_memory(endpoint: str, device: int = 0, *, timeout: float = 3.0) -
     return free.value, total.value
 
 
-def devices_array(devices: Sequence[RpcDevice]) -> Any:
+def devices_array(devices: Sequence[DeviceHandle]) -> Any:
     """A NULL-terminated ``ggml_backend_dev_t`` array for ``llama_model_params.devices``.
 
     The caller keeps it referenced until the load returns (llama.cpp copies the list).
@@ -273,7 +284,7 @@ def devices_array(devices: Sequence[RpcDevice]) -> Any:
 
 
 def attach_devices(
-    params: Any, devices: Sequence[RpcDevice], tensor_split: Sequence[float] = ()
+    params: Any, devices: Sequence[DeviceHandle], tensor_split: Sequence[float] = ()
 ) -> tuple[Any, ...]:
     """Point ``llama_model_params`` at ``devices`` (and their ``tensor_split`` shares).
 
@@ -293,7 +304,7 @@ _patch_lock = threading.RLock()  # nested blocks in one thread stack their patch
 
 
 @contextlib.contextmanager
-def model_devices(devices: Sequence[RpcDevice]) -> Iterator[None]:
+def model_devices(devices: Sequence[DeviceHandle]) -> Iterator[None]:
     """Model loads from this thread inside the block use exactly ``devices`` (plus the CPU).
 
     ``llama_cpp.Llama`` has no ``devices`` argument, so ``llama_model_load_from_file`` is
