@@ -19,6 +19,7 @@ from localllm.commands.kvcalc import kv_calc_cmd
 from localllm.commands.ppl import ppl_cmd
 from localllm.commands.rpc import rpc_server_cmd
 from localllm.commands.serve import ps_cmd, serve_cmd, stop_cmd
+from localllm.commands.system import system_cmd
 from localllm.errors import InvalidArgument, LocalLLMError
 from localllm.views.console import err, error, note, out, print_json, warn
 
@@ -183,6 +184,7 @@ app.command("rpc-server")(rpc_server_cmd)
 app.command("serve")(serve_cmd)
 app.command("ps")(ps_cmd)
 app.command("stop")(stop_cmd)
+app.command("system")(system_cmd)
 app.command(
     "bench",
     epilog="Comma lists and ranges sweep as in llama-bench: -t 1,2 -p 128,512, -p 128-512*2.",

@@ -99,7 +99,9 @@ def kv_calc_cmd(
     for value, flag in ((layers, "--layers"), (heads, "--heads"), (kv_heads, "--kv-heads"),
                         (head_dim, "--head-dim")):  # fmt: skip
         check_count(value, flag, high=1 << 16)
-    if rpc:
+    arch_only = any(v is not None for v in (layers, heads, kv_heads, head_dim))
+    if rpc or (not (arch_only or estimate or verify or rope) and _gpu_here(model, gpu_layers)):
+        # Layers on RPC servers or this machine's GPUs: each device's share on its memory.
         endpoints = parse_rpc(rpc)
         _split_cmd(
             model, endpoints, ctx=ctx, batch=batch, kv_type=kv_type, type_k=type_k,
@@ -111,7 +113,10 @@ def kv_calc_cmd(
         return
     parse_tensor_split(tensor_split, ())  # refused without --rpc
     if gpu_layers != -1:
-        raise InvalidArgument(f"-ngl {gpu_layers} places layers on --rpc devices; add --rpc")
+        raise InvalidArgument(
+            f"-ngl {gpu_layers} places layers on a GPU or --rpc devices, and llama.cpp sees "
+            "no GPU here (`localllm system`); add --rpc"
+        )
     request = KVCalcRequest(
         model=model,
         ctx=parse_count_list(ctx, "--ctx") if ctx else (),
@@ -148,6 +153,24 @@ def kv_calc_cmd(
     if report is not None:
         out.print()
         render_kv_verify(report)
+
+
+def _gpu_here(model: str | None, gpu_layers: int) -> bool:
+    """Whether this machine's GPUs take a GGUF's layers (-ngl not 0, a GPU llama.cpp sees).
+
+    Asked only of a file on disk: a preset stays arithmetic, without llama_cpp.
+    """
+    from localllm.errors import LocalLLMError
+    from localllm.plan.split import split_applies
+    from localllm.runtime.params import LoadOptions
+    from localllm.store.resolver import resolve_model
+
+    try:
+        if not resolve_model(model).present:
+            return False
+    except LocalLLMError:  # kv-calc's own path says what is wrong with the reference
+        return False
+    return split_applies(LoadOptions(n_gpu_layers=gpu_layers))
 
 
 def _split_cmd(model: str | None, endpoints: tuple[str, ...], **flags: Any) -> None:
