@@ -271,7 +271,7 @@ def test_metrics_are_valid_prometheus_text() -> None:
     metrics.count("GET", "/nope", 404)
     counters = dict.fromkeys(COUNTERS, 0.0) | {"decode_seconds": 1.5, "completion_tokens": 7.0}
     stats = EngineStats(4, 4096, 1024, 3, 2, 100, 12.5, counters)
-    text = metrics.render(stats)
+    text = metrics.render([stats])
     sample = re.compile(r'^localllm_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? [0-9.e+-]+$')
     for line in text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line

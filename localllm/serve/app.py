@@ -1,18 +1,23 @@
 """The ASGI app: OpenAI's endpoints over the batch engine, /health, /metrics, the chat page.
 
-Each completion request is checked (schema), made a job (service), then streamed from the
-engine. A client that disconnects cancels its generation, which frees its slot's cells.
+Each completion request is checked (schema), formatted with the injected chat format,
+tokenized, held against its slot's context, then streamed from the engine. A client
+that disconnects cancels its generation, which frees its slot's cells.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -20,23 +25,24 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from localllm.errors import LocalLLMError
-from localllm.runtime.batch_engine import BatchEngine
 from localllm.runtime.batch_records import (
     GenerationDone,
     GenerationFailedError,
-    PromptFormat,
     TextDelta,
 )
 from localllm.serve import wire
 from localllm.serve.config import EventSink, ServeOptions
 from localllm.serve.embeddings import embeddings_response, parse_embeddings_request
 from localllm.serve.guard import USAGE_KEY, Guard
+from localllm.serve.metrics import Metrics
+from localllm.serve.router import ModelRouter, Resident
 from localllm.serve.schema import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     parse_chat_completion_request,
     parse_completion_request,
+    parse_model_action,
 )
 from localllm.serve.service import Job, Service
 from localllm.tools.parse import ToolStream, parse_reply
@@ -73,28 +79,56 @@ def _failure_body(exc: Exception) -> dict[str, Any]:
     return ApiError(500, str(exc), kind="server_error", code="generation_failed").body()
 
 
-# Long: the routes are closures over the engine, options and metrics they share.
+class _Hold:
+    """A request's hold on its model, released once (by the route or its stream's end)."""
+
+    def __init__(self, router: ModelRouter[Service], resident: Resident[Service]) -> None:
+        self.router, self.resident, self.done = router, resident, False
+
+    @property
+    def svc(self) -> Service:
+        assert self.resident.engine is not None
+        return self.resident.engine
+
+    async def release(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.router.release(self.resident)
+
+
+# Long: the routes are closures over the router, options and metrics they share.
 def build_app(
     options: ServeOptions,
-    engine: BatchEngine,
-    chat_format: PromptFormat | None,
+    router: ModelRouter[Service],
+    metrics: Metrics,
     on_event: EventSink | None = None,
 ) -> Guard:
-    """The whole ASGI app for ``engine``: routes behind the Host/Origin/auth/body guard."""
-    svc = Service(options, engine, chat_format)
+    """The whole ASGI app over ``router``'s models: routes behind the Host/Origin/auth/body
+    guard, and the keep-alive reaper while the server runs."""
+    created = int(time.time())
+
+    async def hold(model: str | None) -> _Hold:
+        return _Hold(router, await router.acquire(model))
 
     async def chat_completions(request: Request) -> Response:
+        held = None
         try:
             req = parse_chat_completion_request(await request.body())
+            held = await hold(req.model)
+            svc = held.svc
             # Rendering and tokenizing may take a while on long prompts: not on the event loop.
             job = await run_in_threadpool(svc.chat_job, req)
             if req.stream:
-                return _stream_chat(request, svc, job, req)
+                response, held = _stream_chat(request, held, job, req), None
+                return response
             done, entries = await svc.collect(request, job)
         except ApiError as exc:
             return _json(exc.status, exc.body())
         except GenerationFailedError as exc:
             return _json(500, _failure_body(exc))
+        finally:
+            if held is not None:
+                await held.release()
         _note_usage(request, done)
         if done is None:
             return Response(status_code=499)
@@ -104,16 +138,23 @@ def build_app(
         return _json(200, body)
 
     async def completions(request: Request) -> Response:
+        held = None
         try:
             req = parse_completion_request(await request.body())
+            held = await hold(req.model)
+            svc = held.svc
             job = await run_in_threadpool(svc.completion_job, req)
             if req.stream:
-                return _stream_completion(request, svc, job, req)
+                response, held = _stream_completion(request, held, job, req), None
+                return response
             done, entries = await svc.collect(request, job)
         except ApiError as exc:
             return _json(exc.status, exc.body())
         except GenerationFailedError as exc:
             return _json(500, _failure_body(exc))
+        finally:
+            if held is not None:
+                await held.release()
         _note_usage(request, done)
         if done is None:
             return Response(status_code=499)
@@ -122,65 +163,110 @@ def build_app(
         return _json(200, body)
 
     async def embeddings(request: Request) -> Response:
+        held = None
         try:
             req = parse_embeddings_request(await request.body())
-            result = await run_in_threadpool(svc.embed, req)
+            held = await hold(req.model)
+            result = await run_in_threadpool(held.svc.embed, req)
+            model_id = held.svc.served.model_id
         except ApiError as exc:
             return _json(exc.status, exc.body())
         except LocalLLMError as exc:
             return _json(500, _failure_body(exc))
+        finally:
+            if held is not None:
+                await held.release()
         request.scope.setdefault("state", {})[USAGE_KEY] = {
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": 0,
             "finish_reason": "stop",
         }
-        body = embeddings_response(result, options.model_id, req.encoding_format)
-        return _json(200, body)
+        return _json(200, embeddings_response(result, model_id, req.encoding_format))
 
-    def model_card() -> dict[str, Any]:
-        return {
-            "id": options.model_id,
-            "object": "model",
-            "created": svc.created,
-            "owned_by": "localllm",
-            "meta": {
+    def model_card(r: Resident[Service]) -> dict[str, Any]:
+        m = r.model
+        meta: dict[str, Any] = {
+            "n_ctx": m.load.n_ctx,
+            "n_ctx_slot": m.load.n_ctx // m.parallel,
+            "n_parallel": m.parallel,
+            "memory_bytes": m.plan_bytes,
+            "aliases": sorted(set(m.aliases) - {m.model_id}),
+        }
+        svc = r.engine
+        if svc is not None:
+            engine = svc.engine
+            meta |= {
                 "n_ctx": engine.n_ctx,
                 "n_ctx_slot": engine.n_ctx_slot,
                 "n_parallel": engine.n_parallel,
                 "n_ctx_train": engine.n_ctx_train,
                 "n_vocab": engine.n_vocab,
                 "default_max_tokens": svc.default_max_tokens,
-                "chat_template": chat_format is not None,
-                "aliases": sorted(svc.names - {options.model_id}),
-            },
+                "chat_template": svc.chat_format is not None,
+            }
+        expires = router.expires_in(r)
+        status: dict[str, Any] = {"value": "loaded" if r.status == "loaded" else r.status}
+        if expires is not None:
+            status["expires_in"] = round(expires, 1)
+        return {
+            "id": m.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "localllm",
+            "aliases": meta["aliases"],
+            "status": status,
+            "meta": meta,
         }
 
     async def models(request: Request) -> Response:
-        return _json(200, {"object": "list", "data": [model_card()]})
+        cards = [model_card(r) for r in router.residents.values()]
+        return _json(200, {"object": "list", "data": cards})
 
     async def model(request: Request) -> Response:
         try:
-            svc.check_model(request.path_params["model_id"])
+            return _json(200, model_card(router.lookup(request.path_params["model_id"])))
         except ApiError as exc:
             return _json(exc.status, exc.body())
-        return _json(200, model_card())
+
+    async def load_or_unload(request: Request) -> Response:
+        try:
+            name = parse_model_action(await request.body())
+            resident = router.lookup(name)
+            if request.url.path.endswith("/unload"):
+                if resident.status != "loaded" or resident.pinned:
+                    raise ApiError(400, f"model {resident.model_id!r} is not loaded here",
+                                   param="model", code="model_not_loaded")  # fmt: skip
+                if resident.in_flight:
+                    raise ApiError(409, f"model {resident.model_id!r} is answering "
+                                   f"{resident.in_flight} request(s); try again when they end",
+                                   param="model", code="model_busy")  # fmt: skip
+                await router.unload(resident, "stop")
+            else:
+                await router.load(resident.model_id, "load request")
+        except ApiError as exc:
+            return _json(exc.status, exc.body())
+        return _json(200, {"success": True, "model": resident.model_id, "status": resident.status})
+
+    def loaded() -> list[Resident[Service]]:
+        return [r for r in router.residents.values() if r.engine is not None]
 
     async def health(request: Request) -> Response:
-        s = engine.stats()
+        stats = [r.engine.engine.stats() for r in loaded() if r.engine is not None]
         return _json(
             200,
             {
                 "status": "ok",
-                "slots_idle": s.n_parallel - s.slots_busy,
-                "slots_busy": s.slots_busy,
-                "queued": s.queued,
+                "slots_idle": sum(s.n_parallel - s.slots_busy for s in stats),
+                "slots_busy": sum(s.slots_busy for s in stats),
+                "queued": sum(s.queued for s in stats),
+                "models_loaded": [r.model_id for r in loaded()],
             },
         )
 
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(
-            svc.metrics.render(engine.stats()), media_type="text/plain; version=0.0.4"
-        )
+    async def metrics_route(request: Request) -> Response:
+        stats = [r.engine.engine.stats() for r in loaded() if r.engine is not None]
+        text = metrics.render(stats, list(router.residents.values()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
@@ -191,40 +277,54 @@ def build_app(
         body = ApiError(500, f"internal error: {exc!r}", kind="server_error").body()
         return _json(500, body)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        reaper = asyncio.ensure_future(router.run_reaper())
+        try:
+            yield
+        finally:
+            reaper.cancel()
+
     routes = [
         Route("/", page),
         Route("/health", health),
-        Route("/metrics", metrics),
+        Route("/metrics", metrics_route),
         Route("/v1/models", models),
         Route("/v1/models/{model_id:path}", model),
+        Route("/models/load", load_or_unload, methods=["POST"]),
+        Route("/models/unload", load_or_unload, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers={Exception: server_error}, lifespan=lifespan)
     return Guard(
         app,
         api_key=options.api_key,
         host_names=options.host_names(),
         max_body_bytes=options.max_body_bytes,
         body_timeout=options.body_timeout,
-        metrics=svc.metrics,
+        metrics=metrics,
         on_event=on_event,
     )
 
 
-def _sse(svc: Service, events: Any) -> EventSourceResponse:
+def _sse(svc: Service, events: Any, held: _Hold) -> EventSourceResponse:
+    # The hold is released where the stream ends; the background task covers a stream
+    # that never started (the client left before the first byte).
     return EventSourceResponse(
         events,
         sep="\n",
         ping=15,
         send_timeout=svc.options.send_timeout,
         headers={"Cache-Control": "no-store"},
+        background=BackgroundTask(held.release),
     )
 
 
-def _stream_chat(request: Request, svc: Service, job: Job, req: ChatCompletionRequest) -> Response:
+def _stream_chat(request: Request, held: _Hold, job: Job, req: ChatCompletionRequest) -> Response:
+    svc = held.svc
     stream = svc.submit(job)
     rid, created = wire.new_id("chatcmpl"), int(time.time())
 
@@ -264,14 +364,14 @@ def _stream_chat(request: Request, svc: Service, job: Job, req: ChatCompletionRe
         finally:
             stream.cancel()
             _note_usage(request, done)
+            await held.release()
         yield "[DONE]"
 
-    return _sse(svc, events())
+    return _sse(svc, events(), held)
 
 
-def _stream_completion(
-    request: Request, svc: Service, job: Job, req: CompletionRequest
-) -> Response:
+def _stream_completion(request: Request, held: _Hold, job: Job, req: CompletionRequest) -> Response:
+    svc = held.svc
     stream = svc.submit(job)
     rid, created = wire.new_id("cmpl"), int(time.time())
 
@@ -302,6 +402,7 @@ def _stream_completion(
         finally:
             stream.cancel()
             _note_usage(request, done)
+            await held.release()
         yield "[DONE]"
 
-    return _sse(svc, events())
+    return _sse(svc, events(), held)

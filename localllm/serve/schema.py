@@ -40,6 +40,7 @@ __all__ = [
     "load_object",
     "parse_chat_completion_request",
     "parse_completion_request",
+    "parse_model_action",
 ]
 
 MAX_STOP_STRINGS = 16
@@ -386,3 +387,12 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         sampling=_sampling(f),
         logprobs=f.integer("logprobs", None, 0, MAX_COMPLETION_LOGPROBS),
     )
+
+
+def parse_model_action(body: bytes) -> str:
+    """A ``POST /models/load`` or ``/models/unload`` body: ``{"model": NAME}``."""
+    f = load_object(body, frozenset({"model"}))
+    name = f.string("model")
+    if not name:
+        raise ApiError(400, "'model' is required: the id of a served model", param="model")
+    return name

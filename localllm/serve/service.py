@@ -1,8 +1,8 @@
-"""One model's request handling for the routes: checks, prompts, engine jobs.
+"""One served model's side of a request: checks, tokenizing, and the run on its engine.
 
-A chat request is rendered with the injected chat format (through the tool-calling
-formats when it has tools or tool turns), tokenized, held against its slot's context
-and turned into a :class:`Job` for the batch engine.
+A request's body is checked against this model (its context per slot, its vocabulary,
+its chat format) and becomes a :class:`Job`; :meth:`Service.collect` runs it to the end,
+cancelling it when the client disconnects (which frees its slot's cells).
 """
 
 from __future__ import annotations
@@ -28,15 +28,9 @@ from localllm.runtime.batch_records import (
     TextDelta,
 )
 from localllm.runtime.embeddings import Embedder, EmbeddingResult
-from localllm.serve.config import ServeOptions
+from localllm.serve.config import ServedModel, ServeOptions
 from localllm.serve.embeddings import EmbeddingsRequest
-from localllm.serve.metrics import Metrics
-from localllm.serve.schema import (
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    Sampling,
-)
+from localllm.serve.schema import ApiError, ChatCompletionRequest, CompletionRequest, Sampling
 from localllm.tools.grammar import ToolGrammar
 from localllm.tools.setup import needs_tools, prepare_tools
 from localllm.tools.spec import ToolError
@@ -55,15 +49,20 @@ class Job:
 
 
 class Service:
+    """One loaded model: its engine, chat format and the checks its requests pass."""
+
     def __init__(
-        self, options: ServeOptions, engine: BatchEngine, chat_format: PromptFormat | None
+        self,
+        options: ServeOptions,
+        served: ServedModel,
+        engine: BatchEngine,
+        chat_format: PromptFormat | None,
     ) -> None:
         self.options = options
+        self.served = served
         self.engine = engine
         self.chat_format = chat_format
-        self.metrics = Metrics()
         self.created = int(time.time())
-        self.names = {options.model_id, *options.model_aliases}
         budget = options.max_tokens or min(DEFAULT_MAX_TOKENS, engine.n_ctx_slot // 2)
         self.default_max_tokens = budget
         self._embedder: Embedder | None = None
@@ -71,14 +70,13 @@ class Service:
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
-        """The request's vectors (from a worker thread): the embeddings context is loaded
-        on the first request, --ctx tokens, beside the generation slots."""
-        self.check_model(req.model)
+        """The request's vectors (from a worker thread): the model's embeddings context is
+        loaded on its first request, --ctx tokens, beside the generation slots."""
         with self._embedder_lock:
             if self._embedder is None:
-                load = self.options.load
+                load = self.served.load
                 self._embedder = Embedder.load(
-                    self.options.model_path, n_ctx=load.n_ctx, threads=load.threads_batch
+                    self.served.path, n_ctx=load.n_ctx, threads=load.threads_batch
                 )
         try:
             return self._embedder.embed(req.inputs)
@@ -86,18 +84,14 @@ class Service:
             code = "context_length_exceeded" if isinstance(exc, ContextOverflow) else None
             raise ApiError(400, str(exc), param="input", code=code) from None
 
-    # ------------------------------------------------------------------ checks
-    def check_model(self, model: str | None) -> str:
-        if model is not None and model not in self.names:
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; this server holds "
-                f"{self.options.model_id!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-        return self.options.model_id
+    def close_embedder(self) -> None:
+        """Free the embeddings context (the model is unloading)."""
+        with self._embedder_lock:
+            if self._embedder is not None:
+                self._embedder.close()
+                self._embedder = None
 
+    # ------------------------------------------------------------------ checks
     def params(
         self, prompt: list[int], s: Sampling, max_tokens: int | None, what: str, **extra: Any
     ) -> GenerationParams:
@@ -105,13 +99,12 @@ class Service:
         budget = max_tokens if max_tokens is not None else self.default_max_tokens
         slot = self.engine.n_ctx_slot
         if len(prompt) + budget > slot:
-            o = self.options
             raise ApiError(
                 400,
                 f"this request needs {len(prompt)} prompt tokens + {budget} max_tokens = "
                 f"{len(prompt) + budget} tokens, but each slot holds {slot} "
-                f"(--ctx {self.engine.n_ctx} over --parallel {o.parallel}); shorten the "
-                "prompt, lower max_tokens, or restart with a larger --ctx",
+                f"(--ctx {self.engine.n_ctx} over --parallel {self.engine.n_parallel}); "
+                "shorten the prompt, lower max_tokens, or restart with a larger --ctx",
                 param="max_tokens" if max_tokens is not None else what,
                 code="context_length_exceeded",
             )
@@ -139,12 +132,12 @@ class Service:
         )
 
     def chat_job(self, req: ChatCompletionRequest) -> Job:
-        model = self.check_model(req.model)
+        model = self.served.model_id
         fmt = self.chat_format
         if fmt is None:
             raise ApiError(
                 400,
-                f"{self.options.model_path.name} has no chat template; use /v1/completions "
+                f"{self.served.path.name} has no chat template; use /v1/completions "
                 "with a raw prompt",
                 param="messages",
                 code="no_chat_template",
@@ -202,7 +195,7 @@ class Service:
         return text, setup.family if setup.parse_calls else None, setup.grammar
 
     def completion_job(self, req: CompletionRequest) -> Job:
-        model = self.check_model(req.model)
+        model = self.served.model_id
         if isinstance(req.prompt, str):
             # As llama-cpp-python's create_completion: BOS if the vocabulary wants one,
             # control tokens written in the text are parsed.
