@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -22,13 +23,21 @@ from localllm.text import parse_size
 __all__ = [
     "BANDWIDTH_METHOD",
     "ENV_AVAILABLE_MEMORY",
+    "SOURCE_AVPHYS",
+    "SOURCE_ENV",
+    "SOURCE_MEMINFO",
+    "SOURCE_VM_STAT",
+    "VM_STAT_AVAILABLE",
+    "AvailableMemory",
     "Bandwidth",
+    "available_memory",
     "available_memory_bytes",
     "cpu_model",
     "measure_bandwidth",
     "measure_bandwidths",
     "memory_bandwidth",
     "online_cpus",
+    "parse_vm_stat",
     "peak_rss_bytes",
     "physical_cores",
     "raise_bandwidth",
@@ -86,28 +95,93 @@ def ram_bytes() -> int:
 
 
 ENV_AVAILABLE_MEMORY = "LOCALLLM_AVAILABLE_MEMORY"
+# Where available_memory() found its figure (system --json's available_memory_source).
+SOURCE_ENV = ENV_AVAILABLE_MEMORY
+SOURCE_MEMINFO = "MemAvailable"
+SOURCE_VM_STAT = "vm_stat"
+SOURCE_AVPHYS = "SC_AVPHYS_PAGES"
+# vm_stat's lines counted as available, as Activity Monitor's "available": its "Pages free"
+# is the kernel's free_count less the speculative pages, listed apart. Wired, active and
+# compressed pages are none of these, so nothing is subtracted.
+VM_STAT_AVAILABLE = ("Pages free", "Pages inactive", "Pages purgeable", "Pages speculative")
+_VM_STAT_PAGE_SIZE = re.compile(r"page size of (\d+) bytes")
+_VM_STAT_LINE = re.compile(r'^"?([^":]+)"?:\s+(\d+)\.?\s*$')
 
 
-def available_memory_bytes() -> int | None:
-    """RAM available to a new process: MemAvailable on Linux, free pages elsewhere.
+@dataclass(frozen=True)
+class AvailableMemory:
+    """RAM available to a new process, and where the figure comes from."""
+
+    bytes: int | None
+    source: str  # SOURCE_*; "unknown" when the platform says nothing
+
+
+def parse_vm_stat(text: str, page_size: int | None = None) -> int:
+    """Available bytes from macOS ``vm_stat`` output: free + inactive + purgeable + speculative.
+
+    The page size is the header's (``page size of 16384 bytes``), else ``page_size``
+    (``sysctl -n hw.pagesize``). Raises ValueError on output that is not vm_stat's.
+    """
+    if m := _VM_STAT_PAGE_SIZE.search(text):
+        page_size = int(m[1])
+    if not page_size:
+        raise ValueError("vm_stat output names no page size")
+    pages = {}
+    for line in text.splitlines():
+        if m := _VM_STAT_LINE.match(line.strip()):
+            pages[m[1].strip()] = int(m[2])
+    missing = [name for name in VM_STAT_AVAILABLE if name not in pages]
+    if missing:
+        raise ValueError(f"vm_stat output lacks {', '.join(missing)}")
+    return sum(pages[name] for name in VM_STAT_AVAILABLE) * page_size
+
+
+def _macos_available() -> int | None:
+    """vm_stat's figure (macOS has no sysconf(SC_AVPHYS_PAGES)); None if it cannot run."""
+    try:
+        text = subprocess.run(
+            ["vm_stat"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+        if _VM_STAT_PAGE_SIZE.search(text):
+            return parse_vm_stat(text)
+        size = subprocess.run(
+            ["sysctl", "-n", "hw.pagesize"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+        return parse_vm_stat(text, int(size.strip()))
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return None
+
+
+def available_memory() -> AvailableMemory:
+    """RAM available to a new process and its source: $LOCALLLM_AVAILABLE_MEMORY, Linux's
+    MemAvailable, macOS's vm_stat (free + inactive + purgeable + speculative), else free pages.
 
     $LOCALLLM_AVAILABLE_MEMORY (e.g. ``16GiB``) plans as if that much were available: the
     laptop a model is meant for, or a test that must not depend on this machine.
     """
     override = os.environ.get(ENV_AVAILABLE_MEMORY)
     if override:
-        return parse_size(override, ENV_AVAILABLE_MEMORY)
+        return AvailableMemory(parse_size(override, ENV_AVAILABLE_MEMORY), SOURCE_ENV)
+    if sys.platform == "darwin":
+        found = _macos_available()
+        return AvailableMemory(found, SOURCE_VM_STAT if found is not None else "unknown")
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return AvailableMemory(int(line.split()[1]) * 1024, SOURCE_MEMINFO)
     except (OSError, ValueError, IndexError):
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return AvailableMemory(pages, SOURCE_AVPHYS)
     except (ValueError, OSError, AttributeError):
-        return None
+        return AvailableMemory(None, "unknown")
+
+
+def available_memory_bytes() -> int | None:
+    """RAM available to a new process (:func:`available_memory` without its source)."""
+    return available_memory().bytes
 
 
 def peak_rss_bytes() -> int:

@@ -65,7 +65,8 @@ def test_what_common_clients_always_send_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "fragment"),
     [
-        ({"tools": []}, "tools", "unsupported parameter 'tools'"),
+        ({"tools": []}, "tools", "non-empty list"),
+        ({"functions": []}, "functions", "unsupported parameter 'functions'"),
         ({"n": 2}, "n", "one choice per request"),
         ({"temperature": -1}, "temperature", "-1 must be >= 0.0"),
         ({"temperature": "hot"}, "temperature", "expected a number"),
@@ -98,7 +99,8 @@ def test_bad_chat_fields_are_400s_naming_the_field(
     [
         (None, "messages", "non-empty list"),
         ([], "messages", "non-empty list"),
-        ([{"role": "tool", "content": "x"}], "messages[0].role", "not supported"),
+        ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id", "needs the call's id"),
+        ([{"role": "function", "content": "x"}], "messages[0].role", "not supported"),
         ([{"role": "developer", "content": "x"}], "messages[0].role", "use 'system'"),
         ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name", "not supported"),
         ([{"role": "user", "content": None}], "messages[0].content", "string or a list"),
@@ -284,7 +286,7 @@ def test_metrics_are_valid_prometheus_text() -> None:
     metrics.count("GET", "/nope", 404)
     counters = dict.fromkeys(COUNTERS, 0.0) | {"decode_seconds": 1.5, "completion_tokens": 7.0}
     stats = EngineStats(4, 4096, 1024, 3, 2, 100, 12.5, counters)
-    text = metrics.render(stats)
+    text = metrics.render([stats])
     sample = re.compile(r'^localllm_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? [0-9.e+-]+$')
     for line in text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line

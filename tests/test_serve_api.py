@@ -265,7 +265,7 @@ def test_json_schema_response_format(client: openai.OpenAI) -> None:
     [
         ({"frobnicate": 1}, "frobnicate"),
         ({"n": 3}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"temperature": -0.5}, "temperature"),
         ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ],

@@ -36,7 +36,7 @@ from localllm.machine import (
 from localllm.plan.memory import kv_bytes_per_token
 from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
 from localllm.plan.rope import RopePlan, plan_rope
-from localllm.plan.split import check_split_load
+from localllm.plan.split import check_split_load, split_applies
 from localllm.runtime.library import LlamaBuild, choose_repack, llama_build
 from localllm.runtime.llama_bench import BenchModel, ContextConfig
 from localllm.runtime.params import LoadOptions
@@ -126,7 +126,7 @@ def run_bench(request: BenchRequest, *, swa_full: bool = False) -> Iterator[Benc
     spec = read_model_spec(path)
     plan, ropes = _plan(request, tests, path, spec)
     memory = _memory_plans(resolved.alias or path.name, spec, tests, request, swa_full)
-    if request.memory_check and request.rpc:
+    if request.memory_check and split_applies(_split_options(request, max(memory))):
         for shape in sorted(memory, reverse=True):  # each host's share, on its own memory
             check_split_load(resolved.alias or path.name, path, _split_options(request, shape))
     elif request.memory_check:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from localllm.errors import ModelLoadError
@@ -22,6 +25,7 @@ __all__ = [
     "llama_build",
     "llama_cpp_version",
     "load_log_uses_amx",
+    "loaded_library",
     "system_info",
 ]
 
@@ -75,6 +79,26 @@ def library_fingerprint() -> tuple[tuple[str, int, int], ...]:
     return tuple(found)
 
 
+def loaded_library(name: str, libdir: Path | None = None) -> Any:
+    """A CDLL over the very file libllama already mapped for ``lib<name>``.
+
+    The wheel ships ``libggml.so``, ``.so.0`` and ``.so.0.x`` as three copies (wheels
+    hold no symlinks), and libllama maps the ``.so.0`` ones: opening another copy would
+    load a second ggml with its own device registry and RPC connections.
+    """
+    llama_cpp = import_llama_cpp()
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").split(maxsplit=5)[-1]
+            base = os.path.basename(path)
+            if path.startswith("/") and re.fullmatch(rf"lib{re.escape(name)}\.so\.\d+", base):
+                return ctypes.CDLL(path)
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    libdir = libdir or Path(llama_cpp.__file__).resolve().parent / "lib"
+    return load_shared_library(name, libdir)  # not Linux: the loader's own naming
+
+
 @dataclass(frozen=True)
 class LlamaBuild:
     """What llama.cpp build is running and on what devices, as llama-bench reports it."""
@@ -111,10 +135,9 @@ def _bind_registry(lib: Any) -> None:
 
 def llama_build() -> LlamaBuild:
     """Versions, commit and devices of the loaded llama.cpp (ggml's device registry)."""
-    import_llama_cpp()
-    from llama_cpp import _ggml
-
-    lib = _ggml.libggml
+    # libllama's own ggml: llama_cpp._ggml opens another copy, whose registry never sees
+    # the RPC servers added for a load.
+    lib = loaded_library("ggml")
     _bind_registry(lib)
     describe = _cstr(lib, "ggml_backend_dev_description", [ctypes.c_void_p])
     reg_name = _cstr(lib, "ggml_backend_reg_name", [ctypes.c_void_p])
