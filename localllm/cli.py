@@ -15,10 +15,12 @@ import typer
 from localllm.commands.arguments import RESUME_LATEST, JsonOpt, ModelArg
 from localllm.commands.bench import bench_cmd
 from localllm.commands.chat import chat_cmd
+from localllm.commands.embed import embed_cmd
 from localllm.commands.kvcalc import kv_calc_cmd
 from localllm.commands.ppl import ppl_cmd
 from localllm.commands.rpc import rpc_server_cmd
-from localllm.commands.serve import serve_cmd
+from localllm.commands.serve import ps_cmd, serve_cmd, stop_cmd
+from localllm.commands.system import system_cmd
 from localllm.errors import InvalidArgument, LocalLLMError
 from localllm.views.console import err, error, note, out, print_json, warn
 
@@ -116,19 +118,32 @@ def pull_cmd(
         str,
         typer.Argument(
             help="What to download: a catalog alias[:QUANT] (llama-2-7b-chat:Q4_K_M), "
-            "org/repo:QUANT (TheBloke/Llama-2-13B-chat-GGUF:Q4_K_M) or hf://org/repo/file.gguf.",
+            "org/repo:QUANT (TheBloke/Llama-2-13B-chat-GGUF:Q4_K_M), hf://org/repo/file.gguf, "
+            "or org/repo alone: the largest file that fits this machine (see kv-calc org/repo).",
             show_default=False,
         ),
     ],
     list_files: Annotated[
         bool, typer.Option("--list", help="List the repo's GGUF files, quants and sizes.")
     ] = False,
+    ctx: Annotated[
+        str | None,
+        typer.Option(
+            "--ctx",
+            help="With org/repo alone: choose the largest file that fits this context "
+            "(default 4096 or the trained length).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Download a model into the store: resumable, sha256-verified before it lands."""
     from localllm.errors import DownloadInterrupted
+    from localllm.flags import parse_count_list
+    from localllm.plan.quant_choice import choice_label, pull_choice
     from localllm.store.hub import list_repo_files
     from localllm.store.pull import pull
+    from localllm.views.kvcalc import choice_progress
     from localllm.views.models import download_progress, render_hub_listing, render_pull_result
 
     if list_files:
@@ -138,25 +153,40 @@ def pull_cmd(
         else:
             render_hub_listing(listing)
         return
-    try:
-        with download_progress(model) as progress:
-            result = pull(model, progress=progress)
-    except DownloadInterrupted as exc:  # Ctrl-C: a warning, not an error; the partial stays
-        warn(str(exc))
-        raise typer.Exit(exc.exit_code) from None
-    if as_json:
-        print_json(result)
-    render_pull_result(result)
+    n_ctx = parse_count_list(ctx, "--ctx") if ctx else None
+    if n_ctx is not None and len(n_ctx) != 1:
+        raise InvalidArgument(f"--ctx {ctx}: pull chooses a file for one context, e.g. --ctx 8192")
+    with choice_progress(model) as planning:
+        choice = pull_choice(model, n_ctx[0] if n_ctx else None, planning)
+    refs = [model]
+    if choice is not None and choice.choice is not None:
+        row = choice.choice
+        note(f"pulling {choice_label(row)}: {choice.reason}")
+        refs = [f"hf://{choice.repo}/{path}" for path in row.part_files]
+    for ref in refs:
+        try:
+            with download_progress(ref.rsplit("/", 1)[-1] if choice else model) as progress:
+                result = pull(ref, progress=progress)
+        except DownloadInterrupted as exc:  # Ctrl-C: a warning, not an error; the partial stays
+            warn(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        if as_json:
+            print_json(result)
+        render_pull_result(result)
 
 
 # ------------------------------------------------------------------ larger commands
 # Each lives in localllm/commands/: its flags are long, its body is one core call.
 
 app.command("chat")(chat_cmd)
+app.command("embed")(embed_cmd)
 app.command("kv-calc")(kv_calc_cmd)
 app.command("ppl")(ppl_cmd)
 app.command("rpc-server")(rpc_server_cmd)
 app.command("serve")(serve_cmd)
+app.command("ps")(ps_cmd)
+app.command("stop")(stop_cmd)
+app.command("system")(system_cmd)
 app.command(
     "bench",
     epilog="Comma lists and ranges sweep as in llama-bench: -t 1,2 -p 128,512, -p 128-512*2.",

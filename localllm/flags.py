@@ -25,6 +25,7 @@ __all__ = [
     "check_rope_method",
     "check_threads",
     "parse_count_list",
+    "parse_duration",
     "parse_flash_attn_modes",
     "parse_kv_type_list",
     "parse_kv_types",
@@ -228,3 +229,20 @@ def parse_tensor_split(value: str | None, endpoints: tuple[str, ...]) -> tuple[f
             "server(s); give one per server"
         )
     return shares
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, flag: str) -> float | None:
+    """``300``, ``30s``, ``5m``, ``1h`` -> seconds; ``-1`` (or any negative) -> None: never."""
+    value = text.strip().lower()
+    if re.fullmatch(r"-\d+(?:\.\d+)?[a-z]*", value):
+        return None
+    match = _DURATION.match(value)
+    if not match:
+        raise InvalidArgument(
+            f"{flag} {text!r} is not a duration; use seconds (300), 30s, 5m, 1h, 0 or -1"
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]

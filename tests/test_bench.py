@@ -29,7 +29,13 @@ from localllm.bench.request import BenchRequest, BenchTest
 from localllm.bench.run import weights_read_per_token
 from localllm.errors import InvalidArgument
 from localllm.flags import parse_pairs, parse_sweep
-from localllm.machine import Bandwidth, memory_bandwidth, online_cpus
+from localllm.machine import (
+    Bandwidth,
+    measure_bandwidths,
+    memory_bandwidth,
+    online_cpus,
+    raise_bandwidth,
+)
 from localllm.plan.kvcalc import KVCalcRequest, kv_calc
 
 # ------------------------------------------------------------------------ parsing
@@ -378,3 +384,23 @@ def test_records_carry_the_dry_run_plan_of_their_context(
         for name in ("kv_bytes", "compute_bytes", "output_bytes"):
             assert mib2(r[f"plan_{name}"]) == mib2(r[name]), name
         assert r["plan_kv_bytes"] == 30 * 3 * 64 * 2 * 2 * 256  # SmolLM2, 256 cells, f16
+
+
+def test_the_probe_reads_several_ways_and_keeps_the_fastest() -> None:
+    rates = measure_bandwidths(size_bytes=32 << 20, passes=2)
+    assert {"numpy add.reduce", "numpy bitwise_or.reduce"} <= set(rates)
+    assert "libc memchr" in rates  # glibc (this project's CI and dev machines)
+    one_thread = _one_thread_read_bandwidth()
+    for rate in rates.values():  # each a plausible read rate, as the cached one above
+        assert one_thread / 3 < rate < one_thread * online_cpus() * 3
+
+
+def test_a_faster_observed_rate_raises_the_cached_bandwidth(tmp_path: Path) -> None:
+    measured = memory_bandwidth()
+    kept = raise_bandwidth(measured.bytes_per_s / 2, "slower: ignored")
+    assert kept.bytes_per_s == measured.bytes_per_s and kept.cached
+    raised = raise_bandwidth(measured.bytes_per_s * 2, "llama.cpp's own tg read rate")
+    assert raised.bytes_per_s == measured.bytes_per_s * 2 and not raised.cached
+    again = memory_bandwidth()
+    assert again.cached and again.bytes_per_s == measured.bytes_per_s * 2
+    assert again.method == "llama.cpp's own tg read rate"

@@ -339,3 +339,38 @@ def test_context_past_training_applies_the_rope_plan(cli, bench_env: Path) -> No
     assert record["rope"] == "linear" and record["n_ctx"] == 9000
     assert record["n_ctx_cells"] >= 9000
     assert "Linear position interpolation" in result.stderr
+
+
+@pytest.mark.slow
+def test_tg_never_exceeds_the_roofline_on_a_7b_header(cli, tmp_path: Path, monkeypatch) -> None:
+    """A Llama-2-7B Q4_0 of zeros (header-only, sparse): llama.cpp's kernels stream 3.6 GB
+    a token; the probe (its fastest method) must read at least as fast."""
+    from support.gguf_files import write_header_gguf
+
+    monkeypatch.setenv("LOCALLLM_CACHE", str(tmp_path / "own-cache"))
+    path = write_header_gguf(tmp_path / "llama-2-7b.gguf", "llama-2-7b", weight_type="Q4_0")
+    result = cli("bench", str(path), "-t", "2", "-p", "0", "-n", "16", "-r", "2", "-o", "json")
+    assert result.exit_code == 0, result.stderr
+    (tg,) = json.loads(result.stdout)
+    assert tg["model_size"] > 3 << 30  # the real shape: every token reads 3.6 GB
+    assert 0 < tg["roofline_fraction"] <= 1
+
+
+@pytest.mark.slow
+def test_a_tg_faster_than_the_cached_bandwidth_raises_it(
+    cli, store_with_smollm2: Path, tmp_path: Path, monkeypatch
+) -> None:
+    cache = tmp_path / "own-cache"
+    monkeypatch.setenv("LOCALLLM_CACHE", str(cache))
+    args = ("bench", "-p", "0", "-n", "4", "-r", "1", "-t", "1", "-o", "json")
+    assert cli(*args).exit_code == 0  # measures and caches the bandwidth
+    bandwidth = json.loads((cache / "bandwidth.json").read_text())
+    for entry in bandwidth.values():
+        entry["bytes_per_s"] = 1e6  # a probe far slower than any generation
+    (cache / "bandwidth.json").write_text(json.dumps(bandwidth))
+    (tg,) = json.loads(cli(*args).stdout)
+    assert tg["roofline_fraction"] == pytest.approx(1.0, abs=1e-4)
+    assert tg["bandwidth_bytes_per_s"] == pytest.approx(tg["avg_ts"] * tg["tg_bytes_per_token"])
+    (entry,) = json.loads((cache / "bandwidth.json").read_text()).values()
+    assert entry["bytes_per_s"] == pytest.approx(tg["bandwidth_bytes_per_s"], abs=1)
+    assert entry["method"].startswith("llama.cpp's own tg read rate")

@@ -89,11 +89,45 @@ def test_resume_without_sessions_is_one_line(cli, isolated_paths: Path) -> None:
     assert "no saved chat session" in result.error_line
 
 
-def test_resume_refuses_flags_it_would_override(cli, isolated_paths: Path) -> None:
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["smollm2-135m"], "MODEL"),
+        (["--ctx", "1024"], "--ctx"),
+        (["--template", "chatml"], "--template"),
+        (["--kv-type", "q8_0"], "--kv-type"),
+        (["--temp", "0", "--system", "x"], "--system"),
+    ],
+)
+def test_resume_refuses_flags_that_change_the_conversation(
+    cli, isolated_paths: Path, flags: list[str], named: str
+) -> None:
     save_session("s1", _record([{"role": "user", "content": "hi"}]))
-    result = cli("chat", "--resume", "s1", "--temp", "0")
+    result = cli("chat", "--resume", "s1", *flags)
     assert result.exit_code == 2
-    assert "drop --temp" in result.error_line
+    assert f"drop {named} " in result.error_line and "own model, context" in result.error_line
+    assert "--temp" in result.error_line  # it says which flags may change
+
+
+@pytest.mark.slow
+def test_resume_takes_new_sampling_flags(cli, store_with_smollm2: Path) -> None:
+    record = _record(
+        [{"role": "user", "content": "My cat is Pixel."}, {"role": "assistant", "content": "Nice."}]
+    )
+    record["model"] = {"ref": "smollm2-135m", "path": str(store_with_smollm2 / "x.gguf")}
+    record["settings"]["sampling"] = {"temperature": 0.9, "top_k": 7, "max_tokens": 64}
+    save_session("s1", record)
+    result = cli(
+        "chat", "--resume", "s1", "-p", "What is my cat called?", "--json",
+        "--temp", "0", "--max-tokens", "6",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    reply = json.loads(result.stdout)
+    sampling = reply["settings"]["sampling"]
+    assert sampling["temperature"] == 0 and sampling["max_tokens"] == 6
+    assert sampling["top_k"] == 7  # what was not given stays the session's
+    assert reply["settings"]["runtime"]["n_ctx"] == 512
+    assert reply["stats"]["generated_tokens"] <= 6
 
 
 def test_resume_of_a_corrupt_session_keeps_the_file(cli, isolated_paths: Path) -> None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 from conftest import installed_within_the_pin
-from support.gguf_files import ARCHS, DROP, write_gguf
+from support.gguf_files import ARCHS, DROP, gguf_reader, write_gguf
 
 from localllm.errors import InvalidModelFile
+from localllm.gguf.header import LongArray, read_header
 from localllm.gguf.spec import read_model_spec
 from localllm.text import escape_untrusted
 
@@ -217,3 +219,34 @@ def test_header_reading_does_not_import_gguf_or_numpy(smollm2_path: Path) -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False False", out.stderr
+
+
+def test_a_long_vocabulary_is_hopped_over_exactly(tmp_path: Path) -> None:
+    # Tokens of every length class, some longer than 255 bytes (a length prefix > 1 byte).
+    tokens = [f"t{i}" * (1 + i % 97) for i in range(6000)]
+    path = write_gguf(tmp_path / "vocab.gguf", "llama-2-7b", tokens=tokens)
+    header = read_header(path)
+    assert header.kv["tokenizer.ggml.tokens"] == LongArray(6000)
+    # Everything after the skipped array still parses: the tensor table and data offset.
+    reader = gguf_reader(path)
+    assert [t.name for t in header.tensors] == [t.name for t in reader.tensors]
+    assert header.data_offset == reader.data_offset
+
+
+def test_a_vocabulary_cut_short_is_a_truncated_file(tmp_path: Path) -> None:
+    tokens = [f"token{i}" for i in range(6000)]
+    full = write_gguf(tmp_path / "vocab.gguf", "llama-2-7b", tokens=tokens).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full[: full.index(b"token5000")])
+    with pytest.raises(InvalidModelFile, match="truncated"):
+        read_header(cut)
+
+
+def test_a_header_is_read_again_when_the_file_changes(tmp_path: Path) -> None:
+    path = write_gguf(tmp_path / "m.gguf", "llama-2-7b")
+    first = read_header(path)
+    assert read_header(path) is first  # read once per process
+    write_gguf(path, "llama-2-13b")
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
+    assert read_header(path) is not first
+    assert read_model_spec(path).n_layers == ARCHS["llama-2-13b"]["n_layers"]

@@ -156,7 +156,7 @@ PACKAGE_ORDER: tuple[frozenset[str], ...] = tuple(
         "flags",
         "store rpc",
         "plan",
-        "bench chat serve templates ppl inventory",
+        "bench chat serve templates ppl inventory tools",
         "views",
         "commands",
         "cli __main__",

@@ -65,7 +65,8 @@ def test_what_common_clients_always_send_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("fields", "param", "fragment"),
     [
-        ({"tools": []}, "tools", "unsupported parameter 'tools'"),
+        ({"tools": []}, "tools", "non-empty list"),
+        ({"functions": []}, "functions", "unsupported parameter 'functions'"),
         ({"n": 2}, "n", "one choice per request"),
         ({"temperature": -1}, "temperature", "-1 must be >= 0.0"),
         ({"temperature": "hot"}, "temperature", "expected a number"),
@@ -98,7 +99,8 @@ def test_bad_chat_fields_are_400s_naming_the_field(
     [
         (None, "messages", "non-empty list"),
         ([], "messages", "non-empty list"),
-        ([{"role": "tool", "content": "x"}], "messages[0].role", "not supported"),
+        ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id", "needs the call's id"),
+        ([{"role": "function", "content": "x"}], "messages[0].role", "not supported"),
         ([{"role": "developer", "content": "x"}], "messages[0].role", "use 'system'"),
         ([{"role": "user", "content": "x", "name": "bob"}], "messages[0].name", "not supported"),
         ([{"role": "user", "content": None}], "messages[0].content", "string or a list"),
@@ -126,6 +128,21 @@ def test_text_parts_are_joined_by_newlines() -> None:
 def test_malformed_json_is_a_400(body: bytes) -> None:
     error = refused(body)
     assert error.code == "invalid_json"
+
+
+@pytest.mark.parametrize("parser", [parse_chat_completion_request, parse_completion_request])
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        ('{"prompt": "\u00e9"}'.encode("latin-1"), "not valid JSON"),
+    ],
+)
+def test_bodies_the_json_parser_cannot_take_are_400s(parser, body: bytes, fragment: str) -> None:
+    error = refused(body, parser)
+    assert error.code == "invalid_json" and fragment in error.message
 
 
 def test_json_schema_response_format_keeps_the_schema() -> None:
@@ -269,7 +286,7 @@ def test_metrics_are_valid_prometheus_text() -> None:
     metrics.count("GET", "/nope", 404)
     counters = dict.fromkeys(COUNTERS, 0.0) | {"decode_seconds": 1.5, "completion_tokens": 7.0}
     stats = EngineStats(4, 4096, 1024, 3, 2, 100, 12.5, counters)
-    text = metrics.render(stats)
+    text = metrics.render([stats])
     sample = re.compile(r'^localllm_[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? [0-9.e+-]+$')
     for line in text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line

@@ -265,7 +265,7 @@ def test_json_schema_response_format(client: openai.OpenAI) -> None:
     [
         ({"frobnicate": 1}, "frobnicate"),
         ({"n": 3}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
         ({"temperature": -0.5}, "temperature"),
         ({"logit_bias": {"999999": 1}}, "logit_bias"),
     ],
@@ -284,6 +284,9 @@ def test_malformed_json_and_messages_are_400s(server: RunningServer) -> None:
     status, headers, body = raw(server.port, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400 and headers["content-type"] == "application/json"
     assert json.loads(body)["error"]["code"] == "invalid_json"
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, _, body = raw(server.port, "POST", "/v1/chat/completions", deep)
+    assert status == 400 and "nested too deeply" in json.loads(body)["error"]["message"]
     bad = json.dumps({"messages": [{"role": "user"}]}).encode()
     status, _, body = raw(server.port, "POST", "/v1/chat/completions", bad)
     assert status == 400 and json.loads(body)["error"]["param"] == "messages[0].content"

@@ -118,6 +118,53 @@ def test_type_a_message_and_see_the_reply_stream(
     assert "in ·" in page.text_content("#status")
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+
+
+def test_tool_calls_are_shown_readably_and_not_run(page, server: RunningServer) -> None:
+    ask = "What is the weather in Paris?"
+    page.goto(server.url)
+    page.wait_for_selector("body[data-state=idle]")
+    page.click("#settings summary")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "64")
+    page.fill("#tools", json.dumps([WEATHER]))
+    page.fill("#input", ask)
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.assistant[data-done='1']", timeout=120_000)
+    request = urllib.request.Request(
+        f"{server.url}/v1/chat/completions",
+        data=json.dumps(
+            {
+                "messages": [{"role": "user", "content": ask}],
+                "tools": [WEATHER],
+                "temperature": 0,
+                "max_tokens": 64,
+            }
+        ).encode(),
+    )
+    with urllib.request.urlopen(request) as resp:
+        [call] = json.loads(resp.read())["choices"][0]["message"]["tool_calls"]
+    assert page.text_content(".msg.assistant .tool-name") == "tool call · get_weather"
+    shown = page.text_content(".msg.assistant .tool-call pre")
+    assert shown == json.dumps(json.loads(call["function"]["arguments"]), indent=2)
+    assert "tool calls (not run by this page)" in page.text_content("#status")
+    assert page.locator(".msg").count() == 2  # nothing ran: no further turn appeared
+
+
 def test_the_stop_button_ends_the_reply_and_frees_the_slot(page, server: RunningServer) -> None:
     page.goto(server.url)
     page.wait_for_selector("body[data-state=idle]")

@@ -120,7 +120,8 @@ def format_markdown(
         lines.append(line)
     env = environment or (results[0].environment if results else None)
     if env is not None:
-        source = next((r.synthetic for r in results if r.synthetic), None)
+        # bench --synthetic --quant A,B: every stand-in's source
+        source = ", ".join(dict.fromkeys(r.synthetic for r in results if r.synthetic)) or None
         lines += [
             "",
             f"build: {env.llama_cpp_build} (0)",
@@ -144,7 +145,7 @@ def _md_cells(r: BenchResult) -> dict[str, str]:
         "params": f"{r.model_n_params / 1e6:.2f} M"
         if r.model_n_params < 1e9
         else f"{r.model_n_params / 1e9:.2f} B",
-        "backend": "RPC" if r.split else r.environment.backends,  # llama-bench --rpc
+        "backend": r.backends,  # llama-bench's: GPU backends, then RPC with --rpc
         "n_threads": str(r.test.n_threads),
         "n_batch": str(r.test.n_batch),
         "n_ubatch": str(r.test.n_ubatch),

@@ -184,6 +184,13 @@ class RpcSplit:
         return "/".join(f"{x:.2f}" for x in self.tensor_split) or "0.00"
 
     @property
+    def gpu_descriptions(self) -> tuple[str, ...]:
+        """Its RPC devices as ggml describes them (each one's endpoint), in order."""
+        return tuple(
+            device.split("[", 1)[1].rstrip("]") for device, _layers in self.layers if "[" in device
+        )
+
+    @property
     def layer_split_field(self) -> str:
         """Each device and its layer range: "CPU 0-10/RPC0[127.0.0.1:50052] 11-30"."""
         return "/".join(
@@ -244,6 +251,21 @@ class BenchResult:
         return _stdev(self.samples_ts)
 
     @property
+    def backends(self) -> str:
+        """llama-bench's backends: the GPU backends compiled in, then RPC when --rpc is used."""
+        if self.split is None:
+            return self.environment.backends
+        names = [b for b in self.environment.backends.split(",") if b not in ("", "CPU", "RPC")]
+        return ",".join([*names, "RPC"])
+
+    @property
+    def gpu_info(self) -> str:
+        """llama-bench's gpu_info: every GPU device's description, RPC devices (their endpoint)
+        included, as llama-bench --rpc registers them."""
+        rpc = self.split.gpu_descriptions if self.split is not None else ()
+        return ", ".join(d for d in (self.environment.gpu_info, *rpc) if d)
+
+    @property
     def roofline_ts(self) -> float | None:
         if self.tg_bytes_per_token is None or self.bandwidth is None:
             return None
@@ -261,8 +283,8 @@ class BenchResult:
             "build_commit": env.llama_cpp_build,
             "build_number": 0,  # llama-cpp-python does not carry llama.cpp's build count
             "cpu_info": env.cpu_info,
-            "gpu_info": env.gpu_info,
-            "backends": env.backends,
+            "gpu_info": self.gpu_info,
+            "backends": self.backends,
             "model_filename": self.model_filename,
             "model_type": self.model_type,
             "model_size": self.model_size,
@@ -285,7 +307,6 @@ class BenchResult:
             **_FIXED_FIELDS,
         }
         if self.split is not None:  # as llama-bench --rpc records them
-            values["backends"] = "RPC"
             values["n_gpu_layers"] = self.split.n_gpu_layers
             values["tensor_split"] = self.split.tensor_split_field
         record = {name: values[name] for name in LLAMA_BENCH_FIELDS}

@@ -6,6 +6,8 @@ into the store's disk and deleted afterwards, benchmarks at the model's speed be
 byte of it is downloaded. The table comes from a local GGUF (or header-only file), a hub
 file's header preview (a catalog alias with a quant, org/repo:QUANT, hf://...), or a
 preset with llama.cpp's own quantizer choosing each tensor's type (``--quant``).
+``--quant Q4_K_M,Q5_K_M`` with a preset or a hub repo named without a quant measures each
+in turn (one stand-in at a time on disk), so speed can join kv-calc's choice of a file.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from pathlib import Path
 from localllm.bench.record import BenchResult
 from localllm.bench.request import BenchRequest
 from localllm.bench.run import BenchEvent, BenchPlan, BenchRun
+from localllm.errors import InvalidArgument
 from localllm.gguf.spec import ModelSpec, read_model_spec_from_prefix
 from localllm.plan.preload import check_load_fits, plan_load
 from localllm.plan.rope import plan_rope
 from localllm.plan.synthetic_gguf import synthetic_gguf
 from localllm.plan.tensor_table import tensor_table_of
+from localllm.store.hub import repo_to_choose_in
 from localllm.store.model_store import ModelStore
+from localllm.store.presets import lookup_preset
 
-__all__ = ["SyntheticModel", "run_synthetic"]
+__all__ = ["SyntheticModel", "quant_requests", "run_synthetic"]
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,42 @@ def synthetic_model(request: BenchRequest) -> Iterator[SyntheticModel]:
         yield SyntheticModel(made.path, spec, label, table.source)
 
 
+def quant_requests(request: BenchRequest) -> list[BenchRequest]:
+    """One request per ``--quant`` (comma-separated): a preset keeps its quant, a hub repo
+    named without one becomes ``org/repo:QUANT``."""
+    if request.quant is None:
+        return [request]
+    quants = [q.strip() for q in request.quant.split(",") if q.strip()]
+    if not quants:
+        raise InvalidArgument(f"--quant {request.quant!r} names no quant; e.g. Q4_K_M,Q5_K_M")
+    if len(quants) > 1 and request.keep_synthetic is not None:
+        raise InvalidArgument("--keep-synthetic keeps one file; give one --quant with it")
+    if lookup_preset(request.model) is not None:
+        return [replace(request, quant=q) for q in quants]
+    repo = repo_to_choose_in(request.model) if request.model else None
+    if repo is None:
+        raise InvalidArgument(
+            "--quant picks a preset's quantization, or the files of a hub repo named without "
+            f"one (org/repo --quant Q4_K_M,Q5_K_M); {request.model or 'the default model'} "
+            "names one file already"
+        )
+    return [replace(request, model=f"{repo}:{q.upper()}", quant=None) for q in quants]
+
+
 def run_synthetic(
     request: BenchRequest, run: Callable[[BenchRequest], Iterator[BenchEvent]]
 ) -> Iterator[BenchEvent]:
-    """Benchmark the stand-in exactly as ``bench`` does; results say the weights were random."""
+    """Benchmark the stand-in exactly as ``bench`` does; results say the weights were random.
+
+    With several quants, each stand-in is written, measured and deleted in turn.
+    """
+    for one in quant_requests(request):
+        yield from _run_one(one, run)
+
+
+def _run_one(
+    request: BenchRequest, run: Callable[[BenchRequest], Iterator[BenchEvent]]
+) -> Iterator[BenchEvent]:
     with synthetic_model(request) as model:
         inner = replace(request, model=str(model.path), synthetic=False, hash_model=False)
         for event in run(inner):

@@ -17,7 +17,7 @@ from localllm.flags import check_count, check_rope_method, check_threads, thread
 from localllm.gguf.spec import ModelSpec, read_model_spec
 from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
 from localllm.plan.rope import plan_rope
-from localllm.plan.split import check_split_load
+from localllm.plan.split import check_split_load, split_applies
 from localllm.runtime.llama import load_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
 from localllm.store.catalog import load_catalog
@@ -97,8 +97,8 @@ def open_session(request: ChatRequest) -> ChatSession:
     seed = sampling.seed if sampling.seed is not None else options.seed
     options = replace(options, n_ctx=ctx, seed=seed)
     memory = None
-    if request.memory_check and options.rpc:
-        # The weights live on several hosts: each one's share against its own memory.
+    if request.memory_check and split_applies(options):
+        # The weights live on several devices: each one's share against its own memory.
         check_split_load(model.alias or path.name, path, options)
     elif request.memory_check:
         label = model.alias or path.name

@@ -105,7 +105,8 @@ def bench_cmd(
         str | None,
         typer.Option(
             "--quant",
-            help="With --synthetic and a preset: its quantization.",
+            help="With --synthetic: a preset's quantization, or which files of a hub repo "
+            "named without a quant to measure; comma-separated (Q4_K_M,Q5_K_M).",
             show_default="Q4_K_M",
         ),
     ] = None,

@@ -123,15 +123,16 @@ def chat_cmd(
         render_sessions(list_sessions())
         return
     max_state = state_max(kv_state_max)
+    sampling = SamplingOptions(
+        temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+        repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
+    )  # fmt: skip
     if resume is not None:
         _refuse_flags_with_resume(cli)
         request, saved = _resumed_request(resume, no_memory_check)
+        request = _with_given_sampling(cli, request, sampling)
     else:
         saved = None
-        sampling = SamplingOptions(
-            temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-            repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed,
-        )  # fmt: skip
         endpoints = parse_rpc(rpc)
         options = LoadOptions(
             n_threads=threads,
@@ -187,22 +188,50 @@ def _one_shot_prompt(prompt: str | None, as_json: bool) -> str | None:
     return prompt
 
 
-# Flags that go with --resume; every other one would be silently overridden by the session.
-_RESUME_FLAGS = {"resume", "no_history", "no_memory_check", "prompt", "as_json", "kv_state_max"}
+# Sampling is not part of a conversation: these change how the resumed session answers.
+_SAMPLING_FLAGS = {
+    "temp": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
+    "seed": "seed",
+    "max_tokens": "max_tokens",
+}
+# Flags that go with --resume; every other one (model, context, RoPE, template, KV cache,
+# load options) would change the conversation itself or the cache it was held in.
+_RESUME_FLAGS = {
+    "resume", "no_history", "no_memory_check", "prompt", "as_json", "kv_state_max",
+    *_SAMPLING_FLAGS,
+}  # fmt: skip
+
+
+def _given(cli: typer.Context) -> list[str]:
+    return [name for name in cli.params if cli.get_parameter_source(name).name == "COMMANDLINE"]
 
 
 def _refuse_flags_with_resume(cli: typer.Context) -> None:
-    given = [
-        name
-        for name in cli.params
-        if name not in _RESUME_FLAGS and cli.get_parameter_source(name).name == "COMMANDLINE"
-    ]
+    given = [name for name in _given(cli) if name not in _RESUME_FLAGS]
     if given:
         flag = "MODEL" if given[0] == "model" else "--" + given[0].replace("_", "-")
         raise InvalidArgument(
-            f"--resume continues a session with its own model and settings; drop {flag} "
-            "(or start a new chat without --resume)"
+            f"--resume continues a session with its own model, context, template and KV "
+            f"cache settings; drop {flag} (or start a new chat without --resume). Sampling "
+            "flags (--temp, --top-p, --top-k, --min-p, --repeat-penalty, --seed, "
+            "--max-tokens) may change"
         )
+
+
+def _with_given_sampling(cli: typer.Context, request: Any, sampling: Any) -> Any:
+    """The resumed request with the sampling flags given on this command line in force."""
+    from dataclasses import replace
+
+    changed = {
+        _SAMPLING_FLAGS[name]: getattr(sampling, _SAMPLING_FLAGS[name])
+        for name in _given(cli)
+        if name in _SAMPLING_FLAGS
+    }
+    return replace(request, sampling=replace(request.sampling, **changed)) if changed else request
 
 
 def _resumed_request(resume: str, no_memory_check: bool) -> tuple[Any, Any]:

@@ -86,11 +86,22 @@ def kv_calc_cmd(
     from localllm.text import parse_size
     from localllm.views.kvcalc import render_kv_calc, render_kv_verify
 
+    if model is not None and not rpc and _repo_to_choose_in(model):
+        _choose_cmd(
+            model, ctx=ctx, batch=batch, kv_type=kv_type, type_k=type_k, type_v=type_v,
+            flash_attn=flash_attn, ubatch=ubatch, repack=repack, swa_full=swa_full,
+            estimate=estimate, as_json=as_json,
+            other=(layers, heads, kv_heads, head_dim, budget, rope, verify, tensor_split,
+                   gpu_layers != -1),
+        )  # fmt: skip
+        return
     check_count(ubatch, "--ubatch")
     for value, flag in ((layers, "--layers"), (heads, "--heads"), (kv_heads, "--kv-heads"),
                         (head_dim, "--head-dim")):  # fmt: skip
         check_count(value, flag, high=1 << 16)
-    if rpc:
+    arch_only = any(v is not None for v in (layers, heads, kv_heads, head_dim))
+    if rpc or (not (arch_only or estimate or verify or rope) and _gpu_here(model, gpu_layers)):
+        # Layers on RPC servers or this machine's GPUs: each device's share on its memory.
         endpoints = parse_rpc(rpc)
         _split_cmd(
             model, endpoints, ctx=ctx, batch=batch, kv_type=kv_type, type_k=type_k,
@@ -102,7 +113,10 @@ def kv_calc_cmd(
         return
     parse_tensor_split(tensor_split, ())  # refused without --rpc
     if gpu_layers != -1:
-        raise InvalidArgument(f"-ngl {gpu_layers} places layers on --rpc devices; add --rpc")
+        raise InvalidArgument(
+            f"-ngl {gpu_layers} places layers on a GPU or --rpc devices, and llama.cpp sees "
+            "no GPU here (`localllm system`); add --rpc"
+        )
     request = KVCalcRequest(
         model=model,
         ctx=parse_count_list(ctx, "--ctx") if ctx else (),
@@ -139,6 +153,24 @@ def kv_calc_cmd(
     if report is not None:
         out.print()
         render_kv_verify(report)
+
+
+def _gpu_here(model: str | None, gpu_layers: int) -> bool:
+    """Whether this machine's GPUs take a GGUF's layers (-ngl not 0, a GPU llama.cpp sees).
+
+    Asked only of a file on disk: a preset stays arithmetic, without llama_cpp.
+    """
+    from localllm.errors import LocalLLMError
+    from localllm.plan.split import split_applies
+    from localllm.runtime.params import LoadOptions
+    from localllm.store.resolver import resolve_model
+
+    try:
+        if not resolve_model(model).present:
+            return False
+    except LocalLLMError:  # kv-calc's own path says what is wrong with the reference
+        return False
+    return split_applies(LoadOptions(n_gpu_layers=gpu_layers))
 
 
 def _split_cmd(model: str | None, endpoints: tuple[str, ...], **flags: Any) -> None:
@@ -179,3 +211,54 @@ def _split_cmd(model: str | None, endpoints: tuple[str, ...], **flags: Any) -> N
         print_json(result.as_json())
     else:
         render_split(result)
+
+
+def _repo_to_choose_in(model: str) -> str | None:
+    from localllm.store.hub import repo_to_choose_in
+
+    return repo_to_choose_in(model)
+
+
+def _choose_cmd(model: str, **flags: Any) -> None:
+    """kv-calc ORG/REPO (no quant): every file of the repo against this machine."""
+    from localllm.flags import MAX_SEQUENCES, parse_count_list, parse_kv_types
+    from localllm.plan.kvcalc import KVCalcRequest
+    from localllm.plan.quant_choice import QuantChoiceRequest, choose_quant
+    from localllm.views.kvcalc import choice_progress, render_quant_choice
+
+    if any(flags["other"]):
+        raise InvalidArgument(
+            f"{model} names a repo: kv-calc plans each of its files at one --ctx; drop "
+            "--layers/--heads/--kv-heads/--head-dim/--budget/--rope/--verify/--tensor-split/"
+            f"-ngl, or name one file ({model}:QUANT)"
+        )
+    ctx = parse_count_list(flags["ctx"], "--ctx") if flags["ctx"] else ()
+    batch = parse_count_list(flags["batch"], "--batch", maximum=MAX_SEQUENCES)
+    kv_types = parse_kv_types(flags["kv_type"]) if flags["kv_type"] else ()
+    if len(ctx) > 1 or len(batch) > 1 or len(kv_types) > 1:
+        raise InvalidArgument(
+            f"{model} names a repo: its files are planned at one --ctx, one --batch and one "
+            f"--kv-type; sweep one file with {model}:QUANT"
+        )
+    check_count(flags["ubatch"], "--ubatch")
+    plan = KVCalcRequest(
+        batch=batch,
+        kv_types=kv_types,
+        type_k=parse_kv_types(flags["type_k"], "--type-k")[0] if flags["type_k"] else None,
+        type_v=parse_kv_types(flags["type_v"], "--type-v")[0] if flags["type_v"] else None,
+        flash_attn=parse_on_off(flags["flash_attn"], "--flash-attn"),
+        ubatch=flags["ubatch"],
+        swa_full=flags["swa_full"],
+        estimate=flags["estimate"],
+        repack=parse_repack(flags["repack"]),
+    )
+    repo = _repo_to_choose_in(model)
+    assert repo is not None
+    with choice_progress(repo) as progress:
+        choice = choose_quant(QuantChoiceRequest(repo, ctx[0] if ctx else None, plan), progress)
+    if flags["as_json"]:
+        print_json(choice.as_json())
+        for message in choice.warnings:
+            warn(message)
+        return
+    render_quant_choice(choice)

@@ -33,7 +33,7 @@ GpuLayersOpt = Annotated[
     typer.Option(
         "--gpu-layers",
         "-ngl",
-        help="Layers on the RPC servers' devices (-1: all; the rest stay on this CPU).",
+        help="Layers on this machine's GPUs and the --rpc devices (-1: all; the rest on the CPU).",
     ),
 ]
 TensorSplitOpt = Annotated[

@@ -1,1 +1,1 @@
-"""``localllm list`` and ``info``: what the store holds and what a model file says."""
+"""``list``, ``info`` and ``system``: the store, a model file, and what this machine has."""

@@ -125,6 +125,7 @@ class MemoryPlanner:
     def _dry_model(self) -> Any:
         """The dry-run model, opened once; None (and estimates) if llama.cpp cannot load it."""
         if self._model is None and self.use_dry_run:
+            from localllm.plan.dry_run_cache import CachedDryRun
             from localllm.runtime.dry_run import DryRunModel
             from localllm.runtime.library import choose_repack
 
@@ -133,7 +134,13 @@ class MemoryPlanner:
             path = self._stack.enter_context(dry_run_file(self.facts))
             assert path is not None
             try:
-                model = DryRunModel(path, use_extra_bufts=choice.repack)
+                # A local file's figures are kept between runs; a hub header's temporary
+                # file is dry-run each time.
+                model: Any = (
+                    CachedDryRun(path, use_extra_bufts=choice.repack)
+                    if self.facts.path is not None
+                    else DryRunModel(path, use_extra_bufts=choice.repack)
+                )
             except ModelLoadError as exc:
                 # The command's own load will fail the same way; a plan can still be given.
                 self.use_dry_run, self.dry_run_error = False, str(exc)

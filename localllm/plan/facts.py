@@ -58,6 +58,8 @@ class ModelFacts:
     path: str | None = None  # the local GGUF, when there is one (for --verify)
     layout: MemoryLayout | None = None  # None: every layer alike (presets, flags)
     header: bytes | None = field(default=None, repr=False)  # a hub file's header bytes
+    # A split hub model: each shard's (file name, header bytes, size), the first first.
+    shards: tuple[tuple[str, bytes, int], ...] = field(default=(), repr=False)
 
     @property
     def memory_layout(self) -> MemoryLayout:
@@ -72,12 +74,18 @@ class ModelFacts:
 
 @contextmanager
 def dry_run_file(facts: ModelFacts) -> Iterator[Path | None]:
-    """The GGUF llama.cpp can dry-run for ``facts``: the file, or the hub header in a
-    temporary sparse file of the model's full size; None when there is none."""
+    """The GGUF llama.cpp can dry-run for ``facts``: the file, or the hub header (each
+    shard's, for a split model) in a temporary sparse file of the model's full size;
+    None when there is none."""
     if not facts.has_gguf:
         yield None
     elif facts.path is not None:
         yield Path(facts.path)
+    elif facts.shards:
+        from localllm.store.preview import header_files
+
+        with header_files(facts.shards) as path:
+            yield path
     else:
         from localllm.store.preview import header_file
 

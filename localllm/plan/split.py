@@ -1,4 +1,4 @@
-"""A model split across this machine and llama.cpp RPC servers: what each host holds.
+"""A model split across this machine, its GPUs and llama.cpp RPC servers: what each holds.
 
 Nothing is loaded or sent to the servers. llama.cpp's own dry run, with the servers'
 devices attached, chooses every layer's device as a real load would (``-ngl`` and
@@ -9,8 +9,11 @@ token embeddings stay on this machine (llama.cpp's input layer is always the CPU
 output tensors go with the output layer, and a model without its own output matrix gets
 a copy of the token embeddings there (llama.cpp's ``TENSOR_DUPLICATED``).
 
-Each host's memory is what it reports: this machine's available memory, each server's
-device memory (a CPU server reports its total RAM as free: ggml-cpu cannot tell).
+Each host's memory is what it reports: this machine's available memory, each local GPU's
+free memory, each server's device memory (a CPU server reports its total RAM as free:
+ggml-cpu cannot tell). A GPU on unified memory (Metal, an iGPU) holds its share in this
+machine's RAM: the share is checked against the GPU's free memory (Metal's working set)
+and, once, with this machine's own share against the available RAM.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import re
 import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localllm.errors import InsufficientMemory, InvalidArgument
@@ -27,6 +30,7 @@ from localllm.machine import available_memory_bytes
 from localllm.paths import cache_root
 from localllm.plan.kvcalc import fit_verdict
 from localllm.plan.tensor_table import TensorEntry
+from localllm.runtime.devices import GgmlDevice
 from localllm.runtime.dry_run import CacheReport, DryRunSettings
 from localllm.runtime.params import LoadOptions
 from localllm.runtime.rpc_plan import DeviceShare, SplitContext, SplitDryRun
@@ -38,8 +42,10 @@ __all__ = [
     "SplitRequest",
     "SplitResult",
     "check_split_load",
+    "host_shares",
     "layer_of_tensor",
     "plan_split",
+    "split_applies",
 ]
 
 THIS_MACHINE = "this machine"
@@ -73,22 +79,30 @@ class SplitRequest:
 class HostShare:
     """One host's part of the model at one context size."""
 
-    host: str  # THIS_MACHINE or the server's host:port
-    devices: tuple[str, ...]  # ggml's names: CPU, RPC0, ...
+    host: str  # THIS_MACHINE, a local GPU's ggml name (CUDA0, MTL0) or a server's host:port
+    devices: tuple[str, ...]  # ggml's names: CPU, RPC0, CUDA0...
     layers: tuple[int, ...]  # the output layer is number n_layer
     weights_bytes: int
     kv_bytes: int
     compute_bytes: int  # llama.cpp's log, to 0.01 MiB
     output_bytes: int
-    memory_bytes: int | None  # available here; a server's reported device memory
+    memory_bytes: int | None  # available here; a GPU's free memory; a server's reported
+    unified: bool = False  # a GPU whose memory is this machine's RAM (Metal, an iGPU)
+    shared_bytes: int = 0  # this machine: the unified GPUs' shares, also in its RAM
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes
 
     @property
+    def checked_bytes(self) -> int:
+        """What is checked against ``memory_bytes``: this machine's RAM holds its own share
+        and the unified GPUs' (each byte counted once)."""
+        return self.total_bytes + self.shared_bytes
+
+    @property
     def verdict(self) -> str:
-        return fit_verdict(self.total_bytes, self.memory_bytes)
+        return fit_verdict(self.checked_bytes, self.memory_bytes)
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -100,6 +114,8 @@ class HostShare:
             "compute_bytes": self.compute_bytes,
             "output_bytes": self.output_bytes,
             "total_bytes": self.total_bytes,
+            "unified_memory": self.unified,
+            "shared_bytes": self.shared_bytes,
             "memory_bytes": self.memory_bytes,
             "verdict": self.verdict,
         }
@@ -141,11 +157,13 @@ class SplitResult:
     budget: SplitPlan | None = None  # the largest context that fits every host
     budget_capped: bool = False  # the budget answer stopped at the trained context
     notes: tuple[str, ...] = ()
+    gpus: tuple[str, ...] = ()  # this machine's GPU devices that took layers' shares
 
     def as_json(self) -> dict[str, object]:
         data: dict[str, object] = {
             "model": self.label,
             "rpc": list(self.request.endpoints),
+            "gpus": list(self.gpus),
             "n_gpu_layers": self.request.n_gpu_layers,
             "tensor_split": list(self.request.tensor_split),
             "n_layer": self.n_layer,
@@ -204,20 +222,26 @@ def _kv_by_device(
     return by_device
 
 
-def _host_shares(
-    split: SplitContext, weights_by_layer: dict[int | None, int], memory: dict[str, int | None]
+def host_shares(
+    split: SplitContext,
+    weights_by_layer: dict[int | None, int],
+    memory: dict[str, int | None],
+    gpus: Sequence[GgmlDevice] = (),
 ) -> tuple[HostShare, ...]:
-    """Group llama.cpp's devices by host (this machine first, servers in order)."""
+    """Group llama.cpp's devices by host: this machine's CPU first, then each server and
+    each local GPU (its own memory) in llama.cpp's device order."""
     kv = _kv_by_device(split.plan.caches, split.cache_devices)
+    local = {d.name: d for d in gpus}
     groups: dict[str, list[DeviceShare]] = {THIS_MACHINE: []}
     for share in split.shares:
-        groups.setdefault(share.endpoint or THIS_MACHINE, []).append(share)
+        key = share.endpoint or (share.device if share.device in local else THIS_MACHINE)
+        groups.setdefault(key, []).append(share)
     hosts = []
     for host, shares in groups.items():
         layers = tuple(sorted(i for s in shares for i in s.layers))
         weights = sum(weights_by_layer.get(i, 0) for i in layers)
-        local = host == THIS_MACHINE
-        if local:
+        here = host == THIS_MACHINE
+        if here:
             weights += weights_by_layer.get(None, 0)  # the input layer
         hosts.append(
             HostShare(
@@ -227,11 +251,13 @@ def _host_shares(
                 weights_bytes=weights,
                 kv_bytes=sum(kv[s.device] for s in shares),
                 compute_bytes=sum(s.compute_bytes for s in shares),
-                output_bytes=(split.plan.output_bytes or 0) if local else 0,
+                output_bytes=(split.plan.output_bytes or 0) if here else 0,
                 memory_bytes=memory.get(host),
+                unified=host in local and local[host].unified,
             )
         )
-    return tuple(hosts)
+    shared = sum(h.total_bytes for h in hosts if h.unified)
+    return (replace(hosts[0], shared_bytes=shared), *hosts[1:])
 
 
 def _settings(request: SplitRequest, ctx: int) -> DryRunSettings:
@@ -256,8 +282,10 @@ class _Planner:
         request: SplitRequest,
         by_layer: dict[int | None, int],
         memory: dict[str, int | None],
+        gpus: Sequence[GgmlDevice],
     ) -> None:
         self.dry, self.request, self.by_layer, self.memory = dry, request, by_layer, memory
+        self.gpus = gpus
         self.cache: dict[int, SplitPlan] = {}
 
     def plan(self, ctx: int) -> SplitPlan:
@@ -266,14 +294,14 @@ class _Planner:
             if split.plan.error:
                 self.cache[ctx] = SplitPlan(ctx, self.request.n_seq, (), 0, split.plan.error)
             else:
-                hosts = _host_shares(split, self.by_layer, self.memory)
+                hosts = host_shares(split, self.by_layer, self.memory, self.gpus)
                 self.cache[ctx] = SplitPlan(ctx, self.request.n_seq, hosts, split.plan.kv_bytes)
         return self.cache[ctx]
 
     def fits_budget(self, ctx: int, budget: int) -> bool:
         plan = self.plan(ctx)
         return plan.error is None and all(
-            h.total_bytes <= min(budget, h.memory_bytes or budget) for h in plan.hosts
+            h.checked_bytes <= min(budget, h.memory_bytes or budget) for h in plan.hosts
         )
 
     def largest(self, budget: int, ceiling: int) -> tuple[SplitPlan | None, bool]:
@@ -293,6 +321,8 @@ def _memory_by_host(endpoints: Sequence[str]) -> dict[str, int | None]:
     from localllm.rpc.hosts import hosts_memory, parse_endpoints
 
     memory: dict[str, int | None] = {THIS_MACHINE: available_memory_bytes()}
+    if not endpoints:
+        return memory
     for host in hosts_memory(parse_endpoints(list(endpoints))):
         memory[str(host.endpoint)] = host.total_bytes
     return memory
@@ -302,12 +332,18 @@ def plan_split(request: SplitRequest) -> SplitResult:
     """Each host's layers, weights, KV, compute and verdict, from llama.cpp's dry run."""
     from localllm.gguf.header import parse_header_prefix
     from localllm.plan.tensor_table import tensor_table_of
+    from localllm.runtime.devices import local_gpus
     from localllm.runtime.rpc_devices import add_rpc_servers
     from localllm.store.preview import header_file
 
-    if not request.endpoints:
-        raise InvalidArgument("a split plan needs --rpc HOST:PORT[,HOST:PORT...]")
+    gpus = local_gpus() if request.n_gpu_layers != 0 else ()
+    if not request.endpoints and not gpus:
+        raise InvalidArgument(
+            "a split plan needs --rpc HOST:PORT[,HOST:PORT...] or a GPU that llama.cpp "
+            "sees (`localllm system` lists them)"
+        )
     memory = _memory_by_host(request.endpoints)  # one line naming a dead server, first
+    memory.update((d.name, d.memory_free_bytes) for d in gpus)
     cache_root().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="localllm-split-", dir=cache_root()) as work:
         table, label = tensor_table_of(request.model, None, Path(work))
@@ -316,29 +352,47 @@ def plan_split(request: SplitRequest) -> SplitResult:
         n_layer = int(kv.get(f"{arch}.block_count", 0))
         trained = int(kv.get(f"{arch}.context_length", 0)) or _DEFAULT_CTX
         by_layer = _weights_by_layer(table.tensors, n_layer)
-        devices = add_rpc_servers(request.endpoints)
+        devices = add_rpc_servers(request.endpoints) if request.endpoints else ()
         with (
             header_file(table.header, table.file_bytes) as path,
             SplitDryRun(
                 path,
                 devices,
+                local_gpus=gpus,
                 n_gpu_layers=request.n_gpu_layers,
                 tensor_split=request.tensor_split or None,
                 use_extra_bufts=request.repack,
             ) as dry,
         ):
-            planner = _Planner(dry, request, by_layer, memory)
+            planner = _Planner(dry, request, by_layer, memory, gpus)
             ctxs = request.ctx or (min(trained, _DEFAULT_CTX),)
             plans = tuple(planner.plan(ctx) for ctx in ctxs)
             budget, capped = None, False
             if request.budget_bytes is not None:
                 budget, capped = planner.largest(request.budget_bytes, trained)
     notes = []
-    if any(h.host != THIS_MACHINE for p in plans for h in p.hosts):
+    if request.endpoints:
         notes.append("a CPU RPC server reports its total RAM as its free memory (ggml cannot tell)")
+    for gpu in gpus:
+        if gpu.unified:
+            notes.append(
+                f"{gpu.name} works in this machine's RAM (unified memory): its share is "
+                f"checked against {gpu.name}'s free memory and, with this machine's own "
+                "share, once against the available RAM"
+            )
     return SplitResult(
-        label, request, n_layer, table.weights_bytes, plans, budget, capped, tuple(notes)
-    )
+        label, request, n_layer, table.weights_bytes, plans, budget, capped, tuple(notes),
+        tuple(d.name for d in gpus),
+    )  # fmt: skip
+
+
+def split_applies(options: LoadOptions) -> bool:
+    """Whether a load puts layers on other devices than this CPU (--rpc, or a GPU here)."""
+    if options.rpc:
+        return True
+    from localllm.runtime.devices import local_gpus
+
+    return options.n_gpu_layers != 0 and bool(local_gpus())
 
 
 def _gib(n: int) -> str:
@@ -369,12 +423,13 @@ def check_split_load(label: str, path: str | Path, options: LoadOptions) -> Spli
         if host.verdict != "too big":
             continue
         assert host.memory_bytes is not None
+        shared = f" + {_gib(host.shared_bytes)} of GPUs in its RAM" if host.shared_bytes else ""
         raise InsufficientMemory(
-            f"{label} at --ctx {plan.ctx}: {host.host}'s share needs {_gib(host.total_bytes)} "
+            f"{label} at --ctx {plan.ctx}: {host.host}'s share needs {_gib(host.checked_bytes)} "
             f"GiB (weights {_gib(host.weights_bytes)} + KV {_gib(host.kv_bytes)} + compute "
-            f"{_gib(host.compute_bytes + host.output_bytes)}) but it has "
+            f"{_gib(host.compute_bytes + host.output_bytes)}{shared}) but it has "
             f"{_gib(host.memory_bytes)} GiB; move layers with -ngl / --tensor-split, use a "
-            "smaller --ctx (`localllm kv-calc MODEL --rpc ... --budget SIZE`), or "
+            "smaller --ctx (`localllm kv-calc MODEL ... --budget SIZE`), or "
             "--no-memory-check"
         )
     return plan

@@ -30,7 +30,7 @@ from localllm.generation import Notice
 from localllm.gguf.spec import ModelSpec, read_model_spec
 from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
 from localllm.plan.rope import RopePlan, plan_rope
-from localllm.plan.split import check_split_load
+from localllm.plan.split import check_split_load, split_applies
 from localllm.runtime.llama import LoadedModel, load_model
 from localllm.runtime.logits import bos_policy, score_chunk
 from localllm.runtime.params import LoadOptions
@@ -184,7 +184,7 @@ def iter_perplexity(
         n_ubatch=min(512, n_batch),
         rope=plan.params,
     )
-    if memory_check and options.rpc:
+    if memory_check and split_applies(options):
         check_split_load(resolved.alias or path.name, path, options)
     elif memory_check:
         check_load_fits(_memory_plan(resolved.alias or path.name, spec, options, plan))

@@ -13,8 +13,9 @@ seeded draw.
 
 from __future__ import annotations
 
+import ctypes
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "json_grammar",
     "load_model_and_context",
     "sampler_chain",
+    "schema_rules",
     "token_logprob",
 ]
 
@@ -53,6 +55,28 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
         raise InvalidArgument(f"cannot turn this JSON schema into a grammar: {exc}") from None
 
 
+def schema_rules(schemas: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """GBNF rules, one named rule per ``(name, JSON schema)`` and the rules they use
+    (``space`` among them), for a caller to compose under its own ``root``.
+
+    InvalidArgument names the first schema the converter cannot take.
+    """
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    for name, schema in schemas:
+        try:
+            resolved = converter.resolve_refs(schema, name)
+            rule = converter.visit(resolved, name)
+            if rule != name:  # a primitive ("string", "object") is named by its type
+                converter._add_rule(name, rule)
+        except (ValueError, KeyError, TypeError, AssertionError, RecursionError) as exc:
+            raise InvalidArgument(
+                f"{name}: cannot turn this JSON schema into a grammar: {exc}"
+            ) from None
+    return converter.format_grammar()
+
+
 def sampler_chain(lc: Any, vocab: Any, n_vocab: int, p: GenerationParams) -> Any:
     """A new ``llama_sampler`` chain for one request (the caller frees it)."""
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
@@ -69,10 +93,10 @@ def sampler_chain(lc: Any, vocab: Any, n_vocab: int, p: GenerationParams) -> Any
         )
     )
     if p.grammar is not None:
-        grammar = lc.llama_sampler_init_grammar(vocab, p.grammar.encode(), b"root")
+        grammar = _grammar_sampler(lc, vocab, p.grammar, p.grammar_triggers)
         if not grammar:
             lc.llama_sampler_free(chain)
-            raise InvalidArgument("llama.cpp could not parse the grammar for response_format")
+            raise InvalidArgument(f"llama.cpp could not parse the grammar for {p.grammar_for}")
         add(grammar)
     if p.temperature == 0:
         add(lc.llama_sampler_init_greedy())
@@ -84,6 +108,18 @@ def sampler_chain(lc: Any, vocab: Any, n_vocab: int, p: GenerationParams) -> Any
         add(lc.llama_sampler_init_temp(p.temperature))
         add(lc.llama_sampler_init_dist(p.seed if p.seed is not None else lc.LLAMA_DEFAULT_SEED))
     return chain
+
+
+def _grammar_sampler(lc: Any, vocab: Any, grammar: str, triggers: Sequence[str]) -> Any:
+    """The grammar sampler; with ``triggers`` (regexes over the whole reply so far) a lazy
+    one that leaves the text free until a pattern matches, then constrains from the
+    pattern's first group on (llama.cpp's tool-call triggers)."""
+    if not triggers:
+        return lc.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+    return lc.llama_sampler_init_grammar_lazy_patterns(
+        vocab, grammar.encode(), b"root", patterns, len(triggers), None, 0
+    )
 
 
 def token_logprob(

@@ -10,7 +10,7 @@ are held back until the next token decides.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,9 @@ class GenerationParams:
     grammar: str | None = None  # GBNF the reply must match
     logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks)
+    # Lazy grammar: regexes over the reply so far; the grammar applies once one matches.
+    grammar_triggers: tuple[str, ...] = ()
+    grammar_for: str = "response_format"  # what the grammar enforces, for its error message
 
     def validate(self) -> None:
         checks = [
@@ -227,6 +230,10 @@ class PromptFormat:
     render: Callable[[Sequence[ChatMessage]], str]
     stop: tuple[str, ...] = ()
     add_bos: bool = False  # False: the rendered text carries BOS itself, as Jinja templates do
+    # Messages as the template's dicts (tool fields included) plus extra template variables
+    # (``tools``); None where the format cannot take them (llama.cpp built-ins, --raw).
+    render_messages: Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str] | None = None
+    template_text: str | None = None  # the Jinja source: tool calling reads its format from it
 
 
 class EventStream:

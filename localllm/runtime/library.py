@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from localllm.errors import ModelLoadError
@@ -18,9 +21,11 @@ __all__ = [
     "choose_repack",
     "cpu_has_amx",
     "import_llama_cpp",
+    "library_fingerprint",
     "llama_build",
     "llama_cpp_version",
     "load_log_uses_amx",
+    "loaded_library",
     "system_info",
 ]
 
@@ -51,6 +56,47 @@ def llama_cpp_version() -> str:
         return version("llama-cpp-python")
     except PackageNotFoundError:
         return "not installed"
+
+
+def library_fingerprint() -> tuple[tuple[str, int, int], ...]:
+    """Which llama.cpp build is installed, without loading it: the name, size and mtime of
+    llama_cpp's ``__init__.py`` and of each shared library (a rebuild changes them)."""
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    spec = find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    package = Path(next(iter(spec.submodule_search_locations)))
+    files = [package / "__init__.py", *sorted((package / "lib").glob("*"))]
+    found = []
+    for file in files:
+        try:
+            st = file.stat()
+        except OSError:
+            continue
+        found.append((file.name, st.st_size, st.st_mtime_ns))
+    return tuple(found)
+
+
+def loaded_library(name: str, libdir: Path | None = None) -> Any:
+    """A CDLL over the very file libllama already mapped for ``lib<name>``.
+
+    The wheel ships ``libggml.so``, ``.so.0`` and ``.so.0.x`` as three copies (wheels
+    hold no symlinks), and libllama maps the ``.so.0`` ones: opening another copy would
+    load a second ggml with its own device registry and RPC connections.
+    """
+    llama_cpp = import_llama_cpp()
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").split(maxsplit=5)[-1]
+            base = os.path.basename(path)
+            if path.startswith("/") and re.fullmatch(rf"lib{re.escape(name)}\.so\.\d+", base):
+                return ctypes.CDLL(path)
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    libdir = libdir or Path(llama_cpp.__file__).resolve().parent / "lib"
+    return load_shared_library(name, libdir)  # not Linux: the loader's own naming
 
 
 @dataclass(frozen=True)
@@ -89,10 +135,9 @@ def _bind_registry(lib: Any) -> None:
 
 def llama_build() -> LlamaBuild:
     """Versions, commit and devices of the loaded llama.cpp (ggml's device registry)."""
-    import_llama_cpp()
-    from llama_cpp import _ggml
-
-    lib = _ggml.libggml
+    # libllama's own ggml: llama_cpp._ggml opens another copy, whose registry never sees
+    # the RPC servers added for a load.
+    lib = loaded_library("ggml")
     _bind_registry(lib)
     describe = _cstr(lib, "ggml_backend_dev_description", [ctypes.c_void_p])
     reg_name = _cstr(lib, "ggml_backend_reg_name", [ctypes.c_void_p])

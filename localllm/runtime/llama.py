@@ -250,13 +250,15 @@ def _patched_llama(llama_cpp: Any, **model_fields: Any) -> Iterator[None]:
 
 @contextmanager
 def _rpc_devices(endpoints: Sequence[str]) -> Iterator[None]:
-    """With --rpc: the load places layers on these servers' devices (checked first)."""
+    """With --rpc: the load places layers on these servers' devices (checked first), then
+    on this machine's GPUs (llama.cpp's own order, as the split plan's dry run)."""
     if not endpoints:
         yield
         return
+    from localllm.runtime.devices import local_gpus
     from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
 
-    with model_devices(add_rpc_servers(endpoints)):
+    with model_devices([*add_rpc_servers(endpoints), *local_gpus()]):
         yield
 
 

@@ -179,15 +179,17 @@ class BenchModel:
         self.bos = int(llama_cpp.llama_vocab_bos(vocab))
 
     def _load_split(self, params: Any, rpc: Sequence[str], tensor_split: Sequence[float]) -> None:
-        """Load onto the RPC servers' devices (as llama-bench --rpc) and note the split."""
+        """Load onto the RPC servers' devices, then this machine's GPUs (as llama-bench
+        --rpc) and note the split."""
+        from localllm.runtime.devices import local_gpus
         from localllm.runtime.rpc_devices import add_rpc_servers, attach_devices
         from localllm.runtime.rpc_plan import parse_placement
 
-        devices = add_rpc_servers(rpc)
-        arrays = attach_devices(params, devices, tensor_split)
+        devices, gpus = add_rpc_servers(rpc), local_gpus()
+        arrays = attach_devices(params, [*devices, *gpus], tensor_split)
         with debug_lines() as lines:
             self.model, self.load_log = load_model_file(self._lc, self.path, params)
-        self.placement = parse_placement(lines, devices)
+        self.placement = parse_placement(lines, devices, [g.name for g in gpus])
         del arrays  # llama.cpp has copied them
 
     def new_context(self, config: ContextConfig) -> BenchContext:

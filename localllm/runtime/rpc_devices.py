@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
-import re
 import socket
 import struct
 import threading
@@ -23,16 +21,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from localllm.errors import RpcError
 from localllm.net import parse_host_port
-from localllm.runtime.library import import_llama_cpp
+from localllm.runtime.library import import_llama_cpp, loaded_library
 
 __all__ = [
     "ABORT_CALLBACK",
     "RPC_PROTO_MAJOR",
     "RPC_PROTO_MINOR",
+    "DeviceHandle",
     "RpcDevice",
     "RpcServerInfo",
     "add_rpc_servers",
@@ -71,6 +70,16 @@ class RpcServerInfo:
     @property
     def free_bytes(self) -> int:
         return sum(free for free, _total in self.device_memory)
+
+
+class DeviceHandle(Protocol):
+    """A ggml device a load can be pointed at: an RPC device, or a local GPU."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def handle(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -186,8 +195,8 @@ class _Libs:
                 "rebuild it with `make setup` (CMAKE_ARGS=-DGGML_RPC=ON)"
             )
         libdir = Path(llama_cpp.__file__).resolve().parent / "lib"
-        self.rpc = _loaded_library("ggml-rpc", libdir)
-        self.ggml = _loaded_library("ggml", libdir)
+        self.rpc = loaded_library("ggml-rpc", libdir)
+        self.ggml = loaded_library("ggml", libdir)
         vp, sz, cp = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
         for lib, name, args, res in (
             (self.rpc, "ggml_backend_rpc_add_server", [cp], vp),
@@ -207,24 +216,6 @@ class _Libs:
         ):
             func = getattr(lib, name)
             func.argtypes, func.restype = args, res
-
-
-def _loaded_library(name: str, libdir: Path) -> Any:
-    """A CDLL over the very file libllama already mapped for ``lib<name>``.
-
-    The wheel ships ``libggml.so``, ``.so.0`` and ``.so.0.x`` as three copies (wheels
-    hold no symlinks), and libllama maps the ``.so.0`` ones: opening another copy would
-    load a second ggml with its own device registry and RPC connections.
-    """
-    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.rstrip("\n").split(maxsplit=5)[-1]
-            base = os.path.basename(path)
-            if path.startswith("/") and re.fullmatch(rf"lib{re.escape(name)}\.so\.\d+", base):
-                return ctypes.CDLL(path)
-    from llama_cpp._ctypes_extensions import load_shared_library
-
-    return load_shared_library(name, libdir)  # not Linux: the loader's own naming
 
 
 _libs_lock = threading.Lock()
@@ -284,7 +275,7 @@ def rpc_device_memory(endpoint: str, device: int = 0, *, timeout: float = 3.0) -
     return free.value, total.value
 
 
-def devices_array(devices: Sequence[RpcDevice]) -> Any:
+def devices_array(devices: Sequence[DeviceHandle]) -> Any:
     """A NULL-terminated ``ggml_backend_dev_t`` array for ``llama_model_params.devices``.
 
     The caller keeps it referenced until the load returns (llama.cpp copies the list).
@@ -293,7 +284,7 @@ def devices_array(devices: Sequence[RpcDevice]) -> Any:
 
 
 def attach_devices(
-    params: Any, devices: Sequence[RpcDevice], tensor_split: Sequence[float] = ()
+    params: Any, devices: Sequence[DeviceHandle], tensor_split: Sequence[float] = ()
 ) -> tuple[Any, ...]:
     """Point ``llama_model_params`` at ``devices`` (and their ``tensor_split`` shares).
 
@@ -313,7 +304,7 @@ _patch_lock = threading.RLock()  # nested blocks in one thread stack their patch
 
 
 @contextlib.contextmanager
-def model_devices(devices: Sequence[RpcDevice]) -> Iterator[None]:
+def model_devices(devices: Sequence[DeviceHandle]) -> Iterator[None]:
     """Model loads from this thread inside the block use exactly ``devices`` (plus the CPU).
 
     ``llama_cpp.Llama`` has no ``devices`` argument, so ``llama_model_load_from_file`` is

@@ -21,7 +21,7 @@ from typing import Any
 
 from localllm.runtime.dry_run import ContextPlan, DryRunModel, DryRunSettings
 from localllm.runtime.log import debug_lines
-from localllm.runtime.rpc_devices import RpcDevice, attach_devices
+from localllm.runtime.rpc_devices import DeviceHandle, RpcDevice, attach_devices
 
 __all__ = [
     "DeviceShare",
@@ -61,8 +61,18 @@ class DeviceShare:
     output_bytes: int
 
 
-def parse_placement(lines: Sequence[str], devices: Sequence[RpcDevice]) -> tuple[DeviceShare, ...]:
-    """Per device (CPU first, then ``devices`` in order): layers and logged buffer bytes.
+def _local_device(buffer_type: str, local: Sequence[str]) -> str:
+    """The local device a buffer type belongs to: CUDA0, MTL0_Mapped, MTL0_Private ->
+    their GPU; CPU, CPU_Mapped, CPU_REPACK, CUDA_Host (pinned host RAM)... -> CPU."""
+    base = buffer_type.split("_", 1)[0]
+    return base if base in local else "CPU"
+
+
+def parse_placement(
+    lines: Sequence[str], devices: Sequence[RpcDevice], local_gpus: Sequence[str] = ()
+) -> tuple[DeviceShare, ...]:
+    """Per device (CPU first, then ``devices``, then ``local_gpus`` by name): layers and
+    logged buffer bytes.
 
     With mmap, the local ``CPU_Mapped`` weights figure is the span of the file mapped,
     not what stays resident: load with mmap off for the local share's true size.
@@ -70,6 +80,7 @@ def parse_placement(lines: Sequence[str], devices: Sequence[RpcDevice]) -> tuple
     by_server = {(d.endpoint, d.index): d.name for d in devices}
     endpoint = {d.name: d.endpoint for d in devices}
     layers: dict[str, list[int]] = {"CPU": [], **{d.name: [] for d in devices}}
+    layers.update((name, []) for name in local_gpus)
     kv_layers: dict[str, list[int]] = {}
     sizes: dict[str, dict[str, int]] = {}
     for line in lines:
@@ -79,8 +90,10 @@ def parse_placement(lines: Sequence[str], devices: Sequence[RpcDevice]) -> tuple
             kv_layers.setdefault(m[2], []).append(int(m[1]))
         elif m := _BUFFER_LINE.search(line):
             rpc = _RPC_BUFFER.match(m[1])
-            # Local buffer types are CPU, CPU_Mapped, CPU_REPACK...: all this machine's RAM.
-            name = by_server.get((rpc[2], int(rpc[1])), m[1]) if rpc else "CPU"
+            if rpc:
+                name = by_server.get((rpc[2], int(rpc[1])), m[1])
+            else:
+                name = _local_device(m[1], local_gpus)
             kind = sizes.setdefault(name, {})
             kind[m[2]] = kind.get(m[2], 0) + round(float(m[3]) * 1024 * 1024)
     shares = []
@@ -132,11 +145,13 @@ class SplitContext:
 
 
 class SplitDryRun:
-    """A model dry-loaded with RPC devices attached: plan contexts, see where things go.
+    """A model dry-loaded with RPC devices and local GPUs attached: plan contexts, see
+    where things go.
 
     ``n_gpu_layers`` and ``tensor_split`` are llama.cpp's: RPC devices count as GPUs, the
-    last ``n_gpu_layers`` layers (the output layer included) are spread over them in
-    ``tensor_split`` proportions (default: by their reported memory).
+    last ``n_gpu_layers`` layers (the output layer included) are spread over the devices
+    (RPC first, then ``local_gpus``, llama.cpp's own order) in ``tensor_split``
+    proportions (default: by their reported memory).
     """
 
     def __init__(
@@ -144,15 +159,18 @@ class SplitDryRun:
         path: str | os.PathLike[str],
         devices: Sequence[RpcDevice],
         *,
+        local_gpus: Sequence[DeviceHandle] = (),
         n_gpu_layers: int = -1,
         tensor_split: Sequence[float] | None = None,
         use_extra_bufts: bool = True,
     ) -> None:
         self.devices = tuple(devices)
+        self.local_names = tuple(d.name for d in local_gpus)
+        attached = [*self.devices, *local_gpus]
         arrays: list[Any] = []
 
         def configure(params: Any) -> None:
-            arrays.extend(attach_devices(params, self.devices, tensor_split or ()))
+            arrays.extend(attach_devices(params, attached, tensor_split or ()))
             params.n_gpu_layers = n_gpu_layers
             params.use_mmap = False  # nothing is read anyway; no mapping to describe
 
@@ -170,7 +188,7 @@ class SplitDryRun:
         with debug_lines() as lines:
             plan = self.model.plan(settings)
         context = _first_context(lines)
-        shares = parse_placement([*self.load_lines, *context], self.devices)
+        shares = parse_placement([*self.load_lines, *context], self.devices, self.local_names)
         return SplitContext(plan, shares, tuple(cache_devices(context)))
 
     def close(self) -> None:

@@ -8,43 +8,44 @@ that disconnects cancels its generation, which frees its slot's cells.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from localllm.chat.session import DEFAULT_MAX_TOKENS
 from localllm.errors import LocalLLMError
-from localllm.runtime.batch_engine import BatchEngine
-from localllm.runtime.batch_llama import json_grammar
 from localllm.runtime.batch_records import (
     GenerationDone,
     GenerationFailedError,
-    GenerationParams,
-    PromptFormat,
     TextDelta,
 )
 from localllm.serve import wire
 from localllm.serve.config import EventSink, ServeOptions
+from localllm.serve.embeddings import embeddings_response, parse_embeddings_request
 from localllm.serve.guard import USAGE_KEY, Guard
 from localllm.serve.metrics import Metrics
+from localllm.serve.router import ModelRouter, Resident
 from localllm.serve.schema import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    Sampling,
     parse_chat_completion_request,
     parse_completion_request,
+    parse_model_action,
 )
+from localllm.serve.service import Job, Service
+from localllm.tools.parse import ToolStream, parse_reply
 
 __all__ = ["STATIC_DIR", "build_app"]
 
@@ -59,181 +60,6 @@ _PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-@dataclass(frozen=True)
-class _Job:
-    """A checked request ready for the engine."""
-
-    prompt: list[int]
-    params: GenerationParams
-    model: str
-
-
-class _Service:
-    def __init__(
-        self, options: ServeOptions, engine: BatchEngine, chat_format: PromptFormat | None
-    ) -> None:
-        self.options = options
-        self.engine = engine
-        self.chat_format = chat_format
-        self.metrics = Metrics()
-        self.created = int(time.time())
-        self.names = {options.model_id, *options.model_aliases}
-        budget = options.max_tokens or min(DEFAULT_MAX_TOKENS, engine.n_ctx_slot // 2)
-        self.default_max_tokens = budget
-
-    # ------------------------------------------------------------------ checks
-    def check_model(self, model: str | None) -> str:
-        if model is not None and model not in self.names:
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; this server holds "
-                f"{self.options.model_id!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-        return self.options.model_id
-
-    def params(
-        self, prompt: list[int], s: Sampling, max_tokens: int | None, what: str, **extra: Any
-    ) -> GenerationParams:
-        """The engine's parameters; 400 when the prompt (``what``) and reply cannot fit."""
-        budget = max_tokens if max_tokens is not None else self.default_max_tokens
-        slot = self.engine.n_ctx_slot
-        if len(prompt) + budget > slot:
-            o = self.options
-            raise ApiError(
-                400,
-                f"this request needs {len(prompt)} prompt tokens + {budget} max_tokens = "
-                f"{len(prompt) + budget} tokens, but each slot holds {slot} "
-                f"(--ctx {self.engine.n_ctx} over --parallel {o.parallel}); shorten the "
-                "prompt, lower max_tokens, or restart with a larger --ctx",
-                param="max_tokens" if max_tokens is not None else what,
-                code="context_length_exceeded",
-            )
-        for token, _ in s.logit_bias:
-            if token >= self.engine.n_vocab:
-                raise ApiError(
-                    400,
-                    f"invalid 'logit_bias': token {token} is not in the vocabulary "
-                    f"(0..{self.engine.n_vocab - 1})",
-                    param="logit_bias",
-                )
-        return GenerationParams(
-            max_tokens=budget,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            repeat_penalty=s.repeat_penalty,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            seed=s.seed,
-            logit_bias=s.logit_bias,
-            ignore_eos=s.ignore_eos,
-            **extra,
-        )
-
-    def chat_job(self, req: ChatCompletionRequest) -> _Job:
-        model = self.check_model(req.model)
-        fmt = self.chat_format
-        if fmt is None:
-            raise ApiError(
-                400,
-                f"{self.options.model_path.name} has no chat template; use /v1/completions "
-                "with a raw prompt",
-                param="messages",
-                code="no_chat_template",
-            )
-        try:
-            text = fmt.render(req.messages)
-        except LocalLLMError as exc:
-            raise ApiError(400, str(exc), param="messages", code="template_error") from None
-        prompt = self.engine.tokenize(text, add_bos=fmt.add_bos, special=True)
-        grammar = None
-        if req.response_format != "text":
-            try:
-                grammar = json_grammar(req.json_schema)
-            except LocalLLMError as exc:
-                raise ApiError(400, str(exc), param="response_format") from None
-        params = self.params(
-            prompt,
-            req.sampling,
-            req.max_tokens,
-            "messages",
-            stop=req.sampling.stop + fmt.stop,
-            top_logprobs=req.top_logprobs if req.logprobs else None,
-            grammar=grammar,
-        )
-        return _Job(prompt, params, model)
-
-    def completion_job(self, req: CompletionRequest) -> _Job:
-        model = self.check_model(req.model)
-        if isinstance(req.prompt, str):
-            # As llama-cpp-python's create_completion: BOS if the vocabulary wants one,
-            # control tokens written in the text are parsed.
-            prompt = self.engine.tokenize(req.prompt, add_bos=True, special=True)
-        else:
-            prompt = list(req.prompt)
-            bad = [t for t in prompt if not 0 <= t < self.engine.n_vocab]
-            if bad:
-                raise ApiError(
-                    400,
-                    f"invalid 'prompt': token {bad[0]} is not in the vocabulary "
-                    f"(0..{self.engine.n_vocab - 1})",
-                    param="prompt",
-                )
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        params = self.params(
-            prompt,
-            req.sampling,
-            req.max_tokens,
-            "prompt",
-            stop=req.sampling.stop,
-            top_logprobs=req.logprobs,
-        )
-        return _Job(prompt, params, model)
-
-    # ------------------------------------------------------------------ generation
-    def submit(self, job: _Job) -> Any:
-        try:
-            return self.engine.stream(job.prompt, job.params)
-        except LocalLLMError as exc:
-            raise ApiError(400, str(exc)) from None
-
-    async def collect(self, request: Request, job: _Job) -> tuple[GenerationDone | None, list]:
-        """Run to the end; None when the client disconnected first (its slot is freed)."""
-        stream = self.submit(job)
-        logprobs: list = []
-
-        async def run() -> GenerationDone:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    logprobs.extend(event.logprobs)
-                else:
-                    return event
-            raise GenerationFailedError("the engine ended the request without a result")
-
-        task = asyncio.ensure_future(run())
-        gone = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():
-                task.cancel()
-                return None, logprobs
-            return task.result(), logprobs
-        finally:
-            gone.cancel()
-            stream.cancel()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _json(status: int, body: dict[str, Any]) -> JSONResponse:
@@ -253,45 +79,82 @@ def _failure_body(exc: Exception) -> dict[str, Any]:
     return ApiError(500, str(exc), kind="server_error", code="generation_failed").body()
 
 
-# Long: the routes are closures over the engine, options and metrics they share.
+class _Hold:
+    """A request's hold on its model, released once (by the route or its stream's end)."""
+
+    def __init__(self, router: ModelRouter[Service], resident: Resident[Service]) -> None:
+        self.router, self.resident, self.done = router, resident, False
+
+    @property
+    def svc(self) -> Service:
+        assert self.resident.engine is not None
+        return self.resident.engine
+
+    async def release(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.router.release(self.resident)
+
+
+# Long: the routes are closures over the router, options and metrics they share.
 def build_app(
     options: ServeOptions,
-    engine: BatchEngine,
-    chat_format: PromptFormat | None,
+    router: ModelRouter[Service],
+    metrics: Metrics,
     on_event: EventSink | None = None,
 ) -> Guard:
-    """The whole ASGI app for ``engine``: routes behind the Host/Origin/auth/body guard."""
-    svc = _Service(options, engine, chat_format)
+    """The whole ASGI app over ``router``'s models: routes behind the Host/Origin/auth/body
+    guard, and the keep-alive reaper while the server runs."""
+    created = int(time.time())
+
+    async def hold(model: str | None) -> _Hold:
+        return _Hold(router, await router.acquire(model))
 
     async def chat_completions(request: Request) -> Response:
+        held = None
         try:
             req = parse_chat_completion_request(await request.body())
+            held = await hold(req.model)
+            svc = held.svc
             # Rendering and tokenizing may take a while on long prompts: not on the event loop.
             job = await run_in_threadpool(svc.chat_job, req)
             if req.stream:
-                return _stream_chat(request, svc, job, req)
+                response, held = _stream_chat(request, held, job, req), None
+                return response
             done, entries = await svc.collect(request, job)
         except ApiError as exc:
             return _json(exc.status, exc.body())
         except GenerationFailedError as exc:
             return _json(500, _failure_body(exc))
+        finally:
+            if held is not None:
+                await held.release()
         _note_usage(request, done)
         if done is None:
             return Response(status_code=499)
         logprobs = wire.chat_logprobs(entries) if req.logprobs else None
-        return _json(200, wire.chat_response(wire.new_id("chatcmpl"), job.model, done, logprobs))
+        parsed = parse_reply(job.tool_family, done.text) if job.tool_family else None
+        body = wire.chat_response(wire.new_id("chatcmpl"), job.model, done, logprobs, parsed)
+        return _json(200, body)
 
     async def completions(request: Request) -> Response:
+        held = None
         try:
             req = parse_completion_request(await request.body())
+            held = await hold(req.model)
+            svc = held.svc
             job = await run_in_threadpool(svc.completion_job, req)
             if req.stream:
-                return _stream_completion(request, svc, job, req)
+                response, held = _stream_completion(request, held, job, req), None
+                return response
             done, entries = await svc.collect(request, job)
         except ApiError as exc:
             return _json(exc.status, exc.body())
         except GenerationFailedError as exc:
             return _json(500, _failure_body(exc))
+        finally:
+            if held is not None:
+                await held.release()
         _note_usage(request, done)
         if done is None:
             return Response(status_code=499)
@@ -299,50 +162,111 @@ def build_app(
         body = wire.completion_response(wire.new_id("cmpl"), job.model, done, logprobs)
         return _json(200, body)
 
-    def model_card() -> dict[str, Any]:
-        return {
-            "id": options.model_id,
-            "object": "model",
-            "created": svc.created,
-            "owned_by": "localllm",
-            "meta": {
+    async def embeddings(request: Request) -> Response:
+        held = None
+        try:
+            req = parse_embeddings_request(await request.body())
+            held = await hold(req.model)
+            result = await run_in_threadpool(held.svc.embed, req)
+            model_id = held.svc.served.model_id
+        except ApiError as exc:
+            return _json(exc.status, exc.body())
+        except LocalLLMError as exc:
+            return _json(500, _failure_body(exc))
+        finally:
+            if held is not None:
+                await held.release()
+        request.scope.setdefault("state", {})[USAGE_KEY] = {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": 0,
+            "finish_reason": "stop",
+        }
+        return _json(200, embeddings_response(result, model_id, req.encoding_format))
+
+    def model_card(r: Resident[Service]) -> dict[str, Any]:
+        m = r.model
+        meta: dict[str, Any] = {
+            "n_ctx": m.load.n_ctx,
+            "n_ctx_slot": m.load.n_ctx // m.parallel,
+            "n_parallel": m.parallel,
+            "memory_bytes": m.plan_bytes,
+            "aliases": sorted(set(m.aliases) - {m.model_id}),
+        }
+        svc = r.engine
+        if svc is not None:
+            engine = svc.engine
+            meta |= {
                 "n_ctx": engine.n_ctx,
                 "n_ctx_slot": engine.n_ctx_slot,
                 "n_parallel": engine.n_parallel,
                 "n_ctx_train": engine.n_ctx_train,
                 "n_vocab": engine.n_vocab,
                 "default_max_tokens": svc.default_max_tokens,
-                "chat_template": chat_format is not None,
-                "aliases": sorted(svc.names - {options.model_id}),
-            },
+                "chat_template": svc.chat_format is not None,
+            }
+        expires = router.expires_in(r)
+        status: dict[str, Any] = {"value": "loaded" if r.status == "loaded" else r.status}
+        if expires is not None:
+            status["expires_in"] = round(expires, 1)
+        return {
+            "id": m.model_id,
+            "object": "model",
+            "created": created,
+            "owned_by": "localllm",
+            "aliases": meta["aliases"],
+            "status": status,
+            "meta": meta,
         }
 
     async def models(request: Request) -> Response:
-        return _json(200, {"object": "list", "data": [model_card()]})
+        cards = [model_card(r) for r in router.residents.values()]
+        return _json(200, {"object": "list", "data": cards})
 
     async def model(request: Request) -> Response:
         try:
-            svc.check_model(request.path_params["model_id"])
+            return _json(200, model_card(router.lookup(request.path_params["model_id"])))
         except ApiError as exc:
             return _json(exc.status, exc.body())
-        return _json(200, model_card())
+
+    async def load_or_unload(request: Request) -> Response:
+        try:
+            name = parse_model_action(await request.body())
+            resident = router.lookup(name)
+            if request.url.path.endswith("/unload"):
+                if resident.status != "loaded" or resident.pinned:
+                    raise ApiError(400, f"model {resident.model_id!r} is not loaded here",
+                                   param="model", code="model_not_loaded")  # fmt: skip
+                if resident.in_flight:
+                    raise ApiError(409, f"model {resident.model_id!r} is answering "
+                                   f"{resident.in_flight} request(s); try again when they end",
+                                   param="model", code="model_busy")  # fmt: skip
+                await router.unload(resident, "stop")
+            else:
+                await router.load(resident.model_id, "load request")
+        except ApiError as exc:
+            return _json(exc.status, exc.body())
+        return _json(200, {"success": True, "model": resident.model_id, "status": resident.status})
+
+    def loaded() -> list[Resident[Service]]:
+        return [r for r in router.residents.values() if r.engine is not None]
 
     async def health(request: Request) -> Response:
-        s = engine.stats()
+        stats = [r.engine.engine.stats() for r in loaded() if r.engine is not None]
         return _json(
             200,
             {
                 "status": "ok",
-                "slots_idle": s.n_parallel - s.slots_busy,
-                "slots_busy": s.slots_busy,
-                "queued": s.queued,
+                "slots_idle": sum(s.n_parallel - s.slots_busy for s in stats),
+                "slots_busy": sum(s.slots_busy for s in stats),
+                "queued": sum(s.queued for s in stats),
+                "models_loaded": [r.model_id for r in loaded()],
             },
         )
 
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse(
-            svc.metrics.render(engine.stats()), media_type="text/plain; version=0.0.4"
-        )
+    async def metrics_route(request: Request) -> Response:
+        stats = [r.engine.engine.stats() for r in loaded() if r.engine is not None]
+        text = metrics.render(stats, list(router.residents.values()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers=_PAGE_HEADERS)
@@ -353,46 +277,60 @@ def build_app(
         body = ApiError(500, f"internal error: {exc!r}", kind="server_error").body()
         return _json(500, body)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        reaper = asyncio.ensure_future(router.run_reaper())
+        try:
+            yield
+        finally:
+            reaper.cancel()
+
     routes = [
         Route("/", page),
         Route("/health", health),
-        Route("/metrics", metrics),
+        Route("/metrics", metrics_route),
         Route("/v1/models", models),
         Route("/v1/models/{model_id:path}", model),
+        Route("/models/load", load_or_unload, methods=["POST"]),
+        Route("/models/unload", load_or_unload, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={Exception: server_error})
+    app = Starlette(routes=routes, exception_handlers={Exception: server_error}, lifespan=lifespan)
     return Guard(
         app,
         api_key=options.api_key,
         host_names=options.host_names(),
         max_body_bytes=options.max_body_bytes,
         body_timeout=options.body_timeout,
-        metrics=svc.metrics,
+        metrics=metrics,
         on_event=on_event,
     )
 
 
-def _sse(svc: _Service, events: Any) -> EventSourceResponse:
+def _sse(svc: Service, events: Any, held: _Hold) -> EventSourceResponse:
+    # The hold is released where the stream ends; the background task covers a stream
+    # that never started (the client left before the first byte).
     return EventSourceResponse(
         events,
         sep="\n",
         ping=15,
         send_timeout=svc.options.send_timeout,
         headers={"Cache-Control": "no-store"},
+        background=BackgroundTask(held.release),
     )
 
 
-def _stream_chat(
-    request: Request, svc: _Service, job: _Job, req: ChatCompletionRequest
-) -> Response:
+def _stream_chat(request: Request, held: _Hold, job: Job, req: ChatCompletionRequest) -> Response:
+    svc = held.svc
     stream = svc.submit(job)
     rid, created = wire.new_id("chatcmpl"), int(time.time())
 
     async def events() -> Any:
         done = None
+        calls = ToolStream(job.tool_family) if job.tool_family else None
         try:
             yield json.dumps(
                 wire.chat_chunk(rid, job.model, created, {"role": "assistant", "content": ""})
@@ -400,12 +338,22 @@ def _stream_chat(
             async for event in stream:
                 if isinstance(event, TextDelta):
                     lp = wire.chat_logprobs(event.logprobs) if req.logprobs else None
-                    delta = {"content": event.text}
-                    yield json.dumps(wire.chat_chunk(rid, job.model, created, delta, None, lp))
+                    if calls is None:
+                        delta = {"content": event.text}
+                        yield json.dumps(wire.chat_chunk(rid, job.model, created, delta, None, lp))
+                        continue
+                    for delta in wire.tool_deltas(*calls.push(event.text), lp is not None):
+                        yield json.dumps(wire.chat_chunk(rid, job.model, created, delta, None, lp))
+                        lp = None
                 else:
                     done = event
             assert done is not None
-            last = wire.chat_chunk(rid, job.model, created, {}, done.finish_reason)
+            finish = done.finish_reason
+            if calls is not None:
+                for delta in wire.tool_deltas(*calls.finish()):
+                    yield json.dumps(wire.chat_chunk(rid, job.model, created, delta))
+                finish = wire.finish_reason(done, bool(calls.calls))
+            last = wire.chat_chunk(rid, job.model, created, {}, finish)
             last["timings"] = wire.timings(done)
             yield json.dumps(last)
             if req.include_usage:
@@ -416,14 +364,14 @@ def _stream_chat(
         finally:
             stream.cancel()
             _note_usage(request, done)
+            await held.release()
         yield "[DONE]"
 
-    return _sse(svc, events())
+    return _sse(svc, events(), held)
 
 
-def _stream_completion(
-    request: Request, svc: _Service, job: _Job, req: CompletionRequest
-) -> Response:
+def _stream_completion(request: Request, held: _Hold, job: Job, req: CompletionRequest) -> Response:
+    svc = held.svc
     stream = svc.submit(job)
     rid, created = wire.new_id("cmpl"), int(time.time())
 
@@ -454,6 +402,7 @@ def _stream_completion(
         finally:
             stream.cancel()
             _note_usage(request, done)
+            await held.release()
         yield "[DONE]"
 
-    return _sse(svc, events())
+    return _sse(svc, events(), held)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localllm.errors import InvalidArgument
 from localllm.net import LOOPBACK_NAMES, is_loopback
@@ -12,11 +13,27 @@ from localllm.runtime.batch_engine import MAX_PARALLEL
 from localllm.runtime.params import LoadOptions
 
 __all__ = [
+    "ModelEvent",
     "RequestLogged",
     "ServeEvent",
     "ServeOptions",
+    "ServedModel",
     "ServerReady",
 ]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model a server offers: its file, names, load settings and memory plan."""
+
+    model_id: str
+    path: Path
+    aliases: tuple[str, ...] = ()
+    load: LoadOptions = field(default_factory=LoadOptions)
+    parallel: int = 1
+    chat_format: Any = None  # templates.selection.ChatFormat, or None: the file's own
+    plan_bytes: int | None = None  # weights + KV + compute (the plan); None: not planned
+    plan_summary: str = ""  # "weights 0.09 + KV 0.09 + compute 0.01 GiB", for refusals
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,28 @@ class ServeOptions:
     send_timeout: float = 60.0  # seconds a streamed chunk may wait on a client not reading
     max_connections: int = 64  # beyond this uvicorn answers 503
     max_tokens: int | None = None  # default reply budget; None: chat's, min(512, slot ctx / 2)
+    # More models behind the same server (the first is model_path above), chosen by a
+    # request's "model"; each loads on its first request.
+    more_models: tuple[ServedModel, ...] = ()
+    keep_alive: float | None = 300.0  # idle seconds before an unload; 0: after each; None: never
+    memory_budget: int | None = None  # bytes the loaded models' plans may take together
+    first_plan_bytes: int | None = None  # the first model's plan (weights + KV + compute)
+    first_plan_summary: str = ""
+    first_chat_format: Any = None  # the first model's ChatFormat, None: the file's own
+
+    def served(self) -> tuple[ServedModel, ...]:
+        """Every model this server offers, the first (``model_path``) first."""
+        first = ServedModel(
+            model_id=self.model_id,
+            path=self.model_path,
+            aliases=self.model_aliases,
+            load=self.load,
+            parallel=self.parallel,
+            chat_format=self.first_chat_format,
+            plan_bytes=self.first_plan_bytes,
+            plan_summary=self.first_plan_summary,
+        )
+        return (first, *self.more_models)
 
     def validate(self) -> None:
         """InvalidArgument for values that cannot work, before the model loads."""
@@ -69,6 +108,17 @@ class ServeOptions:
                 raise InvalidArgument(f"{name} {getattr(self, name)} must be positive seconds")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise InvalidArgument(f"--max-tokens {self.max_tokens} must be positive")
+        if self.keep_alive is not None and self.keep_alive < 0:
+            raise InvalidArgument(
+                f"--keep-alive {self.keep_alive:g} must be 0 (unload after each request), "
+                "a positive duration, or -1 (never unload)"
+            )
+        names = [n for m in self.served() for n in (m.model_id, *m.aliases)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InvalidArgument(
+                f"model name {twice[0]!r} is given to two served models; serve each file once"
+            )
 
     def host_names(self) -> frozenset[str] | None:
         """Host header names to accept, or None when any is (a wildcard bind, no list)."""
@@ -108,5 +158,15 @@ class RequestLogged:
     finish_reason: str | None = None
 
 
-ServeEvent = ServerReady | RequestLogged
+@dataclass(frozen=True)
+class ModelEvent:
+    """A served model loaded, unloaded or failed to load."""
+
+    model_id: str
+    action: str  # "loaded" | "unloaded" | "load_failed"
+    seconds: float
+    reason: str  # "request", "keep-alive", "evicted for X", "stop", "load request"
+
+
+ServeEvent = ServerReady | RequestLogged | ModelEvent
 EventSink = Callable[[ServeEvent], None]

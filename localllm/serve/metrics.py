@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Sequence
+from typing import Protocol
 
-from localllm.runtime.batch_records import EngineStats
+from localllm.runtime.batch_records import COUNTERS, EngineStats
 
-__all__ = ["ENDPOINTS", "Metrics"]
+__all__ = ["ENDPOINTS", "Metrics", "ModelFigures", "combine"]
 
 # Paths counted by name; anything else is counted as "other" (bounded label values).
 ENDPOINTS = (
@@ -17,6 +19,9 @@ ENDPOINTS = (
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/embeddings",
+    "/models/load",
+    "/models/unload",
 )
 
 # engine counter -> (metric name, help)
@@ -39,12 +44,46 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class ModelFigures(Protocol):
+    """What /metrics reads of a served model (serve.router.Resident has it)."""
+
+    model_id: str
+    status: str
+    loads: int
+    unloads: int
+    load_seconds: float
+
+
+def combine(stats: Sequence[EngineStats]) -> EngineStats:
+    """Several loaded engines as one: gauges and counters summed."""
+    counters: Counter[str] = Counter()
+    for s in stats:
+        counters.update(s.counters)
+    return EngineStats(
+        n_parallel=sum(s.n_parallel for s in stats),
+        n_ctx=sum(s.n_ctx for s in stats),
+        n_ctx_slot=max((s.n_ctx_slot for s in stats), default=0),
+        slots_busy=sum(s.slots_busy for s in stats),
+        queued=sum(s.queued for s in stats),
+        kv_cells_used=sum(s.kv_cells_used for s in stats),
+        recent_tokens_per_second=sum(s.recent_tokens_per_second for s in stats),
+        counters={k: counters.get(k, 0) for k in COUNTERS},
+    )
+
+
 class Metrics:
-    """HTTP request counts by endpoint and status; rendered with the engine's snapshot."""
+    """HTTP request counts by endpoint and status; rendered with the engines' snapshots."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: Counter[tuple[str, str, int]] = Counter()
+        # Counters of engines since unloaded: the totals stay monotonic across unloads.
+        self._retired: Counter[str] = Counter()
+
+    def retire(self, stats: EngineStats) -> None:
+        """An engine is about to close: keep its counters in the totals."""
+        with self._lock:
+            self._retired.update(stats.counters)
 
     def count(self, method: str, path: str, status: int) -> None:
         endpoint = path if path in ENDPOINTS or path.startswith("/v1/models/") else "other"
@@ -53,8 +92,12 @@ class Metrics:
         with self._lock:
             self._requests[(method, endpoint, status)] += 1
 
-    def render(self, stats: EngineStats) -> str:
+    def render(self, engines: Sequence[EngineStats], models: Sequence[ModelFigures] = ()) -> str:
         lines: list[str] = []
+        stats = combine(engines)
+        with self._lock:
+            retired = dict(self._retired)
+        stats.counters.update({k: stats.counters.get(k, 0) + v for k, v in retired.items()})
 
         def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
             lines.append(f"# HELP localllm_{name} {help_text}")
@@ -110,4 +153,14 @@ class Metrics:
         for key, name, help_text in _ENGINE_COUNTERS:
             value = c[key]
             metric(name, "counter", help_text, [("", value if "seconds" in key else int(value))])
+        if models:
+            label = [(f'{{model="{_escape(m.model_id)}"}}', m) for m in models]
+            metric("model_loaded", "gauge", "1 while the model is loaded.",
+                   [(lb, int(m.status == "loaded")) for lb, m in label])  # fmt: skip
+            metric("model_loads_total", "counter", "Loads of the model.",
+                   [(lb, m.loads) for lb, m in label])  # fmt: skip
+            metric("model_unloads_total", "counter", "Unloads (keep-alive, eviction, stop).",
+                   [(lb, m.unloads) for lb, m in label])  # fmt: skip
+            metric("model_load_seconds_total", "counter", "Seconds spent loading the model.",
+                   [(lb, round(m.load_seconds, 6)) for lb, m in label])  # fmt: skip
         return "\n".join(lines) + "\n"

@@ -11,29 +11,42 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from localllm.generation import ChatMessage
 from localllm.runtime.params import SamplingOptions
+from localllm.serve.fields import ApiError, Fields, invalid, load_object
+from localllm.tools.spec import (
+    Message,
+    Tool,
+    ToolChoice,
+    ToolError,
+    parse_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
 
 # Chat's sampling defaults, the one source serve's requests default to.
 _CHAT = SamplingOptions()
+NO_TOOLS = ToolChoice("none")
 
 __all__ = [
     "ApiError",
     "ChatCompletionRequest",
     "CompletionRequest",
+    "Fields",
     "Sampling",
+    "invalid",
+    "load_object",
     "parse_chat_completion_request",
     "parse_completion_request",
+    "parse_model_action",
 ]
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions allow 0..5
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 _SAMPLING_KEYS = frozenset(
     {"temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty"}
@@ -43,45 +56,9 @@ _COMMON_KEYS = _SAMPLING_KEYS | {"model", "stream", "stream_options", "max_token
 _CHAT_KEYS = (
     _COMMON_KEYS
     | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-    | {"response_format"}
+    | {"response_format", "tools", "tool_choice", "parallel_tool_calls"}
 )
 _COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs", "echo", "best_of", "suffix"}
-
-
-class ApiError(Exception):
-    """A request the server refuses, with its HTTP status and OpenAI-style error fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = (
-            status,
-            message,
-            param,
-            code,
-            kind,
-        )
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def _invalid(param: str, message: str) -> ApiError:
-    return ApiError(400, f"invalid '{param}': {message}", param=param, code="invalid_value")
 
 
 @dataclass(frozen=True)
@@ -104,7 +81,7 @@ class Sampling:
 @dataclass(frozen=True)
 class ChatCompletionRequest:
     model: str | None
-    messages: tuple[ChatMessage, ...]
+    messages: tuple[Message, ...]
     stream: bool
     include_usage: bool
     max_tokens: int | None
@@ -113,6 +90,9 @@ class ChatCompletionRequest:
     top_logprobs: int
     response_format: str  # text | json_object | json_schema
     json_schema: dict[str, Any] | None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = NO_TOOLS
+    parallel_tool_calls: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,81 +106,7 @@ class CompletionRequest:
     logprobs: int | None
 
 
-class _Fields:
-    """Typed reads from a JSON object; ``None`` (or absence) returns the default."""
-
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self.data = data
-
-    def get(self, name: str) -> Any:
-        return self.data.get(name)
-
-    def number(
-        self, name: str, default: float, lo: float, hi: float, *, open_lo: bool = False
-    ) -> float:
-        value = self.data.get(name)
-        if value is None:
-            return default
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise _invalid(name, f"expected a number, got {json.dumps(value)[:40]}")
-        if value < lo or value > hi or (open_lo and value == lo):
-            low = f"> {lo}" if open_lo else f">= {lo}"
-            rule = low if hi == math.inf else f"{low} and <= {hi}"
-            raise _invalid(name, f"{value} must be {rule}")
-        return float(value)
-
-    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int | None:
-        value = self.data.get(name)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _invalid(name, f"expected an integer, got {json.dumps(value)[:40]}")
-        if not lo <= value <= hi:
-            raise _invalid(name, f"{value} must be between {lo} and {hi}")
-        return value
-
-    def boolean(self, name: str, default: bool = False) -> bool:
-        value = self.data.get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise _invalid(name, f"expected true or false, got {json.dumps(value)[:40]}")
-        return value
-
-    def string(self, name: str) -> str | None:
-        value = self.data.get(name)
-        if value is not None and not isinstance(value, str):
-            raise _invalid(name, f"expected a string, got {json.dumps(value)[:40]}")
-        return value
-
-
-def _load_object(body: bytes, allowed: frozenset[str]) -> _Fields:
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(
-            400, f"the request body is not valid JSON: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        name = unknown[0]
-        raise ApiError(
-            400,
-            f"unsupported parameter '{name}': localllm does not implement it "
-            f"(supported: {', '.join(sorted(allowed))})",
-            param=name,
-            code="unsupported_parameter",
-        )
-    return _Fields(data)
-
-
-def _only(fields: _Fields, name: str, allowed: Any, what: str) -> None:
+def _only(fields: Fields, name: str, allowed: Any, what: str) -> None:
     """A parameter accepted only with the value that means 'the default behaviour'."""
     value = fields.get(name)
     if value is not None and value != allowed:
@@ -212,37 +118,37 @@ def _only(fields: _Fields, name: str, allowed: Any, what: str) -> None:
         )
 
 
-def _stop(fields: _Fields) -> tuple[str, ...]:
+def _stop(fields: Fields) -> tuple[str, ...]:
     value = fields.get("stop")
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _invalid("stop", "expected a string or a list of strings")
+        raise invalid("stop", "expected a string or a list of strings")
     if len(items) > MAX_STOP_STRINGS:
-        raise _invalid("stop", f"{len(items)} stop strings; at most {MAX_STOP_STRINGS}")
+        raise invalid("stop", f"{len(items)} stop strings; at most {MAX_STOP_STRINGS}")
     if any(not s for s in items):
-        raise _invalid("stop", "a stop string cannot be empty")
+        raise invalid("stop", "a stop string cannot be empty")
     return tuple(items)
 
 
-def _logit_bias(fields: _Fields) -> tuple[tuple[int, float], ...]:
+def _logit_bias(fields: Fields) -> tuple[tuple[int, float], ...]:
     value = fields.get("logit_bias")
     if value is None:
         return ()
     if not isinstance(value, dict):
-        raise _invalid("logit_bias", "expected an object mapping token ids to biases")
+        raise invalid("logit_bias", "expected an object mapping token ids to biases")
     out = []
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isdigit()):
-            raise _invalid("logit_bias", f"key {key!r} is not a token id")
+            raise invalid("logit_bias", f"key {key!r} is not a token id")
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            raise _invalid("logit_bias", f"bias for token {key} must be a number in [-100, 100]")
+            raise invalid("logit_bias", f"bias for token {key} must be a number in [-100, 100]")
         out.append((int(key), float(bias)))
     return tuple(out)
 
 
-def _sampling(f: _Fields) -> Sampling:
+def _sampling(f: Fields) -> Sampling:
     return Sampling(
         temperature=f.number("temperature", 0.8, 0.0, math.inf),
         top_p=f.number("top_p", 0.95, 0.0, 1.0, open_lo=True),
@@ -259,7 +165,7 @@ def _sampling(f: _Fields) -> Sampling:
     )
 
 
-def _common(f: _Fields) -> tuple[bool, bool]:
+def _common(f: Fields) -> tuple[bool, bool]:
     """model/user/n checks shared by both endpoints; returns (stream, include_usage)."""
     f.string("model")
     f.string("user")
@@ -269,10 +175,10 @@ def _common(f: _Fields) -> tuple[bool, bool]:
     include_usage = False
     if options is not None:
         if not stream:
-            raise _invalid("stream_options", "only allowed with stream: true")
+            raise invalid("stream_options", "only allowed with stream: true")
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise _invalid("stream_options", "only {'include_usage': bool} is supported")
-        include_usage = _Fields(options).boolean("include_usage")
+            raise invalid("stream_options", "only {'include_usage': bool} is supported")
+        include_usage = Fields(options).boolean("include_usage")
     return stream, include_usage
 
 
@@ -304,7 +210,53 @@ def _content(index: int, content: Any) -> str:
     raise ApiError(400, f"{where} must be a string or a list of text parts", param=where)
 
 
-def _messages(value: Any) -> tuple[ChatMessage, ...]:
+_MESSAGE_KEYS = {
+    "system": {"role", "content"},
+    "user": {"role", "content"},
+    "assistant": {"role", "content", "tool_calls"},
+    "tool": {"role", "content", "tool_call_id", "name"},
+}
+
+
+def _message(i: int, message: Any) -> Message:
+    if not isinstance(message, dict):
+        raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+    role = message.get("role")
+    if role not in ROLES:
+        hint = "; use 'system'" if role == "developer" else ""
+        raise ApiError(
+            400,
+            f"messages[{i}].role {json.dumps(role)[:40]} is not supported: "
+            f"use one of {', '.join(ROLES)}{hint}",
+            param=f"messages[{i}].role",
+            code="invalid_value",
+        )
+    allowed = _MESSAGE_KEYS[role]
+    extra = sorted(set(message) - allowed)
+    if extra:
+        raise ApiError(
+            400,
+            f"messages[{i}].{extra[0]} is not supported in a {role} message "
+            f"(only {', '.join(sorted(allowed))})",
+            param=f"messages[{i}].{extra[0]}",
+            code="unsupported_parameter",
+        )
+    name = Fields(message).string("name")
+    calls = ()
+    if message.get("tool_calls") is not None:
+        calls = parse_tool_calls(f"messages[{i}].tool_calls", message["tool_calls"])
+    content = message.get("content")
+    if content is None and calls:
+        content = ""  # an assistant turn that only called tools
+    tool_call_id = None
+    if role == "tool":
+        tool_call_id = message.get("tool_call_id")
+        if not isinstance(tool_call_id, str) or not tool_call_id:
+            raise invalid(f"messages[{i}].tool_call_id", "a tool message needs the call's id")
+    return Message(role, _content(i, content), calls, tool_call_id, name)
+
+
+def _messages(value: Any) -> tuple[Message, ...]:
     if not isinstance(value, list) or not value:
         raise ApiError(
             400,
@@ -312,33 +264,25 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
             param="messages",
             code="missing_required_parameter" if value is None else "invalid_value",
         )
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
-        extra = sorted(set(message) - {"role", "content"})
-        if extra:
-            raise ApiError(
-                400,
-                f"messages[{i}].{extra[0]} is not supported (only role and content are)",
-                param=f"messages[{i}].{extra[0]}",
-                code="unsupported_parameter",
-            )
-        role = message.get("role")
-        if role not in ROLES:
-            hint = "; use 'system'" if role == "developer" else ""
-            raise ApiError(
-                400,
-                f"messages[{i}].role {json.dumps(role)[:40]} is not supported: "
-                f"use one of {', '.join(ROLES)}{hint}",
-                param=f"messages[{i}].role",
-                code="invalid_value",
-            )
-        out.append(ChatMessage(role, _content(i, message.get("content"))))
-    return tuple(out)
+    try:
+        return tuple(_message(i, message) for i, message in enumerate(value))
+    except ToolError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
 
 
-def _response_format(f: _Fields) -> tuple[str, dict[str, Any] | None]:
+def _tools(f: Fields) -> tuple[tuple[Tool, ...], ToolChoice, bool]:
+    try:
+        tools = parse_tools(f.get("tools"))
+        choice = parse_tool_choice(f.get("tool_choice"), tools)
+    except ToolError as exc:
+        raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+    # llama-server's default, not OpenAI's: asked for "one or more" calls, small models
+    # repeat calls until max_tokens; a client that wants several says so.
+    parallel = f.boolean("parallel_tool_calls", False)
+    return tools, choice, parallel
+
+
+def _response_format(f: Fields) -> tuple[str, dict[str, Any] | None]:
     value = f.get("response_format")
     if value is None:
         return "text", None
@@ -349,33 +293,40 @@ def _response_format(f: _Fields) -> tuple[str, dict[str, Any] | None]:
         spec = value["json_schema"]
         if isinstance(spec, dict) and isinstance(spec.get("schema"), dict):
             if set(spec) - {"name", "schema", "strict", "description"}:
-                raise _invalid("response_format", "json_schema takes name, schema, strict")
+                raise invalid("response_format", "json_schema takes name, schema, strict")
             return kind, spec["schema"]
-        raise _invalid("response_format", "json_schema needs a 'schema' object")
-    raise _invalid(
+        raise invalid("response_format", "json_schema needs a 'schema' object")
+    raise invalid(
         "response_format",
         "use {'type': 'text'}, {'type': 'json_object'} or "
         "{'type': 'json_schema', 'json_schema': {'schema': {...}}}",
     )
 
 
-def _max_tokens(f: _Fields, *names: str) -> int | None:
+def _max_tokens(f: Fields, *names: str) -> int | None:
     values = {n: f.integer(n, None, 1, 1 << 30) for n in names}
     given = {v for v in values.values() if v is not None}
     if len(given) > 1:
-        raise _invalid(names[-1], f"conflicts with {names[0]}; send one of them")
+        raise invalid(names[-1], f"conflicts with {names[0]}; send one of them")
     return given.pop() if given else None
 
 
 def parse_chat_completion_request(body: bytes) -> ChatCompletionRequest:
     """A ``POST /v1/chat/completions`` body, or ApiError(400) naming the bad field."""
-    f = _load_object(body, frozenset(_CHAT_KEYS))
+    f = load_object(body, frozenset(_CHAT_KEYS))
     stream, include_usage = _common(f)
     logprobs = f.boolean("logprobs")
     top = f.integer("top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
-        raise _invalid("top_logprobs", "only allowed with logprobs: true")
+        raise invalid("top_logprobs", "only allowed with logprobs: true")
     fmt, schema = _response_format(f)
+    tools, choice, parallel = _tools(f)
+    if fmt != "text" and choice.mode != "none":
+        raise invalid(
+            "response_format",
+            "cannot be combined with tools unless tool_choice is 'none' "
+            "(a tool call's arguments already follow the tool's schema)",
+        )
     return ChatCompletionRequest(
         model=f.string("model"),
         messages=_messages(f.get("messages")),
@@ -387,6 +338,9 @@ def parse_chat_completion_request(body: bytes) -> ChatCompletionRequest:
         top_logprobs=top or 0,
         response_format=fmt,
         json_schema=schema,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
     )
 
 
@@ -419,7 +373,7 @@ def _prompt(value: Any) -> str | tuple[int, ...]:
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """A ``POST /v1/completions`` body, or ApiError(400) naming the bad field."""
-    f = _load_object(body, frozenset(_COMPLETION_KEYS))
+    f = load_object(body, frozenset(_COMPLETION_KEYS))
     stream, include_usage = _common(f)
     _only(f, "echo", False, "the prompt is not repeated in the reply")
     _only(f, "best_of", 1, "one candidate per request")
@@ -433,3 +387,12 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
         sampling=_sampling(f),
         logprobs=f.integer("logprobs", None, 0, MAX_COMPLETION_LOGPROBS),
     )
+
+
+def parse_model_action(body: bytes) -> str:
+    """A ``POST /models/load`` or ``/models/unload`` body: ``{"model": NAME}``."""
+    f = load_object(body, frozenset({"model"}))
+    name = f.string("model")
+    if not name:
+        raise ApiError(400, "'model' is required: the id of a served model", param="model")
+    return name

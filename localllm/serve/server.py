@@ -11,8 +11,8 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import uvicorn
@@ -24,7 +24,11 @@ from localllm.gguf.spec import read_model_spec
 from localllm.runtime.batch_engine import BatchEngine
 from localllm.runtime.batch_records import PromptFormat
 from localllm.serve.app import build_app
-from localllm.serve.config import EventSink, ServeOptions, ServerReady
+from localllm.serve.config import EventSink, ModelEvent, ServedModel, ServeOptions, ServerReady
+from localllm.serve.metrics import Metrics
+from localllm.serve.registry import register_server, unregister_server
+from localllm.serve.router import ModelRouter, RouterEvent
+from localllm.serve.service import Service
 from localllm.templates.selection import ChatFormat, choose_format
 
 __all__ = [
@@ -115,9 +119,52 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def load_engine(options: ServeOptions) -> BatchEngine:
-    """Check the options, then load the model with ``options.parallel`` slots."""
+    """Check the options, then load the first model with ``options.parallel`` slots."""
     options.validate()
     return BatchEngine.load(options.model_path, options.load, options.parallel)
+
+
+def _router(
+    options: ServeOptions,
+    engine: BatchEngine,
+    pinned: bool,
+    chat_format: ChatFormat | None,
+    on_event: EventSink | None,
+    load_seconds: float,
+) -> tuple[ModelRouter[Service], Metrics]:
+    """The models behind the server, the first already loaded as ``engine``."""
+    metrics = Metrics()
+    served = options.served()
+    if chat_format is not None:
+        served = (replace(served[0], chat_format=chat_format), *served[1:])
+
+    def service(model: ServedModel, loaded: BatchEngine) -> Service:
+        fmt = _prompt_format(model, loaded)
+        return Service(options, model, loaded, fmt)
+
+    def load(model: ServedModel) -> Service:
+        return service(model, BatchEngine.load(model.path, model.load, model.parallel))
+
+    def unload(svc: Service) -> None:
+        metrics.retire(svc.engine.stats())
+        svc.close_embedder()
+        svc.engine.close()
+
+    def told(event: RouterEvent) -> None:
+        if on_event is not None:
+            on_event(ModelEvent(event.model_id, event.action, event.seconds, event.reason))
+
+    first = service(served[0], engine)
+    router: ModelRouter[Service] = ModelRouter(
+        served,
+        load=load,
+        unload=unload,
+        budget_bytes=options.memory_budget,
+        keep_alive=options.keep_alive,
+        on_event=told,
+    )
+    router.residents[first.served.model_id].adopt(first, pinned=pinned, seconds=load_seconds)
+    return router, metrics
 
 
 def _config(options: ServeOptions, app: Any) -> uvicorn.Config:
@@ -127,7 +174,7 @@ def _config(options: ServeOptions, app: Any) -> uvicorn.Config:
         port=options.port,
         http=_DeadlineH11,
         ws="none",
-        lifespan="off",
+        lifespan="on",  # the app's lifespan runs the keep-alive reaper
         log_config=None,
         access_log=False,
         proxy_headers=False,
@@ -164,20 +211,30 @@ def prompt_format(chat_format: ChatFormat, engine: BatchEngine) -> PromptFormat:
         chat = [{"role": m.role, "content": m.content} for m in messages]
         return chat_format.render(chat, bos_token=bos, eos_token=eos)
 
+    def render_messages(messages: Sequence[Mapping[str, Any]], extra: Mapping[str, Any]) -> str:
+        assert chat_format.template is not None
+        return chat_format.template.render(messages, bos_token=bos, eos_token=eos, **extra)
+
     # As chat's session: the template's end marks and EOS's text, none for --raw.
     stop = () if chat_format.kind == "raw" else (*chat_format.stop_strings, *([eos] if eos else []))
-    return PromptFormat(render=render, stop=stop, add_bos=chat_format.add_bos)
+    jinja = chat_format.template
+    return PromptFormat(
+        render=render,
+        stop=stop,
+        add_bos=chat_format.add_bos,
+        render_messages=render_messages if jinja is not None else None,
+        template_text=jinja.source if jinja is not None else None,
+    )
 
 
-def _prompt_format(
-    options: ServeOptions, engine: BatchEngine, chat_format: ChatFormat | None
-) -> PromptFormat | None:
-    """The given format, else the one chat picks for the file (the GGUF's template, a
+def _prompt_format(model: ServedModel, engine: BatchEngine) -> PromptFormat | None:
+    """The model's format, else the one chat picks for the file (the GGUF's template, a
     recognized one); None for a model with none: /v1/completions only, chat says so."""
+    chat_format = model.chat_format
     if chat_format is None:
         try:
-            spec = read_model_spec(options.model_path)
-            chat_format = choose_format(spec, options.model_path.name)
+            spec = read_model_spec(model.path)
+            chat_format = choose_format(spec, model.path.name)
         except TemplateError:
             return None
     return prompt_format(chat_format, engine)
@@ -199,16 +256,26 @@ def run_server(
         sock.close()
         raise
     loaded = time.perf_counter() - started
+    router, record = None, None
     try:
-        app = build_app(options, engine, _prompt_format(options, engine, chat_format), on_event)
+        router, metrics = _router(options, engine, False, chat_format, on_event, loaded)
+        app = build_app(options, router, metrics, on_event)
 
         def listening(port: int) -> None:
+            nonlocal record
+            ready = _ready(options, engine, port, loaded)
+            record = register_server(ready.url, options.api_key is not None)
             if on_event is not None:
-                on_event(_ready(options, engine, port, loaded))
+                on_event(ready)
 
         _Server(_config(options, app), listening).run(sockets=[sock])
     finally:
-        engine.close()
+        if record is not None:
+            unregister_server(record)
+        if router is not None:
+            router.close_all()
+        else:
+            engine.close()
 
 
 @dataclass
@@ -217,17 +284,16 @@ class RunningServer:
 
     url: str
     port: int
-    engine: BatchEngine
+    engine: BatchEngine  # the first model's, loaded at start
     ready: ServerReady
+    router: ModelRouter[Service]
     _server: _Server
     _thread: threading.Thread
-    _owns_engine: bool
 
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=30)
-        if self._owns_engine:
-            self.engine.close()
+        self.router.close_all()  # a caller's engine is pinned: left to the caller
 
     def __enter__(self) -> RunningServer:
         return self
@@ -255,7 +321,8 @@ def start_server(
         sock.close()
         raise
     loaded = time.perf_counter() - started
-    app = build_app(options, engine, _prompt_format(options, engine, chat_format), on_event)
+    router, metrics = _router(options, engine, not owns, chat_format, on_event, loaded)
+    app = build_app(options, router, metrics, on_event)
     listening = threading.Event()
     server = _Server(_config(options, app), lambda _port: listening.set())
     thread = threading.Thread(
@@ -265,11 +332,10 @@ def start_server(
     if not listening.wait(timeout):
         server.should_exit = True
         thread.join(timeout=5)
-        if owns:
-            engine.close()
+        router.close_all()
         raise ServeError(f"the server on {options.host}:{options.port} did not start")
     port = sock.getsockname()[1]
     ready = _ready(options, engine, port, loaded)
     if on_event is not None:
         on_event(ready)
-    return RunningServer(ready.url, port, engine, ready, server, thread, owns)
+    return RunningServer(ready.url, port, engine, ready, router, server, thread)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from localllm.runtime.batch_records import GenerationDone, TokenLogprob
+from localllm.tools.parse import CallPiece, ParsedReply
 
 __all__ = [
     "chat_chunk",
@@ -16,8 +17,10 @@ __all__ = [
     "completion_chunk",
     "completion_logprobs",
     "completion_response",
+    "finish_reason",
     "new_id",
     "timings",
+    "tool_deltas",
     "usage",
 ]
 
@@ -89,17 +92,42 @@ def _envelope(rid: str, kind: str, model: str, created: int | None) -> dict[str,
     return {"id": rid, "object": kind, "created": created or int(time.time()), "model": model}
 
 
+def finish_reason(done: GenerationDone, called: bool) -> str:
+    """``tool_calls`` when the reply made calls and ended by itself."""
+    return "tool_calls" if called and done.finish_reason == "stop" else done.finish_reason
+
+
+def _tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
 def chat_response(
-    rid: str, model: str, done: GenerationDone, logprobs: dict[str, Any] | None
+    rid: str,
+    model: str,
+    done: GenerationDone,
+    logprobs: dict[str, Any] | None,
+    parsed: ParsedReply | None = None,
 ) -> dict[str, Any]:
+    """``parsed``: the reply read for tool calls (None: the text as it is)."""
+    message: dict[str, Any] = {"role": "assistant", "content": done.text, "refusal": None}
+    finish = done.finish_reason
+    if parsed is not None:
+        message["content"] = parsed.content
+        if parsed.calls:
+            message["tool_calls"] = [_tool_call(c.id, c.name, c.arguments) for c in parsed.calls]
+        finish = finish_reason(done, bool(parsed.calls))
     return {
         **_envelope(rid, "chat.completion", model, None),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": done.text, "refusal": None},
+                "message": message,
                 "logprobs": logprobs,
-                "finish_reason": done.finish_reason,
+                "finish_reason": finish,
             }
         ],
         "usage": usage(done),
@@ -121,6 +149,22 @@ def chat_chunk(
             {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         ],
     }
+
+
+def tool_deltas(
+    text: str, calls: Sequence[CallPiece], always: bool = False
+) -> list[dict[str, Any]]:
+    """Stream deltas for released text and call pieces, as OpenAI streams calls: the
+    index, id and name first, then argument fragments (``always``: a delta even when
+    there is nothing, to carry logprobs)."""
+    out: list[dict[str, Any]] = [{"content": text}] if text or always else []
+    for c in calls:
+        if c.id is not None:
+            head = _tool_call(c.id, c.name or "", c.arguments)
+            out.append({"tool_calls": [{"index": c.index, **head}]})
+        else:
+            out.append({"tool_calls": [{"index": c.index, "function": {"arguments": c.arguments}}]})
+    return out
 
 
 def completion_response(

@@ -24,15 +24,25 @@ __all__ = [
     "HubFile",
     "PullResult",
     "RepoListing",
+    "RepoModel",
     "hub_errors",
+    "imatrix_name",
     "list_repo",
     "list_repo_files",
     "locate_file",
     "quant_of",
+    "repo_models",
+    "repo_to_choose_in",
     "select_file",
+    "split_part",
 ]
 
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+# llama.cpp's split files (llama_split_path): NAME-00001-of-00003.gguf.
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.I)
+# An importance-matrix quant as repos name it: Model.i1-Q4_K_M.gguf, Model-Q4_K_M-imat.gguf.
+_IMATRIX = re.compile(r"(?<![A-Za-z0-9])(i1|imat|imatrix)(?![A-Za-z0-9])", re.I)
+_MMPROJ = re.compile(r"(?<![A-Za-z0-9])mmproj(?![A-Za-z0-9])", re.I)
 # A quant name as GGUF file names spell it: Q4_K_M, q8_0, IQ4_XS, Q4_0_4_4, F16, BF16.
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])(I?Q[1-8](?:_[A-Za-z0-9]+)*|BF16|F16|F32)(?![A-Za-z0-9])", re.I
@@ -91,9 +101,84 @@ class PullResult:
 
 def quant_of(filename: str) -> str | None:
     """The quant a GGUF file name carries (``llama-2-7b.Q4_K_M.gguf`` -> ``Q4_K_M``)."""
-    stem = filename.rsplit("/", 1)[-1].removesuffix(".gguf")
+    stem = filename.rsplit("/", 1)[-1]
+    stem = stem[:-5] if stem.lower().endswith(".gguf") else stem
     found = _QUANT.findall(stem)
     return found[-1].upper() if found else None
+
+
+def split_part(path: str) -> tuple[str, int, int] | None:
+    """(the model's path without the part, part number, part count) of a split file."""
+    match = _SPLIT.match(path)
+    if match is None:
+        return None
+    return match["stem"], int(match["no"]), int(match["count"])
+
+
+def imatrix_name(path: str) -> bool:
+    """Whether a file name says it was quantized with an importance matrix (i1, imat)."""
+    stem = path.rsplit("/", 1)[-1]
+    return bool(_IMATRIX.search(stem[:-5] if stem.lower().endswith(".gguf") else stem))
+
+
+@dataclass(frozen=True)
+class RepoModel:
+    """One model of a repo: a GGUF file, or the parts of a split one (in order)."""
+
+    parts: tuple[HubFile, ...]
+
+    @property
+    def path(self) -> str:
+        return self.parts[0].path
+
+    @property
+    def size_bytes(self) -> int | None:
+        sizes = [p.size_bytes for p in self.parts]
+        return None if None in sizes else sum(s or 0 for s in sizes)
+
+    @property
+    def quant(self) -> str | None:
+        return self.parts[0].quant or quant_of(self.path.rsplit("/", 1)[0])
+
+
+def repo_models(listing: RepoListing) -> tuple[tuple[RepoModel, ...], tuple[str, ...]]:
+    """The models a repo's GGUF files make (split parts counted as one), and the files left
+    out with why: vision projectors, importance matrices, a split with parts missing."""
+    models: list[RepoModel] = []
+    skipped: list[str] = []
+    splits: dict[tuple[str, int], dict[int, HubFile]] = {}
+    for file in listing.files:
+        if _MMPROJ.search(file.filename):
+            skipped.append(f"{file.path} (a vision projector, not a model)")
+            continue
+        if imatrix_name(file.filename) and file.quant is None:  # imatrix.gguf: the data
+            skipped.append(f"{file.path} (an importance matrix, not a model)")
+            continue
+        part = split_part(file.path)
+        if part is None:
+            models.append(RepoModel((file,)))
+        else:
+            splits.setdefault((part[0], part[2]), {})[part[1]] = file
+    for (stem, count), parts in splits.items():
+        if sorted(parts) != list(range(1, count + 1)):
+            skipped.append(f"{stem} (a split of {count} parts, {len(parts)} on the hub)")
+            continue
+        models.append(RepoModel(tuple(parts[n] for n in range(1, count + 1))))
+    models.sort(key=lambda m: (m.size_bytes or 0, m.path))
+    return tuple(models), tuple(skipped)
+
+
+def repo_to_choose_in(ref: str, store: ModelStore | None = None) -> str | None:
+    """The hub repo ``ref`` names without a quant (``org/repo``): a file is to be chosen.
+
+    None for anything else (a quant, a hub file, a catalog alias, a path).
+    """
+    if "/" not in ref or ref.startswith("hf://") or ref.endswith(".gguf"):
+        return None
+    model = resolve_model(ref, store)
+    if model.kind != "hub" or model.quant is not None or model.repo is None:
+        return None
+    return model.repo
 
 
 # ------------------------------------------------------------------------------ errors

@@ -340,11 +340,19 @@ class GuardedTemplate:
     Thread-safe: each render has its own meter (a ContextVar), so serve workers can share one.
     """
 
-    def __init__(self, template: jinja2.Template, label: str, hint: str, budget: RenderBudget):
+    def __init__(
+        self,
+        template: jinja2.Template,
+        label: str,
+        hint: str,
+        budget: RenderBudget,
+        source: str = "",
+    ):
         self._template = template
         self.label = label
         self.hint = hint
         self.budget = budget
+        self.source = source  # the template's text (tool calling reads its format from it)
 
     @classmethod
     def compile(
@@ -379,7 +387,7 @@ class GuardedTemplate:
         except Exception as exc:
             # Untrusted input at a trust boundary: whatever breaks, the user gets one line.
             raise _failure(label, hint, exc) from None
-        return cls(template, label, hint, budget)
+        return cls(template, label, hint, budget, text)
 
     def error(self, verb: str, detail: str) -> TemplateError:
         """A TemplateError about this template: ``<label> <verb>: <detail>; <hint>``."""

@@ -95,9 +95,9 @@ def render_bench(request: BenchRequest, events: Iterator[BenchEvent]) -> None:
                 for message in event.notes:
                     note(message)
                 total = len(event.tests) * event.repetitions
-                task = progress.add_task("bench", total=total, test="", stage="starting")
-                if request.output == "csv":
+                if request.output == "csv" and task is None:  # several quants: one header
                     output.emit(format_csv_header())
+                task = progress.add_task("bench", total=total, test="", stage="starting")
             elif isinstance(event, BenchProgress):
                 _show_progress(progress, task, event)
             elif isinstance(event, BenchResult):

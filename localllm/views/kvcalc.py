@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
 
 from localllm.text import format_bytes
-from localllm.views.console import note, out, print_unwrapped, safe, warn
+from localllm.views.console import err, note, out, print_unwrapped, safe, warn
 
 if TYPE_CHECKING:
     from localllm.plan.kvcalc import KVCalcResult, KVRow
+    from localllm.plan.quant_choice import QuantChoice, QuantRow
     from localllm.plan.verify import VerifyReport
 
-__all__ = ["render_kv_calc", "render_kv_verify"]
+__all__ = ["choice_progress", "render_kv_calc", "render_kv_verify", "render_quant_choice"]
 
 _VERDICT_STYLE = {"fits": "ok", "tight": "warn", "too big": "error", "unknown": "muted"}
 KV_CHART_WIDTH = 48
@@ -201,3 +204,84 @@ def render_kv_verify(report: VerifyReport) -> None:
             verdict = Text("estimate", style="muted")
         table.add_row(str(v.ctx), str(v.batch), types, v.quantity, est, act, diff, verdict)
     print_unwrapped(table)
+
+
+# ------------------------------------------------------------- kv-calc ORG/REPO
+
+
+@contextmanager
+def choice_progress(repo: str) -> Iterator[Callable[[str, int, int], None]]:
+    """One progress line on stderr while a repo's headers are read and planned (silent
+    when stderr is not a terminal); yields the callback the core calls."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    if not err.is_terminal:
+        yield lambda what, done, total: None
+        return
+    columns = (TextColumn("[accent]{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        name = escape(safe(repo, 60))
+        task = progress.add_task(f"{name}: listing", total=None)
+
+        def update(what: str, done: int, total: int) -> None:
+            progress.update(task, description=f"{name}: {what}", completed=done, total=total)
+
+        yield update
+
+
+def _max_ctx(row: QuantRow) -> str | Text:
+    if row.max_ctx is None:
+        return "?"
+    if row.max_ctx == 0:
+        return Text("none", style="error")
+    return f"{row.max_ctx} (trained)" if row.max_ctx_trained else str(row.max_ctx)
+
+
+def render_quant_choice(choice: QuantChoice) -> None:
+    """Each file of the repo at the context asked, sorted by size; the choice on the last line."""
+    ctx = choice.rows[0].ctx if choice.rows else 0
+    types = choice.type_k if choice.type_k == choice.type_v else f"{choice.type_k}/{choice.type_v}"
+    batch = f" x {choice.batch} sequences" if choice.batch > 1 else ""
+    out.print(
+        Text(f"{safe(choice.repo, 80)}", style="label")
+        + Text(f" @ {choice.revision[:12]}: {ctx} tokens{batch}, KV {types}, "
+               f"{format_bytes(choice.available_bytes)} available", style="muted")
+    )  # fmt: skip
+    table = Table(box=None, header_style="label", pad_edge=False)
+    for col in ("", "quant", "file size", "weights", "KV", "compute", "total", "fit",
+                "max ctx", "KV/token", "file"):  # fmt: skip
+        left = col in ("", "quant", "fit", "file")
+        table.add_column(col, justify="left" if left else "right", no_wrap=True)
+    for r in choice.rows:
+        mark = Text("→", style="ok") if r.recommended else Text("")
+        quant = Text(safe(r.quant or "?", 20) + (" imatrix" if r.imatrix else ""))
+        name = safe(r.file, 80) + (f" (+{r.parts - 1} parts)" if r.parts > 1 else "")
+        if r.error is not None:
+            table.add_row(mark, quant, format_bytes(r.file_bytes), "-", "-", "-", "-",
+                          Text("error", style="error"), "-", "-", Text(name))  # fmt: skip
+            continue
+        table.add_row(
+            mark, quant, format_bytes(r.file_bytes), format_bytes(r.weights_bytes),
+            format_bytes(r.kv_bytes), format_bytes(r.compute_bytes), format_bytes(r.total_bytes),
+            Text(r.verdict, style=_VERDICT_STYLE.get(r.verdict, "")), _max_ctx(r),
+            format_bytes(r.kv_per_token), Text(name),
+        )  # fmt: skip
+    print_unwrapped(table)
+    for r in choice.rows:
+        if r.error is not None:
+            warn(f"{safe(r.file, 80)}: {safe(r.error, 200)}")
+    for message in choice.skipped:
+        note(f"left out: {safe(message, 160)}")
+    read = f"{choice.headers_read} headers read ({format_bytes(choice.bytes_read)})"
+    note(f"{read}, {choice.headers_cached} from the cache; no weights downloaded")
+    for message in choice.warnings:
+        warn(message)
+    line = Text("recommended: ", style="label")
+    if choice.recommended is None:
+        line.append("none", style="error")
+        line.append(f" ({safe(choice.reason, 300)})")
+    else:
+        line.append(f"{safe(choice.recommended, 100)}", style="ok")
+        line.append(f" ({safe(choice.reason, 300)})")
+    out.print(line)

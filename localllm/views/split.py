@@ -1,4 +1,5 @@
-"""The view of a model split across hosts (kv-calc --rpc): one table per context size."""
+"""The view of a model split across hosts and GPUs (kv-calc --rpc, or a GPU here): one
+table per context size."""
 
 from __future__ import annotations
 
@@ -51,10 +52,12 @@ def _plan_table(plan: SplitPlan, n_layer: int) -> Table:
     return table
 
 
-def _memory_line(plan: SplitPlan) -> str:
+def _memory_line(plan: SplitPlan, gpus: tuple[str, ...]) -> str:
     parts = []
     for h in plan.hosts:
-        where = "available" if h.host == THIS_MACHINE else "reported"
+        where = "available" if h.host == THIS_MACHINE else "free" if h.host in gpus else "reported"
+        if h.shared_bytes:  # unified GPUs' shares live in this machine's RAM too
+            where += f" (for its share and {format_bytes(h.shared_bytes)} of unified GPU memory)"
         parts.append(f"{h.host} {format_bytes(h.memory_bytes)} {where}")
     return "memory: " + "; ".join(parts)
 
@@ -92,6 +95,6 @@ def render_split(result: SplitResult) -> None:
             out.print(_plan_table(budget, result.n_layer))
     shown = next((p for p in result.plans if p.hosts), None)
     if shown is not None:
-        out.print(Text(_memory_line(shown)))
+        out.print(Text(_memory_line(shown, result.gpus)))
     for message in result.notes:
         note(message)

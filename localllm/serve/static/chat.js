@@ -128,6 +128,34 @@ function addMessage(role, text) {
   return div;
 }
 
+// A tool call the model made, shown as its name and pretty-printed arguments (the page
+// never runs tools; the client that offered them does).
+function renderToolCalls(calls) {
+  const root = document.createDocumentFragment();
+  for (const call of calls) {
+    const box = document.createElement("div");
+    box.className = "tool-call";
+    const title = document.createElement("div");
+    title.className = "tool-name";
+    title.textContent = `tool call · ${call.function.name}`;
+    const args = document.createElement("pre");
+    let text = call.function.arguments;
+    try { text = JSON.stringify(JSON.parse(text), null, 2); } catch { /* still arriving */ }
+    args.textContent = text;
+    box.append(title, args);
+    root.append(box);
+  }
+  return root;
+}
+window.localllmRenderToolCalls = renderToolCalls;
+
+function tools() {
+  const text = $("tools").value.trim();
+  if (!text) return null;
+  const value = JSON.parse(text);  // a SyntaxError is shown as the reply's error
+  return Array.isArray(value) ? value : [value];
+}
+
 function note(div, text) {
   const span = document.createElement("span");
   span.className = "note";
@@ -191,6 +219,8 @@ function requestBody() {
   if (Number.isFinite(temperature)) body.temperature = temperature;
   const maxTokens = Number.parseInt($("max-tokens").value, 10);
   if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;
+  const offered = tools();
+  if (offered) body.tools = offered;
   return body;
 }
 
@@ -220,6 +250,7 @@ async function send(text) {
   const div = addMessage("assistant", "");
   div.classList.add("streaming");
   let reply = "";
+  const calls = [];
   let finish = null;
   let usage = null;
   let timings = null;
@@ -227,7 +258,7 @@ async function send(text) {
   const redraw = () => {
     if (frame) cancelAnimationFrame(frame);
     frame = 0;
-    div.replaceChildren(renderMarkdown(reply));
+    div.replaceChildren(renderMarkdown(reply), renderToolCalls(calls));
     div.scrollIntoView({ block: "end" });
   };
   state.controller = new AbortController();
@@ -251,11 +282,19 @@ async function send(text) {
         reply += choice.delta.content;
         if (!frame) frame = requestAnimationFrame(redraw);
       }
+      for (const part of choice.delta?.tool_calls || []) {
+        const call = calls[part.index] ||= { id: "", type: "function", function: { name: "", arguments: "" } };
+        call.id += part.id || "";
+        call.function.name += part.function?.name || "";
+        call.function.arguments += part.function?.arguments || "";
+        if (!frame) frame = requestAnimationFrame(redraw);
+      }
       if (choice.finish_reason) { finish = choice.finish_reason; timings = event.timings || null; }
     });
     redraw();
     const parts = [];
     if (finish === "length") parts.push("cut at max tokens");
+    if (finish === "tool_calls") parts.push("tool calls (not run by this page)");
     if (usage) parts.push(`${usage.prompt_tokens} in · ${usage.completion_tokens} out`);
     if (timings) parts.push(`${timings.predicted_per_second.toFixed(1)} tok/s`);
     $("status").textContent = parts.join(" · ");
@@ -275,7 +314,8 @@ async function send(text) {
     state.controller = null;
     setBusy(false);
     // What was shown stays in the conversation, as chat keeps a stopped reply.
-    if (reply) state.history.push({ role: "assistant", content: reply });
+    if (calls.length) state.history.push({ role: "assistant", content: reply || null, tool_calls: calls });
+    else if (reply) state.history.push({ role: "assistant", content: reply });
     else state.history.pop();
   }
 }
