@@ -47,6 +47,8 @@ class GenerationStats:
     # The cached prefix was dropped and the whole prompt evaluated again: the sliding
     # window had moved past it (the SWA cache no longer held what the next token attends to).
     window_reevaluated: bool = False
+    draft_n: int = 0  # tokens drafted by speculative decoding
+    draft_n_accepted: int = 0  # of those, accepted (equal to the model's own sample)
 
     @property
     def prompt_tps(self) -> float:

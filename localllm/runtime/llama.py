@@ -26,6 +26,7 @@ from localllm.runtime.log import (
     set_log_echo,
 )
 from localllm.runtime.params import LoadOptions, SamplingOptions, context_fields, rope_fields
+from localllm.runtime.rpc_devices import rpc_load_devices
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -248,18 +249,6 @@ def _patched_llama(llama_cpp: Any, **model_fields: Any) -> Iterator[None]:
             formats.Jinja2ChatFormatter = original_formatter
 
 
-@contextmanager
-def _rpc_devices(endpoints: Sequence[str]) -> Iterator[None]:
-    """With --rpc: the load places layers on these servers' devices (checked first)."""
-    if not endpoints:
-        yield
-        return
-    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
-
-    with model_devices(add_rpc_servers(endpoints)):
-        yield
-
-
 def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedModel:
     """Load a GGUF through llama.cpp with ``options``; failures become ModelLoadError."""
     options.validate()
@@ -272,7 +261,10 @@ def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedMode
     repack = choose_repack(options.repack)
     mark = log_mark()
     try:
-        with _patched_llama(llama_cpp, use_extra_bufts=repack.repack), _rpc_devices(options.rpc):
+        with (
+            _patched_llama(llama_cpp, use_extra_bufts=repack.repack),
+            rpc_load_devices(options.rpc),
+        ):
             llama = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=options.n_ctx,

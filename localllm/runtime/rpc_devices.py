@@ -42,6 +42,7 @@ __all__ = [
     "model_devices",
     "rpc_device_memory",
     "rpc_libraries",
+    "rpc_load_devices",
 ]
 
 # ggml-rpc.h: RPC_PROTO_MAJOR_VERSION / RPC_PROTO_MINOR_VERSION at the pinned commit.
@@ -343,3 +344,14 @@ def model_devices(devices: Sequence[RpcDevice]) -> Iterator[None]:
         finally:
             for module, saved in zip(modules, originals, strict=True):
                 module.llama_model_load_from_file = saved
+
+
+@contextlib.contextmanager
+def rpc_load_devices(endpoints: Sequence[str]) -> Iterator[None]:
+    """With --rpc: loads in the block place layers on these servers' devices (checked
+    first); without, nothing changes."""
+    if not endpoints:
+        yield
+        return
+    with model_devices(add_rpc_servers(endpoints)):
+        yield
