@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from localllm.commands.arguments import ModelArg, OnOffOpt, RepackOpt, RopeOpt, ThreadsOpt
+from localllm.commands.arguments import (
+    DraftOpt,
+    ModelArg,
+    OnOffOpt,
+    RepackOpt,
+    RopeOpt,
+    SpecOpt,
+    ThreadsOpt,
+)
 from localllm.flags import check_count, check_threads, parse_on_off, parse_repack
 from localllm.views.console import note
 
@@ -63,6 +71,8 @@ def serve_cmd(
     flash_attn: OnOffOpt = "on",
     rope: RopeOpt = None,
     repack: RepackOpt = None,
+    spec: SpecOpt = "auto",
+    draft: DraftOpt = None,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) and a chat page."""
     # Long: one Typer parameter per flag; the body maps them onto ServeOptions and one call.
@@ -70,6 +80,7 @@ def serve_cmd(
     from localllm.plan.preload import check_load_fits, plan_load
     from localllm.plan.rope import plan_rope
     from localllm.runtime.params import LoadOptions
+    from localllm.runtime.speculation import check_spec_mode
     from localllm.serve.config import ServeOptions
     from localllm.serve.server import run_server
     from localllm.store.resolver import require_local_file, resolve_model
@@ -77,6 +88,7 @@ def serve_cmd(
     check_count(parallel, "--parallel", high=256)
     check_count(ctx, "--ctx")
     check_threads(threads)
+    check_spec_mode(spec, draft)
     resolved = resolve_model(model)
     path = require_local_file(resolved)
     spec = read_model_spec(path)
@@ -107,6 +119,8 @@ def serve_cmd(
         insecure=insecure,
         allowed_hosts=tuple(allowed_host or ()),
         max_tokens=max_tokens,
+        spec=spec,
+        draft_path=require_local_file(resolve_model(draft)) if draft else None,
     )
     try:
         run_server(options, chat_format=chat_format, on_event=_report)
@@ -136,6 +150,8 @@ def _report(event: object) -> None:
             f"serving {event.model_id} on {event.url} · ctx {event.n_ctx} = {event.n_parallel} "
             f"slots x {event.n_ctx_slot} · {key} · loaded in {event.load_seconds:.1f} s"
         )
+        if event.spec_note:
+            note(event.spec_note)
     elif isinstance(event, RequestLogged):
         tokens = (
             f" · {event.prompt_tokens} in, {event.completion_tokens} out ({event.finish_reason})"

@@ -10,6 +10,7 @@ from localllm.errors import InvalidArgument
 from localllm.net import LOOPBACK_NAMES, is_loopback
 from localllm.runtime.batch_engine import MAX_PARALLEL
 from localllm.runtime.params import LoadOptions
+from localllm.runtime.speculation import check_spec_mode
 
 __all__ = [
     "RequestLogged",
@@ -39,10 +40,13 @@ class ServeOptions:
     send_timeout: float = 60.0  # seconds a streamed chunk may wait on a client not reading
     max_connections: int = 64  # beyond this uvicorn answers 503
     max_tokens: int | None = None  # default reply budget; None: chat's, min(512, slot ctx / 2)
+    spec: str = "auto"  # --spec: speculative decoding (auto, off, ngram)
+    draft_path: Path | None = None  # --draft: a draft model's file
 
     def validate(self) -> None:
         """InvalidArgument for values that cannot work, before the model loads."""
         self.load.validate()
+        check_spec_mode(self.spec, None if self.draft_path is None else str(self.draft_path))
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} must be between 0 and 65535")
         if not 1 <= self.parallel <= MAX_PARALLEL:
@@ -93,6 +97,7 @@ class ServerReady:
     n_parallel: int
     api_key_required: bool
     load_seconds: float
+    spec_note: str | None = None  # why speculative decoding is off for this model
 
 
 @dataclass(frozen=True)

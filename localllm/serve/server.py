@@ -117,7 +117,13 @@ def _bind(host: str, port: int) -> socket.socket:
 def load_engine(options: ServeOptions) -> BatchEngine:
     """Check the options, then load the model with ``options.parallel`` slots."""
     options.validate()
-    return BatchEngine.load(options.model_path, options.load, options.parallel)
+    return BatchEngine.load(
+        options.model_path,
+        options.load,
+        options.parallel,
+        spec=options.spec,
+        draft=options.draft_path,
+    )
 
 
 def _config(options: ServeOptions, app: Any) -> uvicorn.Config:
@@ -153,6 +159,7 @@ def _ready(options: ServeOptions, engine: BatchEngine, port: int, seconds: float
         n_parallel=engine.n_parallel,
         api_key_required=options.api_key is not None,
         load_seconds=seconds,
+        spec_note=engine.spec_note,
     )
 
 
