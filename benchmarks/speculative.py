@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Speculative decoding: localllm's engine with ``--spec off``, ``auto`` and ``ngram``.
+
+The engine measured is the one `localllm chat` and `localllm serve` both run (a one-slot
+:class:`~localllm.runtime.batch_engine.BatchEngine`, loaded once per mode). Each task is a
+chat-formatted prompt of one kind (code rewrite, quoting summary, free chat, a long
+multi-turn conversation); each round runs every mode once on it, in turn, the slot's
+cells dropped first, under ``/tmp/localllm-cpu.lock``. Greedy, fixed budget. Reported per
+task and mode: the median generation tokens/s (tokens after the first over the time from
+the first to the last), its ratio to ``off`` within each round (median of the ratios),
+drafted and accepted tokens, and how much of the ``off`` reply the reply keeps (the
+share of its tokens in the common prefix: batched verification can flip near-ties).
+
+Native llama-server (``--spec-type ngram-mod``) is compared when
+``benchmarks/build/bin/llama-server`` exists (``--native``); see speculative.md.
+
+    .venv/bin/python benchmarks/speculative.py --rounds 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import statistics
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from localllm.runtime.batch_engine import BatchEngine  # noqa: E402
+from localllm.runtime.batch_records import GenerationDone, GenerationParams  # noqa: E402
+from localllm.runtime.params import LoadOptions  # noqa: E402
+
+DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOCK = "/tmp/localllm-cpu.lock"
+MODES = ("off", "auto", "ngram")
+
+CODE = "\n".join(
+    [
+        "def load_rows(path):",
+        "    rows = []",
+        "    with open(path) as handle:",
+        "        for line in handle:",
+        "            line = line.strip()",
+        "            if not line or line.startswith('#'):",
+        "                continue",
+        "            fields = line.split(',')",
+        "            rows.append(fields)",
+        "    return rows",
+        "",
+        "def total(rows, column):",
+        "    result = 0",
+        "    for row in rows:",
+        "        result += float(row[column])",
+        "    return result",
+        "",
+        "def average(rows, column):",
+        "    if not rows:",
+        "        return 0.0",
+        "    return total(rows, column) / len(rows)",
+        "",
+        "def largest(rows, column):",
+        "    best = None",
+        "    for row in rows:",
+        "        value = float(row[column])",
+        "        if best is None or value > best:",
+        "            best = value",
+        "    return best",
+        "",
+        "def report(path, column):",
+        "    rows = load_rows(path)",
+        "    print('rows:', len(rows))",
+        "    print('total:', total(rows, column))",
+        "    print('average:', average(rows, column))",
+        "    print('largest:', largest(rows, column))",
+    ]
+)
+PASSAGE = (
+    "The lighthouse stood on the northern cape for two hundred years. Its keeper, a man "
+    "named Tomas, climbed the ninety steps every evening to light the lamp. In the winter "
+    "of 1887 a storm broke the great lens, and for three nights the cape was dark. Tomas "
+    "kept a fire burning on the gallery with driftwood and oil until the new lens arrived "
+    "from the mainland. The ships that passed in those nights all reached the harbour. "
+    "When the inspector came in spring, he wrote that the keeper had done more than his "
+    "duty, and the village gave Tomas a silver watch that his granddaughter still keeps."
+)
+TURNS = [
+    ("user", "List five things to pack for a weekend hiking trip, one line each."),
+    (
+        "assistant",
+        "1. A waterproof jacket\n2. Sturdy hiking boots\n3. A map and a compass\n"
+        "4. Two litres of water\n5. Snacks such as nuts and dried fruit",
+    ),
+    ("user", "Why the compass?"),
+    (
+        "assistant",
+        "A compass lets you find your direction when the trail is unclear or your "
+        "phone has no signal, and it never runs out of battery.",
+    ),
+    ("user", "Write the list again exactly as before, then add a sixth item: a first-aid kit."),
+]
+TASKS: dict[str, list[tuple[str, str]]] = {
+    "code rewrite": [("user", f"Rewrite this code, renaming `rows` to `records`:\n\n{CODE}")],
+    "quoting summary": [
+        (
+            "user",
+            f"Summarize this passage, quoting its most important sentences word for "
+            f"word:\n\n{PASSAGE}",
+        )
+    ],
+    "free chat": [("user", "What are some good habits for staying healthy while working?")],
+    "long multi-turn": TURNS,
+}
+
+
+def chatml(messages: list[tuple[str, str]]) -> str:
+    """SmolLM2's template (ChatML) with its default system prompt."""
+    text = (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+        "Hugging Face<|im_end|>\n"
+    )
+    for role, content in messages:
+        text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
+    return text + "<|im_start|>assistant\n"
+
+
+@contextmanager
+def cpu_lock() -> Any:
+    with open(LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def generate(engine: BatchEngine, prompt: list[int], max_tokens: int) -> GenerationDone:
+    done: list[GenerationDone] = []
+    finished = threading.Event()
+
+    def sink(event: object) -> None:
+        if isinstance(event, GenerationDone):
+            done.append(event)
+            finished.set()
+
+    engine.forget(0)
+    params = GenerationParams(max_tokens=max_tokens, temperature=0.0, stop=("<|im_end|>",))
+    engine.submit(prompt, params, sink)
+    finished.wait()
+    return done[0]
+
+
+def kept(reference: str, text: str) -> float:
+    """The share of ``reference`` (characters) that ``text`` starts with."""
+    n = next((i for i, (a, b) in enumerate(zip(reference, text, strict=False)) if a != b), None)
+    if n is None:
+        n = min(len(reference), len(text))
+    return n / max(1, len(reference))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--no-lock", action="store_true", help="do not take " + LOCK)
+    args = ap.parse_args()
+    options = LoadOptions(n_ctx=4096, n_threads=args.threads)
+    engines = {mode: BatchEngine.load(args.model, options, spec=mode) for mode in MODES}
+    results: dict[tuple[str, str], list[GenerationDone]] = {}
+    ratios: dict[tuple[str, str], list[float]] = {}
+    try:
+        for task, messages in TASKS.items():
+            prompt = engines["off"].tokenize(chatml(messages), add_bos=False)
+            for r in range(args.rounds):
+                with cpu_lock() if not args.no_lock else _nothing():
+                    done = {m: generate(engines[m], prompt, args.max_tokens) for m in MODES}
+                for m in MODES:
+                    results.setdefault((task, m), []).append(done[m])
+                    base = done["off"].generation_tps
+                    ratios.setdefault((task, m), []).append(done[m].generation_tps / base)
+                print(
+                    f"{task} round {r + 1}: "
+                    + ", ".join(f"{m} {done[m].generation_tps:.1f} t/s" for m in MODES),
+                    file=sys.stderr,
+                )
+    finally:
+        for engine in engines.values():
+            engine.close()
+    print(table(results, ratios))
+
+
+@contextmanager
+def _nothing() -> Any:
+    yield
+
+
+def table(
+    results: dict[tuple[str, str], list[GenerationDone]],
+    ratios: dict[tuple[str, str], list[float]],
+) -> str:
+    lines = [
+        "| task | --spec | tokens | t/s (median) | x off (median of rounds) "
+        "| drafted | accepted | reply kept vs off |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, mode), runs in results.items():
+        reference = results[(task, "off")][0].text
+        last = runs[-1]
+        lines.append(
+            f"| {task} | {mode} | {last.completion_tokens} "
+            f"| {statistics.median(d.generation_tps for d in runs):.1f} "
+            f"| {statistics.median(ratios[(task, mode)]):.2f} "
+            f"| {last.draft_n} | {last.draft_n_accepted} "
+            f"| {100 * kept(reference, last.text):.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
