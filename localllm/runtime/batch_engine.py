@@ -84,7 +84,7 @@ class BatchEngine(Vocabulary):
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
         self._n_swa = int(lc.llama_model_n_swa(model))
         self._swa_full = swa_full
-        self._n_batch = n_batch
+        self._n_batch, self._n_ubatch = n_batch, int(lc.llama_n_ubatch(ctx))
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
         self._slots = [Slot(seq) for seq in range(self.n_parallel)]
         self._pending: deque[Job] = deque()
@@ -304,7 +304,10 @@ class BatchEngine(Vocabulary):
         plan: list[tuple[Slot, list[int]]] = []
         outputs: list[tuple[int, Slot, list[int]]] = []  # (logits index, slot, its draft)
         generating = [s for s in self._slots if s.job is not None and s.job.last_token is not None]
-        room = self._n_batch - len(generating)
+        # A sliding-window cache drops cells a later ubatch no longer sees: drafts stay in
+        # the first ubatch, or a rollback could leave the next token without its window.
+        windowed = self._n_swa > 0 and not self._swa_full
+        room = (self._n_ubatch if windowed else self._n_batch) - len(generating)
         n = 0
         for slot in generating:
             job = slot.job
