@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from pathlib import Path
@@ -293,3 +294,36 @@ def test_models_that_cannot_roll_back_run_without_speculation(archs: Path, arch:
         assert done.draft_n == 0 and done.completion_tokens == 8
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------- the command line
+
+CHAT_FLAGS = ("--temp", "0", "--seed", "11", "--max-tokens", "48", "--ctx", "2048", "--json")
+ASK = "Repeat this line exactly: the quick brown fox jumps over the lazy dog, twice."
+
+
+@pytest.mark.slow
+def test_spec_off_is_the_path_without_drafts_and_ngram_keeps_its_reply(
+    store_with_smollm2: Path, cli
+) -> None:
+    """`--spec off` never drafts and prints what the llama-cpp-python reference printed
+    (tests/test_chat.py holds the default against it); `--spec ngram` drafts and keeps it."""
+    runs = {mode: cli("chat", "-p", ASK, *CHAT_FLAGS, "--spec", mode) for mode in ("off", "ngram")}
+    data = {mode: json.loads(run.stdout) for mode, run in runs.items()}
+    assert data["off"]["stats"]["draft_n"] == 0
+    assert data["ngram"]["stats"]["draft_n"] > 0
+    assert data["ngram"]["reply"] == data["off"]["reply"]
+    assert data["ngram"]["settings"]["runtime"]["spec"] == "ngram"
+
+
+def test_bad_spec_flags_are_one_line_before_loading(cli) -> None:
+    bad = cli("chat", "-p", "hi", "--spec", "fast")
+    assert bad.exit_code != 0
+    assert (
+        bad.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--spec 'fast' is not one of: auto, off, ngram")
+    )
+    both = cli("serve", "--spec", "off", "--draft", "x.gguf")
+    assert both.exit_code != 0
+    assert "--draft drafts with a model, --spec off says otherwise" in both.stderr
