@@ -327,3 +327,13 @@ def test_bad_spec_flags_are_one_line_before_loading(cli) -> None:
     both = cli("serve", "--spec", "off", "--draft", "x.gguf")
     assert both.exit_code != 0
     assert "--draft drafts with a model, --spec off says otherwise" in both.stderr
+
+
+def test_serve_timings_carry_draft_counts_as_llama_server() -> None:
+    from localllm.runtime.batch_records import GenerationDone
+    from localllm.serve.wire import timings
+
+    done = GenerationDone("hi", "stop", 10, 2, 30, 0.0, 0.1, 0.5, 0, 24, 20)
+    assert (timings(done)["draft_n"], timings(done)["draft_n_accepted"]) == (24, 20)
+    plain = GenerationDone("hi", "stop", 10, 2, 30, 0.0, 0.1, 0.5, 0)
+    assert "draft_n" not in timings(plain)  # llama-server leaves them out without drafts
