@@ -36,6 +36,7 @@ __all__ = [
 SPEC_MODES = ("auto", "off", "ngram")
 MAX_DRAFT = 32  # tokens drafted for one slot in one step at most
 FORCED_DRAFT = 16  # --spec ngram: the draft length whatever acceptance says
+FIRST_DRAFT = 4  # a request's first drafts (and probes) are short: they may all be wrong
 NGRAM_SIZES = (8, 3)  # the longer match is tried first: it predicts better
 MIN_BACKOFF, MAX_BACKOFF = 4, 256  # generated tokens without drafts after a losing draft
 
@@ -166,6 +167,7 @@ class DraftPolicy:
     _misses: float = 1.0
     _pause: int = 0  # tokens to generate before drafting again
     _backoff: int = MIN_BACKOFF
+    _cap: int = FIRST_DRAFT  # doubles while whole drafts are accepted, shrinks when not
 
     @property
     def p(self) -> float:
@@ -187,7 +189,7 @@ class DraftPolicy:
             self._pause, self._backoff = self._backoff, min(self._backoff * 2, MAX_BACKOFF)
             return 0
         # Token i pays while p**i > b / per_token.
-        return min(MAX_DRAFT, max(1, int(math.log(ratio) / math.log(p))))
+        return min(self._cap, max(1, int(math.log(ratio) / math.log(p))))
 
     def record(self, n_drafted: int, n_accepted: int, cost: DecodeCost, generating: int) -> None:
         self.drafted += n_drafted
@@ -196,6 +198,10 @@ class DraftPolicy:
         self._misses = self._misses * 0.9 + (1 if n_accepted < n_drafted else 0)
         if self.forced:
             return
+        if n_accepted == n_drafted:
+            self._cap = min(self._cap * 2, MAX_DRAFT)
+        else:
+            self._cap = max(FIRST_DRAFT // 2, n_accepted + 1)
         a, b = cost.coefficients()
         saved = n_accepted * (a + b * generating) / generating
         if saved < b * n_drafted:
