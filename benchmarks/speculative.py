@@ -88,20 +88,27 @@ PASSAGE = (
     "When the inspector came in spring, he wrote that the keeper had done more than his "
     "duty, and the village gave Tomas a silver watch that his granddaughter still keeps."
 )
+RECIPE = (
+    "Pancakes for four:\n"
+    "1. Sift 200 g of flour, a pinch of salt and two teaspoons of baking powder into a bowl.\n"
+    "2. Whisk two eggs with 300 ml of milk and 30 g of melted butter.\n"
+    "3. Pour the wet mixture into the flour and stir until just combined.\n"
+    "4. Let the batter rest for ten minutes while the pan heats.\n"
+    "5. Grease a frying pan lightly and heat it over a medium flame.\n"
+    "6. Pour a ladle of batter into the pan and cook until bubbles form on top.\n"
+    "7. Flip the pancake and cook the other side for one more minute.\n"
+    "8. Serve warm with maple syrup, berries or lemon and sugar."
+)
 TURNS = [
-    ("user", "List five things to pack for a weekend hiking trip, one line each."),
+    ("user", "Give me a simple pancake recipe as numbered steps."),
+    ("assistant", RECIPE),
+    ("user", "Can I make the batter the night before?"),
     (
         "assistant",
-        "1. A waterproof jacket\n2. Sturdy hiking boots\n3. A map and a compass\n"
-        "4. Two litres of water\n5. Snacks such as nuts and dried fruit",
+        "Yes. Keep it covered in the fridge and stir it gently before cooking; the "
+        "pancakes may rise a little less because the baking powder weakens overnight.",
     ),
-    ("user", "Why the compass?"),
-    (
-        "assistant",
-        "A compass lets you find your direction when the trail is unclear or your "
-        "phone has no signal, and it never runs out of battery.",
-    ),
-    ("user", "Write the list again exactly as before, then add a sixth item: a first-aid kit."),
+    ("user", "Write the whole recipe again exactly as before, but with three eggs."),
 ]
 TASKS: dict[str, list[tuple[str, str]]] = {
     "code rewrite": [("user", f"Rewrite this code, renaming `rows` to `records`:\n\n{CODE}")],
