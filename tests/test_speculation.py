@@ -337,3 +337,20 @@ def test_serve_timings_carry_draft_counts_as_llama_server() -> None:
     assert (timings(done)["draft_n"], timings(done)["draft_n_accepted"]) == (24, 20)
     plain = GenerationDone("hi", "stop", 10, 2, 30, 0.0, 0.1, 0.5, 0)
     assert "draft_n" not in timings(plain)  # llama-server leaves them out without drafts
+
+
+@pytest.mark.slow
+def test_a_draft_model_counts_in_the_memory_check(smollm2_path: Path) -> None:
+    from dataclasses import replace
+
+    from localllm.errors import InsufficientMemory
+    from localllm.gguf.spec import read_model_spec
+    from localllm.plan.preload import check_with_draft, plan_load
+
+    spec = read_model_spec(smollm2_path)
+    target, draft = plan_load("smollm2", spec, n_ctx=2048), plan_load("small", spec, n_ctx=512)
+    both = target.row.total_bytes + draft.row.total_bytes
+    assert draft.row.total_bytes > 0
+    check_with_draft(replace(target, available_bytes=both), draft)  # exactly fits
+    with pytest.raises(InsufficientMemory, match=r"^smollm2 with the draft model small needs "):
+        check_with_draft(replace(target, available_bytes=both - 1), draft)

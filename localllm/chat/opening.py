@@ -15,7 +15,7 @@ from localllm.chat.session import (
 from localllm.errors import InvalidArgument
 from localllm.flags import check_count, check_rope_method, check_threads, threads_warning
 from localllm.gguf.spec import ModelSpec, read_model_spec
-from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
+from localllm.plan.preload import LoadPlan, check_load_fits, check_with_draft, plan_load
 from localllm.plan.rope import plan_rope
 from localllm.plan.split import check_split_load
 from localllm.runtime.engine_model import load_engine_model
@@ -100,6 +100,7 @@ def open_session(request: ChatRequest) -> ChatSession:
     sampling = replace(sampling, max_tokens=max_tokens)
     seed = sampling.seed if sampling.seed is not None else options.seed
     options = replace(options, n_ctx=ctx, seed=seed)
+    draft = require_local_file(resolve_model(request.draft)) if request.draft else None
     memory = None
     if request.memory_check and options.rpc:
         # The weights live on several hosts: each one's share against its own memory.
@@ -108,7 +109,9 @@ def open_session(request: ChatRequest) -> ChatSession:
         label = model.alias or path.name
         memory = plan_memory(label, spec, options, plan.method if plan else None)
         check_load_fits(memory)
-    draft = require_local_file(resolve_model(request.draft)) if request.draft else None
+        if draft is not None:  # its own weights, KV and compute, beside the model's
+            draft_plan = plan_memory(draft.name, read_model_spec(draft), options, None)
+            check_with_draft(memory, draft_plan)
     started = time.perf_counter()
     loaded = load_engine_model(path, options, spec=request.spec, draft=draft)
     try:

@@ -77,7 +77,7 @@ def serve_cmd(
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) and a chat page."""
     # Long: one Typer parameter per flag; the body maps them onto ServeOptions and one call.
     from localllm.gguf.spec import read_model_spec
-    from localllm.plan.preload import check_load_fits, plan_load
+    from localllm.plan.preload import check_load_fits, check_with_draft, plan_load
     from localllm.plan.rope import plan_rope
     from localllm.runtime.params import LoadOptions
     from localllm.runtime.speculation import check_spec_mode
@@ -105,8 +105,14 @@ def serve_cmd(
     if slot > spec.n_ctx_train or rope is not None:
         load = replace(load, rope=plan_rope(spec, slot, rope).params)
     label = resolved.alias or path.name
-    check_load_fits(plan_load(label, spec, n_ctx=slot, n_seq=parallel, type_k=kv_type,
-                              type_v=kv_type, flash_attn=load.flash_attn))  # fmt: skip
+    memory = plan_load(label, spec, n_ctx=slot, n_seq=parallel, type_k=kv_type,
+                       type_v=kv_type, flash_attn=load.flash_attn)  # fmt: skip
+    check_load_fits(memory)
+    draft_path = require_local_file(resolve_model(draft)) if draft else None
+    if draft_path is not None:  # the draft model's own weights, KV and compute
+        check_with_draft(memory, plan_load(draft_path.name, read_model_spec(draft_path),
+                         n_ctx=slot, n_seq=parallel, type_k=kv_type, type_v=kv_type,
+                         flash_attn=load.flash_attn))  # fmt: skip
     options = ServeOptions(
         model_path=path,
         model_id=resolved.alias or path.stem,
@@ -120,7 +126,7 @@ def serve_cmd(
         allowed_hosts=tuple(allowed_host or ()),
         max_tokens=max_tokens,
         spec=spec,
-        draft_path=require_local_file(resolve_model(draft)) if draft else None,
+        draft_path=draft_path,
     )
     try:
         run_server(options, chat_format=chat_format, on_event=_report)
