@@ -354,3 +354,15 @@ def test_a_draft_model_counts_in_the_memory_check(smollm2_path: Path) -> None:
     check_with_draft(replace(target, available_bytes=both), draft)  # exactly fits
     with pytest.raises(InsufficientMemory, match=r"^smollm2 with the draft model small needs "):
         check_with_draft(replace(target, available_bytes=both - 1), draft)
+
+
+def test_the_status_line_says_how_many_drafts_were_accepted() -> None:
+    from localllm.generation import GenerationStats
+    from localllm.views.chat import format_turn_status
+
+    stats = GenerationStats("x", "stop", 40, 40, 120, 0.1, 1.0, 0.1, 160, 2048)
+    assert "drafts" not in format_turn_status(stats, None)
+    drafted = GenerationStats(
+        "x", "stop", 40, 40, 120, 0.1, 1.0, 0.1, 160, 2048, draft_n=90, draft_n_accepted=71
+    )
+    assert format_turn_status(drafted, None).endswith(" · drafts 71/90 accepted")
