@@ -123,12 +123,15 @@ def test_draft_length_follows_acceptance_and_backs_off_when_losing() -> None:
     assert policy.drafted == policy.accepted == 5 * first
     for _ in range(8):  # everything rejected: the policy stops drafting for a while
         policy.record(8, 0, cost, 1)
-    drafts = 0
+    drafts, wasted = 0, 0
     for _ in range(300):
         if n := policy.length(cost, 1):
-            drafts += 1
+            drafts, wasted = drafts + 1, wasted + n
             policy.record(n, 0, cost, 1)  # and keeps losing
-    assert 1 <= drafts <= 3, "one probe after each pause, the pauses doubling"
+    assert drafts >= 1, "it probes again after a pause"
+    # Each wasted drafted token costs b = 1 ms against 11 ms for a generated token: the
+    # losing drafts over 300 tokens cost under 2% of their time.
+    assert wasted * 0.001 < 0.02 * 300 * 0.011
 
 
 def test_more_busy_slots_make_drafts_shorter() -> None:

@@ -157,8 +157,9 @@ class DraftPolicy:
     """One request's acceptance record and how long its next draft may be.
 
     Acceptance is modelled as geometric: each drafted token is accepted with chance
-    ``p`` while the ones before it were. A draft whose accepted tokens saved less time
-    than verifying it cost backs drafting off for a while, doubling each time."""
+    ``p`` while the ones before it were. When recent drafts (a decaying average) saved
+    less time than verifying them cost, drafting backs off for a while, doubling each
+    time, then probes again."""
 
     forced: bool = False  # --spec ngram: draft whatever it costs
     drafted: int = 0
@@ -168,6 +169,7 @@ class DraftPolicy:
     _pause: int = 0  # tokens to generate before drafting again
     _backoff: int = MIN_BACKOFF
     _cap: int = FIRST_DRAFT  # doubles while whole drafts are accepted, shrinks when not
+    _gain: float = 2.0  # recent drafts' time saved, in generated tokens (decaying average)
 
     @property
     def p(self) -> float:
@@ -181,6 +183,7 @@ class DraftPolicy:
             self._pause -= 1
             if self._pause == 0:  # then probe again, as if acceptance were middling
                 self._hits, self._misses = max(self._hits, 1.0), min(self._misses, 1.0)
+                self._gain = 0.5  # one more loss pauses again, for twice as long
             return 0
         a, b = cost.coefficients()
         per_token = (a + b * generating) / generating  # what a generated token costs now
@@ -203,8 +206,10 @@ class DraftPolicy:
         else:
             self._cap = max(FIRST_DRAFT // 2, n_accepted + 1)
         a, b = cost.coefficients()
-        saved = n_accepted * (a + b * generating) / generating
-        if saved < b * n_drafted:
+        per_token = (a + b * generating) / generating
+        gained = n_accepted - b * n_drafted / per_token  # tokens' worth of time
+        self._gain = self._gain * 0.8 + gained
+        if self._gain < 0:  # drafting has been losing time lately: stop for a while
             self._pause, self._backoff = self._backoff, min(self._backoff * 2, MAX_BACKOFF)
-        else:
+        elif gained > 0:
             self._backoff = MIN_BACKOFF
