@@ -298,14 +298,13 @@ class BatchEngine(Vocabulary):
                 self._finish(slot.job, slot, "interrupted" if slot.job.interrupted else "cancelled")
 
     def _step(self) -> None:
-        """One llama_decode for every active slot: generated tokens (each with its draft)
-        first, then prompts."""
+        """One llama_decode for every slot: generated tokens (and drafts), then prompts."""
         lc, batch = self._lc, self._batch
         plan: list[tuple[Slot, list[int]]] = []
         outputs: list[tuple[int, Slot, list[int]]] = []  # (logits index, slot, its draft)
         generating = [s for s in self._slots if s.job is not None and s.job.last_token is not None]
-        # A sliding-window cache drops cells a later ubatch no longer sees: drafts stay in
-        # the first ubatch, or a rollback could leave the next token without its window.
+        # A window-sized cache drops cells a later ubatch no longer sees: drafts stay in
+        # the first, or a rollback could leave the next token without its window.
         windowed = self._n_swa > 0 and not self._swa_full
         room = (self._n_ubatch if windowed else self._n_batch) - len(generating)
         n = 0
@@ -319,6 +318,7 @@ class BatchEngine(Vocabulary):
             plan.append((slot, [job.last_token]))
             outputs.append((n, slot, draft))
             n += 1 + len(draft)
+        n_generated = n  # tokens that all want logits: what a draft's cost is fitted on
         for slot in self._slots:
             job = slot.job
             if job is None or job.prompt_pos >= len(job.prompt) or n >= self._n_batch:
@@ -340,7 +340,8 @@ class BatchEngine(Vocabulary):
         self._counters["decode_calls"] += 1
         self._counters["decode_seconds"] += elapsed
         self._counters["batch_tokens"] += n
-        self._cost.observe(n, elapsed)
+        if n == n_generated:  # prompt tokens (no logits) are cheaper: not in the fit
+            self._cost.observe(n, elapsed)
         if rc != 0:
             for slot, _ in plan:
                 if slot.job is not None:

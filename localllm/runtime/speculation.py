@@ -114,7 +114,8 @@ def verify_draft(draft: Sequence[int], sample: Callable[[int], int | None]) -> V
 
 
 class DecodeCost:
-    """Seconds per llama_decode as ``a + b * n_tokens``, fitted on recent decodes."""
+    """Seconds per llama_decode as ``a + b * n_tokens``, fitted on recent decodes whose
+    tokens all want logits (as drafted ones do: the output layer is a large share)."""
 
     DECAY = 0.98  # older decodes count less: the context grows, other load comes and goes
 
@@ -123,7 +124,7 @@ class DecodeCost:
 
     def observe(self, n_tokens: int, seconds: float) -> None:
         if n_tokens > 256 or seconds <= 0:
-            return  # long prompt batches: attention, not weights, dominates them
+            return
         d = self.DECAY
         self._w = self._w * d + 1
         self._n = self._n * d + n_tokens
