@@ -5,7 +5,8 @@ The engine measured is the one `localllm chat` and `localllm serve` both run (a 
 :class:`~localllm.runtime.batch_engine.BatchEngine`, loaded once per mode). Each task is a
 chat-formatted prompt of one kind (code rewrite, quoting summary, free chat, a long
 multi-turn conversation); each round runs every mode once on it, in turn, the slot's
-cells dropped first, under ``/tmp/localllm-cpu.lock``. Greedy, fixed budget. Reported per
+cells dropped first, under ``/tmp/localllm-cpu.lock``; the order of the modes rotates
+from round to round. Greedy, fixed budget. Reported per
 task and mode: the median generation tokens/s (tokens after the first over the time from
 the first to the last), its ratio to ``off`` within each round (median of the ratios),
 drafted and accepted tokens, and how much of the ``off`` reply the reply keeps (the
@@ -176,17 +177,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--no-lock", action="store_true", help="do not take " + LOCK)
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
     args = ap.parse_args()
     options = LoadOptions(n_ctx=4096, n_threads=args.threads)
     engines = {mode: BatchEngine.load(args.model, options, spec=mode) for mode in MODES}
     results: dict[tuple[str, str], list[GenerationDone]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}
     try:
-        for task, messages in TASKS.items():
+        for task in args.tasks.split(","):
+            messages = TASKS[task]
             prompt = engines["off"].tokenize(chatml(messages), add_bos=False)
             for r in range(args.rounds):
                 with cpu_lock() if not args.no_lock else _nothing():
-                    done = {m: generate(engines[m], prompt, args.max_tokens) for m in MODES}
+                    order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]  # rotated
+                    done = {m: generate(engines[m], prompt, args.max_tokens) for m in order}
                 for m in MODES:
                     results.setdefault((task, m), []).append(done[m])
                     base = done["off"].generation_tps
