@@ -110,6 +110,15 @@ def test_decode_cost_recovers_fixed_and_per_token_seconds() -> None:
     assert math.isclose(a, 0.010, rel_tol=1e-6) and math.isclose(b, 0.0005, rel_tol=1e-6)
 
 
+def test_a_few_stretched_decodes_do_not_move_the_cost_fit() -> None:
+    cost = DecodeCost()
+    for i, n in enumerate([1, 1, 5, 1, 9, 1, 17, 1, 3, 1] * 4):
+        stretch = 3.0 if i % 7 == 3 else 1.0  # a busy machine slows some decodes
+        cost.observe(n, (0.010 + 0.0005 * n) * stretch)
+    a, b = cost.coefficients()
+    assert math.isclose(a, 0.010, rel_tol=0.1) and math.isclose(b, 0.0005, rel_tol=0.1)
+
+
 def test_draft_length_follows_acceptance_and_backs_off_when_losing() -> None:
     cost = DecodeCost()
     for n in [1, 8] * 10:

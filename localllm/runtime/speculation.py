@@ -17,6 +17,8 @@ drafted tokens in its batch and calls these.
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -115,39 +117,51 @@ def verify_draft(draft: Sequence[int], sample: Callable[[int], int | None]) -> V
 
 class DecodeCost:
     """Seconds per llama_decode as ``a + b * n_tokens``, fitted on recent decodes whose
-    tokens all want logits (as drafted ones do: the output layer is a large share)."""
+    tokens all want logits (as drafted ones do: the output layer is a large share).
 
-    DECAY = 0.98  # older decodes count less: the context grows, other load comes and goes
+    Theil-Sen (the median of pairwise slopes), so the odd decode that a busy machine
+    stretched three-fold does not decide how long drafts are."""
+
+    WINDOW = 48  # recent decodes kept
+    REFIT = 8  # decodes between two fits
 
     def __init__(self) -> None:
-        self._w = self._n = self._t = self._nn = self._nt = 0.0
+        self._recent: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
+        self._since = 0
+        self._fit: tuple[float, float] | None = None
 
     def observe(self, n_tokens: int, seconds: float) -> None:
         if n_tokens > 256 or seconds <= 0:
             return
-        d = self.DECAY
-        self._w = self._w * d + 1
-        self._n = self._n * d + n_tokens
-        self._t = self._t * d + seconds
-        self._nn = self._nn * d + n_tokens * n_tokens
-        self._nt = self._nt * d + n_tokens * seconds
+        self._recent.append((n_tokens, seconds))
+        self._since += 1
+        if self._fit is None or self._since >= self.REFIT:
+            self._since = 0
+            self._fit = self._theil_sen()
 
     @property
     def known(self) -> bool:
-        return self._w > 0 and self._var > 1e-9
+        return self._fit is not None
 
-    @property
-    def _var(self) -> float:
-        mean = self._n / self._w if self._w else 0.0
-        return self._nn / self._w - mean * mean if self._w else 0.0
+    def _theil_sen(self) -> tuple[float, float] | None:
+        pts = list(self._recent)
+        slopes = [
+            (t2 - t1) / (n2 - n1)
+            for i, (n1, t1) in enumerate(pts)
+            for n2, t2 in pts[i + 1 :]
+            if n2 != n1
+        ]
+        if not slopes:
+            return None
+        b = statistics.median(slopes)
+        a = statistics.median(t - b * n for n, t in pts)
+        return a, b
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b): fixed and per-token seconds; (1, 1/8) in relative units until known."""
-        if not self.known:
+        if self._fit is None:
             return 1.0, 0.125
-        mean_n, mean_t = self._n / self._w, self._t / self._w
-        b = (self._nt / self._w - mean_n * mean_t) / self._var
-        a = mean_t - b * mean_n
+        a, b = self._fit
         # Guard the fit: a decode is never free, an extra token never gains time.
         a = max(a, 1e-6)
         return a, min(max(b, a / 256), a * 4)
