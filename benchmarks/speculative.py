@@ -12,8 +12,9 @@ the first to the last), its ratio to ``off`` within each round (median of the ra
 drafted and accepted tokens, and how much of the ``off`` reply the reply keeps (the
 share of its tokens in the common prefix: batched verification can flip near-ties).
 
-Native llama-server (``--spec-type ngram-mod``) is compared when
-``benchmarks/build/bin/llama-server`` exists (``--native``); see speculative.md.
+With ``--native``, native llama-server (``benchmarks/build/bin/llama-server``, started
+with ``--spec-type ngram-mod``, one slot, the same threads) answers the same prompt in
+each round through ``/completion``; its own ``timings`` are used.
 
     .venv/bin/python benchmarks/speculative.py --rounds 3 --threads 1
 """
@@ -22,9 +23,14 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
+import socket
 import statistics
+import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ from localllm.runtime.params import LoadOptions  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCK = "/tmp/localllm-cpu.lock"
+LLAMA_SERVER = REPO / "benchmarks" / "build" / "bin" / "llama-server"
 MODES = ("off", "auto", "ngram")
 
 CODE = "\n".join(
@@ -136,6 +143,44 @@ def chatml(messages: list[tuple[str, str]]) -> str:
     return text + "<|im_start|>assistant\n"
 
 
+class Native:
+    """llama-server with ``--spec-type ngram-mod``, asked through /completion."""
+
+    def __init__(self, model: Path, threads: int) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [str(LLAMA_SERVER), "-m", str(model), "-t", str(threads), "-c", "4096",
+             "--port", str(self.port), "--spec-type", "ngram-mod", "-np", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise SystemExit("llama-server did not start")
+
+    def generate(self, text: str, max_tokens: int) -> dict[str, Any]:
+        body = json.dumps(
+            {"prompt": text, "n_predict": max_tokens, "temperature": 0, "top_k": 1,
+             "cache_prompt": False, "stop": ["<|im_end|>"]}
+        ).encode()  # fmt: skip
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/completion",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=600) as reply:
+            return json.loads(reply.read())
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 @contextmanager
 def cpu_lock() -> Any:
     with open(LOCK, "w") as handle:
@@ -178,11 +223,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--no-lock", action="store_true", help="do not take " + LOCK)
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    ap.add_argument("--native", action="store_true", help="also llama-server --spec-type ngram-mod")
     args = ap.parse_args()
     options = LoadOptions(n_ctx=4096, n_threads=args.threads)
     engines = {mode: BatchEngine.load(args.model, options, spec=mode) for mode in MODES}
     results: dict[tuple[str, str], list[GenerationDone]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}
+    native = Native(args.model, args.threads) if args.native else None
     try:
         for task in args.tasks.split(","):
             messages = TASKS[task]
@@ -191,19 +238,39 @@ def main() -> None:
                 with cpu_lock() if not args.no_lock else _nothing():
                     order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]  # rotated
                     done = {m: generate(engines[m], prompt, args.max_tokens) for m in order}
-                for m in MODES:
+                    if native is not None:
+                        done["native ngram-mod"] = as_done(
+                            native.generate(chatml(messages), args.max_tokens)
+                        )
+                for m in done:
                     results.setdefault((task, m), []).append(done[m])
                     base = done["off"].generation_tps
                     ratios.setdefault((task, m), []).append(done[m].generation_tps / base)
                 print(
                     f"{task} round {r + 1}: "
-                    + ", ".join(f"{m} {done[m].generation_tps:.1f} t/s" for m in MODES),
+                    + ", ".join(f"{m} {d.generation_tps:.1f} t/s" for m, d in done.items()),
                     file=sys.stderr,
                 )
     finally:
         for engine in engines.values():
             engine.close()
+        if native is not None:
+            native.close()
     print(table(results, ratios))
+
+
+def as_done(reply: dict[str, Any]) -> GenerationDone:
+    """llama-server's /completion reply as the engine's record (its own timings)."""
+    t = reply["timings"]
+    n = int(t["predicted_n"])
+    return GenerationDone(
+        text=reply["content"], finish_reason="stop", prompt_tokens=int(t["prompt_n"]),
+        cached_tokens=0, completion_tokens=n, queued_seconds=0.0,
+        prompt_seconds=t["prompt_ms"] / 1000, slot=0,
+        # llama-server's predicted_per_second is n / time; ours counts n - 1 tokens.
+        generation_seconds=(n - 1) / t["predicted_per_second"] if n > 1 else 0.0,
+        draft_n=int(t.get("draft_n", 0)), draft_n_accepted=int(t.get("draft_n_accepted", 0)),
+    )  # fmt: skip
 
 
 @contextmanager
