@@ -378,3 +378,33 @@ def test_the_status_line_says_how_many_drafts_were_accepted() -> None:
         "x", "stop", 40, 40, 120, 0.1, 1.0, 0.1, 160, 2048, draft_n=90, draft_n_accepted=71
     )
     assert format_turn_status(drafted, None).endswith(" · drafts 71/90 accepted")
+
+
+@pytest.mark.slow
+def test_two_busy_slots_draft_and_keep_their_replies(smollm2_path: Path, engines) -> None:
+    """Drafts of two slots in one decode: each slot's rollback leaves the other alone."""
+    from localllm.runtime.batch_engine import BatchEngine
+    from localllm.runtime.batch_records import GenerationDone, GenerationParams
+    from localllm.runtime.params import LoadOptions
+
+    other = REWRITE.replace("renamed from x to value", "renamed from x to amount")
+    expected = [_generate(engines["off"], text, max_tokens=60).text for text in (REWRITE, other)]
+    engine = BatchEngine.load(smollm2_path, LoadOptions(n_ctx=4096), 2, spec="ngram")
+    try:
+        done: list[GenerationDone] = []
+        finished = threading.Semaphore(0)
+
+        def sink(event: object) -> None:
+            if isinstance(event, GenerationDone):
+                done.append(event)
+                finished.release()
+
+        for text in (REWRITE, other):
+            prompt = engine.tokenize(text, add_bos=False)
+            engine.submit(prompt, GenerationParams(max_tokens=60, temperature=0.0), sink)
+        assert finished.acquire(timeout=600) and finished.acquire(timeout=600)
+    finally:
+        engine.close()
+    assert {d.slot for d in done} == {0, 1}
+    assert all(d.draft_n_accepted > 0 for d in done)
+    assert sorted(d.text for d in done) == sorted(expected)
