@@ -51,6 +51,8 @@ class GenerationStats:
     # and the seconds that load took (included in ttft_seconds).
     prompt_from_state: int = 0
     state_load_seconds: float = 0.0
+    draft_n: int = 0  # tokens drafted by speculative decoding
+    draft_n_accepted: int = 0  # of those, accepted (equal to the model's own sample)
 
     @property
     def prompt_tps(self) -> float:

@@ -319,7 +319,7 @@ def test_a_message_too_big_for_the_context_leaves_the_session_intact(small_sessi
 
 
 @pytest.mark.slow
-def test_stop_ends_the_reply_and_keeps_the_partial_text(small_session) -> None:
+def test_stop_ends_the_reply_and_keeps_the_partial_text(small_session, smollm2_loaded) -> None:
     seen: list[str] = []
     stats = None
     for event in small_session.send("Count from one to fifty.", stop=lambda: len(seen) >= 3):
@@ -335,7 +335,7 @@ def test_stop_ends_the_reply_and_keeps_the_partial_text(small_session) -> None:
     _, after = _turn(small_session, "Thanks.")
     assert after.prompt_evaluated < after.prompt_tokens
     assert after.prompt_tokens == len(
-        reference_prompt_tokens(small_session.loaded, small_session.messages()[:-1])
+        reference_prompt_tokens(smollm2_loaded, small_session.messages()[:-1])
     )
 
 

@@ -9,7 +9,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pexpect
@@ -32,8 +34,6 @@ from localllm.runtime import LoadOptions, load_model
 from localllm.runtime.kv_state import (
     KvStateError,
     StateHeader,
-    adopt_tokens,
-    context_tokens,
     load_seq_state,
     mismatch,
     prune_states,
@@ -154,6 +154,21 @@ def test_the_cap_comes_from_the_flag_then_the_environment(
 
 
 # ---------------------------------------------------------------- llama.cpp, SmolLM2
+# The round trip on llama-cpp-python's Llama (an independent holder of a context): where
+# its context and its token bookkeeping live.
+
+
+def context_tokens(llama: Any) -> tuple[Any, list[int]]:
+    """The raw context pointer and the tokens its sequence 0 holds."""
+    return llama._ctx.ctx, [int(t) for t in llama.input_ids[: llama.n_tokens]]
+
+
+def adopt_tokens(llama: Any, tokens: Sequence[int]) -> None:
+    """Tell ``Llama`` that sequence 0 now holds ``tokens`` (loaded behind its back)."""
+    n = len(tokens)
+    llama.input_ids[:n] = tokens
+    llama.n_tokens = n
+    llama._requires_eval = True  # the logits are not the last token's: re-decode one
 
 
 def _last_logits(model: object) -> np.ndarray:
@@ -355,7 +370,9 @@ def test_damage_past_the_first_bytes_is_caught_by_the_hash(saved_session) -> Non
 
 _WRITER = """
 import sys, time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from localllm.runtime import LoadOptions, load_model
 from localllm.runtime import kv_state as ks
 

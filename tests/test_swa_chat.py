@@ -100,8 +100,8 @@ def test_the_window_cache_really_loses_the_prefix(gemma3: Path) -> None:
                     pass
             assert session.loaded.kv_used > 256  # more than the window's 256 cells
             prompt = session.prompt_tokens([*session.messages()[:1], ChatMessage("user", "hi")])
-            memory = llama_cpp.llama_get_memory(session.loaded.llama._ctx.ctx)
-            pos_min = llama_cpp.llama_memory_seq_pos_min(memory, 0)
+            memory = llama_cpp.llama_get_memory(session.context_handle)
+            pos_min = llama_cpp.llama_memory_seq_pos_min(memory, session.seq_id)
             # The reused prefix: the system prompt's tokens, shorter than the conversation.
             assert 32 < len(prompt) < session.loaded.kv_used - 256
             assert (pos_min > len(prompt)) is lost

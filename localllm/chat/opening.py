@@ -15,11 +15,12 @@ from localllm.chat.session import (
 from localllm.errors import InvalidArgument
 from localllm.flags import check_count, check_rope_method, check_threads, threads_warning
 from localllm.gguf.spec import ModelSpec, read_model_spec
-from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
+from localllm.plan.preload import LoadPlan, check_load_fits, check_with_draft, plan_load
 from localllm.plan.rope import plan_rope
 from localllm.plan.split import check_split_load, split_applies
-from localllm.runtime.llama import load_model
+from localllm.runtime.engine_model import load_engine_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
+from localllm.runtime.speculation import check_spec_mode
 from localllm.store.catalog import load_catalog
 from localllm.store.model_store import ModelStore
 from localllm.store.resolver import ResolvedModel, require_local_file, resolve_model
@@ -48,6 +49,8 @@ class ChatRequest:
     memory_check: bool = True
     template: str | None = None  # --template NAME|FILE
     raw: bool = False  # --raw: no template, the text is continued
+    spec: str = "auto"  # --spec auto|off|ngram
+    draft: str | None = None  # --draft MODEL: a draft model for speculative decoding
 
 
 def check_chat_options(request: ChatRequest) -> None:
@@ -63,6 +66,7 @@ def check_chat_options(request: ChatRequest) -> None:
     check_rope_method(request.rope_method)
     if request.raw and request.system:
         raise InvalidArgument("--raw continues the text as it is; drop --system")
+    check_spec_mode(request.spec, request.draft)
 
 
 # Long: the steps of opening in the order they must run (check, resolve, choose the
@@ -96,6 +100,7 @@ def open_session(request: ChatRequest) -> ChatSession:
     sampling = replace(sampling, max_tokens=max_tokens)
     seed = sampling.seed if sampling.seed is not None else options.seed
     options = replace(options, n_ctx=ctx, seed=seed)
+    draft = require_local_file(resolve_model(request.draft)) if request.draft else None
     memory = None
     if request.memory_check and split_applies(options):
         # The weights live on several devices: each one's share against its own memory.
@@ -104,8 +109,11 @@ def open_session(request: ChatRequest) -> ChatSession:
         label = model.alias or path.name
         memory = plan_memory(label, spec, options, plan.method if plan else None)
         check_load_fits(memory)
+        if draft is not None:  # its own weights, KV and compute, beside the model's
+            draft_plan = plan_memory(draft.name, read_model_spec(draft), options, None)
+            check_with_draft(memory, draft_plan)
     started = time.perf_counter()
-    loaded = load_model(path, options)
+    loaded = load_engine_model(path, options, spec=request.spec, draft=draft)
     try:
         chat_format.validate(bos_token=loaded.bos_text, eos_token=loaded.eos_text)
     except BaseException:
@@ -122,11 +130,14 @@ def open_session(request: ChatRequest) -> ChatSession:
         load_seconds=time.perf_counter() - started,
         model_sha256=_recorded_sha256(model),
         memory=memory,
+        spec_mode=request.spec,
+        draft=request.draft,
         notes=tuple(
             n
             for n in (
                 threads_warning(options.n_threads),
                 loaded.repack.note,
+                loaded.spec_note,
                 # The GGUF's own template goes without saying; any other choice is said.
                 None
                 if chat_format.source == "gguf"
@@ -182,6 +193,8 @@ def request_from_saved(saved: SavedSession, *, memory_check: bool = True) -> Cha
         # and the recognized one are found again the same way (and keep their source).
         template=template.get("name") if template.get("source") == "--template" else None,
         raw=template.get("source") == "--raw",
+        spec=runtime.get("spec") or "auto",
+        draft=runtime.get("draft"),
     )
 
 

@@ -21,9 +21,7 @@ from localllm.runtime.kv_state import (
     KvStateError,
     SavedState,
     StateHeader,
-    adopt_tokens,
     common_prefix,
-    context_tokens,
     library_version,
     load_seq_state,
     mismatch,
@@ -47,7 +45,6 @@ __all__ = [
 
 ENV_STATE_MAX = "LOCALLLM_KV_STATE_MAX"
 DEFAULT_STATE_MAX = 4 << 30  # a 7B f16 cache is ~0.5 MiB a token: a few long chats
-_SEQ = 0  # llama-cpp-python's Llama keeps one sequence
 # Below this the state shares no more than a template's opening with the history: not
 # worth reading (a longer shared prefix is loaded; llama.cpp drops the cells past it).
 MIN_SHARED_TOKENS = 32
@@ -110,12 +107,11 @@ def restore_state(session: ChatSession) -> StateRestore:
         shared = common_prefix(saved.tokens, session.prompt_tokens(session.messages()))
         if shared < MIN_SHARED_TOKENS:
             raise KvStateError(f"it holds another conversation: {shared} tokens in common")
-        ctx, _ = context_tokens(session.loaded.llama)
-        loaded = load_seq_state(ctx, _SEQ, files, saved)
+        loaded = load_seq_state(session.context_handle, session.seq_id, files, saved)
     except KvStateError as exc:
         why = f"saved KV state not used ({exc}): the history is read again"
         return StateRestore(0, 0, 0.0, why)
-    adopt_tokens(session.loaded.llama, loaded.tokens)
+    session.loaded.engine.forget(session.seq_id, keep=loaded.tokens)
     seconds = time.perf_counter() - started  # the header, the checks, the load
     session.state_tokens, session.state_seconds = len(loaded.tokens), seconds
     return StateRestore(len(loaded.tokens), loaded.bytes, seconds, None)
@@ -142,7 +138,7 @@ class StateWriter:
         session = self.session
         if not self.enabled or session.session_id is None or session.loaded.kv_used == 0:
             return
-        ctx, tokens = context_tokens(session.loaded.llama)
+        ctx, tokens = session.context_handle, list(session.loaded.engine.held(session.seq_id))
         key = session.session_id
         self._thread = threading.Thread(
             target=self._write, args=(ctx, tokens, key), name="kv-state", daemon=True
@@ -152,7 +148,8 @@ class StateWriter:
     def _write(self, ctx: object, tokens: list[int], key: str) -> None:
         try:
             header = expected_header(self.session)
-            saved = save_seq_state(ctx, _SEQ, tokens, state_files(kv_dir(), key), header)
+            seq = self.session.seq_id
+            saved = save_seq_state(ctx, seq, tokens, state_files(kv_dir(), key), header)
             dropped = prune_states(kv_dir(), max_bytes=self.max_bytes)
         except (KvStateError, OSError) as exc:
             self.failure = str(exc)

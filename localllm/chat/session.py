@@ -1,8 +1,8 @@
 """A chat session: one loaded model, a growing history, streamed replies.
 
-The session keeps ONE ``Llama`` for its whole life and sends the full formatted
-history each turn, so llama-cpp-python reuses the KV prefix of earlier turns and only
-the new suffix is evaluated. Earlier turns are never re-formatted: replies are kept
+The session keeps ONE engine (serve's, with one slot) for its whole life and sends the
+full formatted history each turn, so the slot reuses the KV prefix of earlier turns and
+only the new suffix is evaluated. Earlier turns are never re-formatted: replies are kept
 exactly as streamed. When the history plus the reply budget would pass the context,
 the oldest turns are dropped (never the system prompt).
 """
@@ -23,7 +23,7 @@ from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.gguf.spec import ModelSpec
 from localllm.plan.preload import LoadPlan
 from localllm.plan.rope import RopePlan
-from localllm.runtime.llama import LoadedModel
+from localllm.runtime.engine_model import EngineModel
 from localllm.runtime.params import SamplingOptions
 from localllm.store.resolver import ResolvedModel
 from localllm.templates.selection import ChatFormat
@@ -99,7 +99,7 @@ class ChatSession:
 
     resolved: ResolvedModel
     spec: ModelSpec
-    loaded: LoadedModel
+    loaded: EngineModel
     sampling: SamplingOptions
     chat_format: ChatFormat
     system: str | None = None
@@ -116,6 +116,17 @@ class ChatSession:
     memory: LoadPlan | None = None  # llama.cpp's dry-run plan the memory check passed
     state_tokens: int = 0  # tokens a saved KV state put in the cache, until the next turn
     state_seconds: float = 0.0  # and how long it took to load them
+    spec_mode: str = "auto"  # --spec: speculative decoding
+    draft: str | None = None  # --draft: the draft model's reference
+
+    @property
+    def context_handle(self) -> Any:
+        """The ``llama_context*`` holding the conversation, in sequence :attr:`seq_id`."""
+        return self.loaded.context_handle
+
+    @property
+    def seq_id(self) -> int:
+        return self.loaded.seq_id
 
     @property
     def n_ctx(self) -> int:
@@ -255,7 +266,7 @@ class ChatSession:
             self.transcript.pop()
 
     def recover_after_abort(self) -> None:
-        """After an exception inside llama-cpp-python, start the next turn from a clean KV."""
+        """After an exception mid-reply, start the next turn from a clean KV cache."""
         self.loaded.reset()
         self.state_tokens = 0
 
@@ -300,6 +311,8 @@ class ChatSession:
                 "swa_full": opts.swa_full,
                 "repack": self.loaded.repack.repack,
                 "rope": self.rope_plan.as_json() if self.rope_plan is not None else None,
+                "spec": self.spec_mode,
+                "draft": self.draft,
             },
         }
 

@@ -8,12 +8,14 @@ import typer
 
 __all__ = [
     "RESUME_LATEST",
+    "DraftOpt",
     "JsonOpt",
     "ModelArg",
     "NoMemoryCheckOpt",
     "OnOffOpt",
     "RepackOpt",
     "RopeOpt",
+    "SpecOpt",
     "SwaFullOpt",
     "ThreadsOpt",
 ]
@@ -53,6 +55,22 @@ RepackOpt = Annotated[
 NoMemoryCheckOpt = Annotated[
     bool,
     typer.Option("--no-memory-check", help="Load even when the memory plan does not fit."),
+]
+SpecOpt = Annotated[
+    str,
+    typer.Option(
+        "--spec",
+        help="Speculative decoding: auto (n-gram drafts while they pay), off, or ngram "
+        "(always draft).",
+    ),
+]
+DraftOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--draft",
+        help="A draft MODEL for speculative decoding (same tokenizer as the model).",
+        show_default=False,
+    ),
 ]
 SwaFullOpt = Annotated[
     bool,

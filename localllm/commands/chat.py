@@ -9,11 +9,13 @@ import typer
 
 from localllm.commands.arguments import (
     RESUME_LATEST,
+    DraftOpt,
     ModelArg,
     NoMemoryCheckOpt,
     OnOffOpt,
     RepackOpt,
     RopeOpt,
+    SpecOpt,
     SwaFullOpt,
     ThreadsOpt,
 )
@@ -64,6 +66,8 @@ def chat_cmd(
     gpu_layers: GpuLayersOpt = -1,
     tensor_split: TensorSplitOpt = None,
     swa_full: SwaFullOpt = False,
+    spec: SpecOpt = "auto",
+    draft: DraftOpt = None,
     no_memory_check: NoMemoryCheckOpt = False,
     resume: Annotated[
         str | None,
@@ -146,8 +150,9 @@ def chat_cmd(
             tensor_split=parse_tensor_split(tensor_split, endpoints),
         )
         request = ChatRequest(
-            model, sampling, options, ctx, rope, system, not no_memory_check, template, raw
-        )
+            model, sampling, options, ctx, rope, system, not no_memory_check, template, raw,
+            spec, draft,
+        )  # fmt: skip
         if options.rpc:
             note("--rpc: layers go to the RPC servers (each host's share is checked first)")
             install_rpc_abort_report(

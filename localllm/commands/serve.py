@@ -7,7 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
-from localllm.commands.arguments import JsonOpt, OnOffOpt, RepackOpt, RopeOpt, ThreadsOpt
+from localllm.commands.arguments import (
+    DraftOpt,
+    JsonOpt,
+    OnOffOpt,
+    RepackOpt,
+    RopeOpt,
+    SpecOpt,
+    ThreadsOpt,
+)
 from localllm.flags import check_count, check_threads, parse_duration, parse_on_off, parse_repack
 from localllm.views.console import note, print_json
 
@@ -82,25 +90,41 @@ def serve_cmd(
             "-1 never. Another model needing the memory unloads it sooner.",
         ),
     ] = "5m",
+    spec: SpecOpt = "auto",
+    draft: DraftOpt = None,
 ) -> None:
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) and a chat page."""
     # Long: one Typer parameter per flag; the body maps them onto ServeOptions and one call.
     from localllm.machine import available_memory_bytes
-    from localllm.plan.preload import check_load_fits
+    from localllm.plan.preload import check_load_fits, check_with_draft
+    from localllm.runtime.speculation import check_spec_mode
     from localllm.serve.config import ServeOptions
     from localllm.serve.server import run_server
+    from localllm.store.resolver import require_local_file, resolve_model
 
     check_count(parallel, "--parallel", high=256)
     check_count(ctx, "--ctx")
     check_threads(threads)
     alive = parse_duration(keep_alive, "--keep-alive")
+    check_spec_mode(spec, draft)
     settings = _Settings(ctx, parallel, threads, kv_type, parse_on_off(flash_attn, "--flash-attn"),
                          parse_repack(repack), rope, template)  # fmt: skip
     refs = list(models) if models else _stored_models()
+    draft_path = require_local_file(resolve_model(draft)) if draft else None
     served = []
     for ref in refs:
         model, plan = _served_model(ref, settings)
-        if not served:
+        if draft_path is not None:  # each loaded model has its own draft context
+            draft_model, draft_plan = _served_model(str(draft_path), settings)
+            if not served:
+                check_with_draft(plan, draft_plan)
+            model = replace(
+                model,
+                plan_bytes=(model.plan_bytes or 0) + (draft_model.plan_bytes or 0),
+                plan_summary=f"{model.plan_summary}, and the draft model's "
+                f"{draft_model.plan_summary}",
+            )
+        elif not served:
             check_load_fits(plan)  # the first model loads at start; the others on demand
         served.append(model)
     first = served[0]
@@ -122,6 +146,8 @@ def serve_cmd(
         first_plan_bytes=first.plan_bytes,
         first_plan_summary=first.plan_summary,
         first_chat_format=first.chat_format,
+        spec=spec,
+        draft_path=draft_path,
     )
     try:
         run_server(options, on_event=_report)
@@ -228,6 +254,8 @@ def _report(event: object) -> None:
             f"serving {event.model_id} on {event.url} · ctx {event.n_ctx} = {event.n_parallel} "
             f"slots x {event.n_ctx_slot} · {key} · loaded in {event.load_seconds:.1f} s"
         )
+        if event.spec_note:
+            note(event.spec_note)
     elif isinstance(event, RequestLogged):
         tokens = (
             f" · {event.prompt_tokens} in, {event.completion_tokens} out ({event.finish_reason})"

@@ -1,29 +1,35 @@
-"""A batched generation engine on llama.cpp's C API: one model, one context, N slots.
+"""The generation engine of chat and serve, on llama.cpp's C API: one context, N slots.
 
-llama-cpp-python's ``Llama`` decodes one sequence at a time. Here each of N requests
-gets its own sequence id in ONE context (``n_seq_max = N`` with a non-unified KV cache,
-so each slot owns ``n_ctx / N`` cells) and all of them advance with one ``llama_decode``
-per step: every generating slot adds its last sampled token, prompts fill the rest of
-the batch. One worker thread owns the context; requests arrive on a queue and their
-text goes back through a callback (``stream`` adapts it to asyncio).
-
-Each request samples with its own chain (:mod:`~localllm.runtime.batch_llama`,
-llama-cpp-python's), so a request running alone returns what ``localllm chat`` prints.
+Each of N requests gets its own sequence id in ONE context (``n_seq_max = N``, a
+non-unified KV cache: each slot owns ``n_ctx / N`` cells) and all of them advance with one
+``llama_decode`` per step: every generating slot adds its last sampled token, prompts fill
+the rest of the batch. One worker thread owns the context; requests arrive on a queue and
+their text goes back through a callback (``stream`` adapts it to asyncio). Each request
+samples with its own chain (:mod:`~localllm.runtime.batch_llama`). Speculative decoding
+lives here too: a generating slot's last token goes in with drafted ones
+(:mod:`~localllm.runtime.speculation`), each position is sampled in turn, drafts are kept
+while they equal the sample and the rest of their cells removed.
 """
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from localllm.errors import ContextOverflow, InvalidArgument
-from localllm.runtime.batch_llama import load_model_and_context, sampler_chain, token_logprob
+from localllm.runtime.batch_draft import DraftModel
+from localllm.runtime.batch_jobs import Job, Slot, Ticket, common_prefix
+from localllm.runtime.batch_llama import (
+    check_engine_options,
+    load_model_and_context,
+    put_token,
+    sampler_chain,
+    token_logprob,
+)
 from localllm.runtime.batch_records import (
     COUNTERS,
     EngineStats,
@@ -38,6 +44,8 @@ from localllm.runtime.batch_records import (
 from localllm.runtime.library import RepackChoice
 from localllm.runtime.log import BufferReport, parse_buffer_report
 from localllm.runtime.params import LoadOptions
+from localllm.runtime.speculation import DecodeCost, NgramIndex, check_spec_mode, verify_draft
+from localllm.runtime.vocabulary import Vocabulary
 
 __all__ = ["MAX_PARALLEL", "BatchEngine", "Ticket"]
 
@@ -45,53 +53,7 @@ RECENT_SECONDS = 10.0  # the window of the generation tokens/s gauge
 MAX_PARALLEL = 64  # llama.cpp allows 256 sequences; more slots than this only thin the context
 
 
-class Ticket:
-    """A submitted request: ``cancel()`` stops it and frees its slot's cells."""
-
-    def __init__(self, engine: BatchEngine, job: _Job) -> None:
-        self._engine, self._job = engine, job
-
-    def cancel(self) -> None:
-        if not self._job.cancelled:
-            self._job.cancelled = True
-            self._engine._wake()
-
-
-@dataclass(eq=False)
-class _Job:
-    prompt: list[int]
-    params: GenerationParams
-    sink: Callable[[Any], None]
-    chain: Any  # llama_sampler*, owned by the job until it ends
-    text: TextState
-    cancelled: bool = False
-    prompt_pos: int = 0  # next prompt token to evaluate
-    cached: int = 0  # prompt tokens whose cells were reused
-    generated: int = 0
-    last_token: int | None = None  # sampled, not yet decoded
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_admit: float = 0.0
-    t_first: float | None = None
-
-
-@dataclass(eq=False)
-class _Slot:
-    seq: int
-    held: list[int] = field(default_factory=list)  # tokens whose cells this sequence holds
-    job: _Job | None = None
-    last_used: float = 0.0
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class BatchEngine:
+class BatchEngine(Vocabulary):
     """One model and one context serving up to ``n_parallel`` requests at once."""
 
     def __init__(
@@ -104,91 +66,92 @@ class BatchEngine:
         log: list[str],
         *,
         swa_full: bool = False,
+        spec: str = "auto",
+        draft: DraftModel | None = None,
     ):
-        self._lc, self._model, self._ctx = lc, model, ctx
+        self._model, self._ctx = model, ctx
         self.path = path
         self.load_log = log
         self.buffers: BufferReport = parse_buffer_report(log)
         self.repack = RepackChoice(True)  # set by load(): whether weights were repacked
-        self._vocab = lc.llama_model_get_vocab(model)
+        super().__init__(lc, model)
         self._mem = lc.llama_get_memory(ctx)
-        self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
         self.n_ctx = int(lc.llama_n_ctx(ctx))
         self.n_ctx_slot = int(lc.llama_n_ctx_seq(ctx))
         self.n_parallel = int(lc.llama_n_seq_max(ctx))
         self.n_ctx_train = int(lc.llama_model_n_ctx_train(model))
         self._n_swa = int(lc.llama_model_n_swa(model))
         self._swa_full = swa_full
-        self._n_batch = n_batch
+        self._n_batch, self._n_ubatch = n_batch, int(lc.llama_n_ubatch(ctx))
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
-        self._slots = [_Slot(seq) for seq in range(self.n_parallel)]
-        self._pending: deque[_Job] = deque()
+        self._slots = [Slot(seq) for seq in range(self.n_parallel)]
+        self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._pieces: dict[int, bytes] = {}
         self._counters = dict.fromkeys(COUNTERS, 0.0)
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) for the tokens/s gauge
+        self._cost = DecodeCost()
+        self._draft = draft
+        self.spec, self.spec_note = spec, None
+        rolls_back = not (lc.llama_model_is_recurrent(model) or lc.llama_model_is_hybrid(model))
+        if spec != "off" and not rolls_back:
+            # Rejected drafts are removed with llama_memory_seq_rm, which a recurrent
+            # state cannot do for part of a sequence.
+            self.spec = "off"
+            self.spec_note = "speculative decoding is off: this model's memory cannot roll back"
         self._thread = threading.Thread(target=self._loop, name="localllm-batch", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path, options: LoadOptions, parallel: int = 1) -> BatchEngine:
-        """Load ``path`` with one context of ``options.n_ctx`` cells split over ``parallel``."""
-        options.validate()
-        if not 1 <= parallel <= MAX_PARALLEL:
-            raise InvalidArgument(f"parallel {parallel} must be between 1 and {MAX_PARALLEL}")
-        if options.n_ctx < parallel:
-            raise InvalidArgument(
-                f"a context of {options.n_ctx} tokens cannot be split over {parallel} slots"
-            )
-        if options.n_batch < parallel:
-            # Each step carries one token per generating slot.
-            raise InvalidArgument(
-                f"batch size {options.n_batch} must be at least --parallel {parallel}"
-            )
+    def load(
+        cls,
+        path: str | Path,
+        options: LoadOptions,
+        parallel: int = 1,
+        *,
+        spec: str = "auto",
+        draft: str | Path | None = None,
+    ) -> BatchEngine:
+        """Load ``path`` with one context of ``options.n_ctx`` cells split over ``parallel``;
+        ``spec`` is --spec (auto, off, ngram), ``draft`` a draft model's file."""
+        check_engine_options(options, parallel, MAX_PARALLEL)
+        check_spec_mode(spec, None if draft is None else str(draft))
         lc, model, ctx, log, repack = load_model_and_context(Path(path), options, parallel)
-        engine = cls(lc, model, ctx, Path(path), options.n_batch, log, swa_full=options.swa_full)
+        drafter = None
+        if draft is not None:
+            try:
+                drafter = DraftModel.load(lc, model, Path(draft), options, parallel)
+            except BaseException:
+                lc.llama_free(ctx)
+                lc.llama_model_free(model)
+                raise
+        engine = cls(
+            lc, model, ctx, Path(path), options.n_batch, log,
+            swa_full=options.swa_full, spec=spec, draft=drafter,
+        )  # fmt: skip
         engine.repack = repack
         return engine
 
-    # ------------------------------------------------------------------ vocabulary
-    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
-        """Token ids of ``text``; ``special`` parses control tokens such as <|im_start|>."""
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        while True:
-            buf = (self._lc.llama_token * cap)()
-            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
-            if n >= 0:
-                return list(buf[:n])
-            cap = -n
-
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (control tokens are empty, as chat prints them)."""
-        cached = self._pieces.get(token)
-        if cached is None:
-            buf = ctypes.create_string_buffer(64)
-            n = self._lc.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = self._lc.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
-            cached = self._pieces[token] = buf.raw[:n]
-        return cached
-
-    def token_text(self, token: int) -> str:
-        """A special token's text (``<s>``, ``<|im_end|>``), "" for none (-1)."""
-        if token == -1:
-            return ""
-        return self._lc.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
-
     @property
-    def bos_text(self) -> str:
-        return self.token_text(self._lc.llama_vocab_bos(self._vocab))
+    def context_handle(self) -> Any:
+        """The ``llama_context*`` (for saving a sequence's state while the engine is idle)."""
+        return self._ctx
 
-    @property
-    def eos_text(self) -> str:
-        return self.token_text(self._lc.llama_vocab_eos(self._vocab))
+    def forget(self, seq: int = 0, keep: Sequence[int] = ()) -> None:
+        """Drop sequence ``seq``'s cells; or, with ``keep``, record that it holds those
+        tokens' cells (loaded from a saved KV state: the next request reuses its prefix)."""
+        with self._cond:
+            slot = self._slots[seq]
+            if slot.job is not None:
+                raise GenerationFailedError(f"slot {seq} is generating; stop it first")
+            if not keep:
+                self._lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+            slot.held[:] = keep
+
+    def held(self, seq: int = 0) -> tuple[int, ...]:
+        """The tokens whose KV cells sequence ``seq`` holds for the next request."""
+        return tuple(self._slots[seq].held)
 
     # ------------------------------------------------------------------ requests
     def submit(
@@ -209,7 +172,7 @@ class BatchEngine:
                 f"token id {bad[0]} is not in the vocabulary (0..{self.n_vocab - 1})"
             )
         chain = sampler_chain(self._lc, self._vocab, self.n_vocab, params)
-        job = _Job(list(prompt), params, sink, chain, TextState(params.stop))
+        job = Job(list(prompt), params, sink, chain, TextState(params.stop))
         with self._cond:
             if self._closing:
                 self._lc.llama_sampler_free(job.chain)
@@ -251,11 +214,13 @@ class BatchEngine:
         self._thread.join()
         lc = self._lc
         lc.llama_batch_free(self._batch)
+        if self._draft is not None:
+            self._draft.close()
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)
 
     # ------------------------------------------------------------------ worker thread
-    def _wake(self) -> None:
+    def wake(self) -> None:
         with self._cond:
             self._cond.notify()
 
@@ -291,8 +256,9 @@ class BatchEngine:
             if not free:
                 return
             self._pending.popleft()
-            slot = max(free, key=lambda s: (_common_prefix(s.held, job.prompt), -s.last_used))
+            slot = max(free, key=lambda s: (common_prefix(s.held, job.prompt), -s.last_used))
             reuse = self._reusable(slot, job.prompt)
+            job.window_reevaluated = self.prefix_lost(slot.seq, job.prompt)
             if reuse < len(slot.held) and not self._lc.llama_memory_seq_rm(
                 self._mem, slot.seq, reuse, -1
             ):
@@ -301,15 +267,25 @@ class BatchEngine:
             del slot.held[reuse:]
             job.prompt_pos = job.cached = reuse
             job.t_admit = time.perf_counter()
+            if self.spec != "off":
+                job.ngrams = NgramIndex()
+                job.ngrams.extend(job.prompt)
+                job.policy.forced = self.spec == "ngram"
             slot.job = job
             self._counters["requests_started"] += 1
             self._counters["prompt_tokens_cached"] += reuse
 
-    def _reusable(self, slot: _Slot, prompt: list[int]) -> int:
+    def prefix_lost(self, seq: int, prompt: Sequence[int]) -> bool:
+        """Whether a sliding window dropped cells that ``prompt``'s cached prefix needs."""
+        slot = self._slots[seq]
+        shared = min(common_prefix(slot.held, prompt), len(prompt) - 1)
+        return shared > 0 and self._reusable(slot, prompt) == 0
+
+    def _reusable(self, slot: Slot, prompt: Sequence[int]) -> int:
         """How many of the slot's cells the prompt can keep (its last token is evaluated
         again for its logits). A sliding-window cache may have dropped cells the first new
         token attends to: then none, as llama-server checks with seq_pos_min."""
-        reuse = min(_common_prefix(slot.held, prompt), len(prompt) - 1)
+        reuse = min(common_prefix(slot.held, prompt), len(prompt) - 1)
         if reuse > 0 and self._n_swa > 0 and not self._swa_full:
             pos_min = int(self._lc.llama_memory_seq_pos_min(self._mem, slot.seq))
             if pos_min > max(0, reuse - self._n_swa):
@@ -319,21 +295,30 @@ class BatchEngine:
     def _drop_cancelled(self) -> None:
         for slot in self._slots:
             if slot.job is not None and slot.job.cancelled:
-                self._finish(slot.job, slot, "cancelled")
+                self._finish(slot.job, slot, "interrupted" if slot.job.interrupted else "cancelled")
 
     def _step(self) -> None:
-        """One llama_decode for every active slot: generated tokens first, then prompts."""
+        """One llama_decode for every slot: generated tokens (and drafts), then prompts."""
         lc, batch = self._lc, self._batch
-        plan: list[tuple[_Slot, list[int]]] = []
-        outputs: list[tuple[int, _Slot]] = []
+        plan: list[tuple[Slot, list[int]]] = []
+        outputs: list[tuple[int, Slot, list[int]]] = []  # (logits index, slot, its draft)
+        generating = [s for s in self._slots if s.job is not None and s.job.last_token is not None]
+        # A window-sized cache drops cells a later ubatch no longer sees: drafts stay in
+        # the first, or a rollback could leave the next token without its window.
+        windowed = self._n_swa > 0 and not self._swa_full
+        room = (self._n_ubatch if windowed else self._n_batch) - len(generating)
         n = 0
-        for slot in self._slots:
+        for slot in generating:
             job = slot.job
-            if job is not None and job.last_token is not None:
-                self._put(n, job.last_token, len(slot.held), slot.seq, True)
-                plan.append((slot, [job.last_token]))
-                outputs.append((n, slot))
-                n += 1
+            assert job is not None and job.last_token is not None
+            draft = self._draft_for(slot, job, room, len(generating))
+            room -= len(draft)
+            for i, token in enumerate([job.last_token, *draft]):
+                put_token(batch, n + i, token, len(slot.held) + i, slot.seq, True)
+            plan.append((slot, [job.last_token]))
+            outputs.append((n, slot, draft))
+            n += 1 + len(draft)
+        n_generated = n  # tokens that all want logits: what a draft's cost is fitted on
         for slot in self._slots:
             job = slot.job
             if job is None or job.prompt_pos >= len(job.prompt) or n >= self._n_batch:
@@ -341,11 +326,13 @@ class BatchEngine:
             chunk = job.prompt[job.prompt_pos : job.prompt_pos + self._n_batch - n]
             last = job.prompt_pos + len(chunk) == len(job.prompt)
             for i, token in enumerate(chunk):
-                self._put(n, token, len(slot.held) + i, slot.seq, last and i == len(chunk) - 1)
+                put_token(
+                    batch, n, token, len(slot.held) + i, slot.seq, last and i == len(chunk) - 1
+                )
                 n += 1
             plan.append((slot, chunk))
             if last:
-                outputs.append((n - 1, slot))
+                outputs.append((n - 1, slot, []))
         batch.n_tokens = n
         started = time.perf_counter()
         rc = lc.llama_decode(self._ctx, batch)
@@ -353,6 +340,8 @@ class BatchEngine:
         self._counters["decode_calls"] += 1
         self._counters["decode_seconds"] += elapsed
         self._counters["batch_tokens"] += n
+        if n == n_generated:  # prompt tokens (no logits) are cheaper: not in the fit
+            self._cost.observe(n, elapsed)
         if rc != 0:
             for slot, _ in plan:
                 if slot.job is not None:
@@ -364,18 +353,48 @@ class BatchEngine:
             if job is not None and job.last_token is None:
                 job.prompt_pos += len(tokens)
                 self._counters["prompt_tokens_evaluated"] += len(tokens)
-        for index, slot in outputs:
-            self._sample(slot, index)
+        for index, slot, draft in outputs:
+            self._verify(slot, index, draft, len(generating))
 
-    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        b = self._batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
+    def _draft_for(self, slot: Slot, job: Job, room: int, generating: int) -> list[int]:
+        """The tokens to verify after ``job.last_token`` this step (often none)."""
+        if job.ngrams is None or room <= 0:
+            return []
+        want = job.policy.length(self._cost, generating)
+        limit = min(
+            want,
+            room,
+            job.params.max_tokens - job.generated - 1,  # past the budget: wasted
+            self.n_ctx_slot - len(slot.held) - 1,  # the drafts' cells must fit the slot
+        )
+        if limit <= 0:
+            return []
+        if self._draft is not None:
+            return self._draft.draft(slot.seq, job.ngrams.tokens, limit)
+        return job.ngrams.draft(limit)
 
-    def _sample(self, slot: _Slot, index: int) -> None:
+    def _verify(self, slot: Slot, index: int, draft: list[int], generating: int) -> None:
+        """Sample position after position; keep drafts while they equal the sample, then
+        remove the rejected drafts' cells so the sequence is as if never drafted."""
+        job = slot.job
+        assert job is not None
+
+        def sample(i: int) -> int | None:
+            if i > 0:
+                slot.held.append(draft[i - 1])  # accepted: its cell is already decoded
+            return self._sample(slot, index + i)
+
+        verified = verify_draft(draft, sample)
+        if not draft:
+            return
+        if slot.job is job:  # else _release did it
+            self._lc.llama_memory_seq_rm(self._mem, slot.seq, len(slot.held), -1)
+        job.policy.record(len(draft), verified.accepted, self._cost, generating)
+        self._counters["draft_tokens"] += len(draft)
+        self._counters["draft_tokens_accepted"] += verified.accepted
+
+    def _sample(self, slot: Slot, index: int) -> int | None:
+        """Sample output ``index`` with the job's chain; the token, None once it ended."""
         job = slot.job
         assert job is not None
         lc, p = self._lc, job.params
@@ -390,7 +409,7 @@ class BatchEngine:
         job.last_token = None
         if lc.llama_vocab_is_eog(self._vocab, token) and not p.ignore_eos:
             self._finish(job, slot, "stop")
-            return
+            return None
         job.generated += 1
         self._counters["completion_tokens"] += 1
         with self._cond:
@@ -406,44 +425,50 @@ class BatchEngine:
             self._finish(job, slot, "length")
         else:
             job.last_token = token
+            if job.ngrams is not None:
+                job.ngrams.append(token)
+            return token
+        return None
 
-    def _emit(self, job: _Job, event: Any) -> None:
+    def _emit(self, job: Job, event: Any) -> None:
         try:
             job.sink(event)
         except RuntimeError:
             # The consumer's event loop is gone (server shutting down): nobody is listening.
             job.cancelled = True
 
-    def _finish(self, job: _Job, slot: _Slot | None, reason: str) -> None:
+    def _finish(self, job: Job, slot: Slot | None, reason: str) -> None:
         text, logprobs = job.text.finish()
-        if reason != "cancelled" and (text or logprobs):
+        if reason not in ("cancelled", "interrupted") and (text or logprobs):
             self._emit(job, TextDelta(text, logprobs))
         end = time.perf_counter()
         first = job.t_first if job.t_first is not None else end
-        self._emit(
-            job,
-            GenerationDone(
-                text=job.text.final,
-                finish_reason=reason,
-                prompt_tokens=len(job.prompt),
-                cached_tokens=job.cached,
-                completion_tokens=job.generated,
-                queued_seconds=(job.t_admit or end) - job.t_submit,
-                prompt_seconds=(first - job.t_admit) if job.t_admit else 0.0,
-                generation_seconds=end - first,
-                slot=slot.seq if slot is not None else -1,
-            ),
+        done = GenerationDone(
+            text=job.text.final,
+            finish_reason=reason,
+            prompt_tokens=len(job.prompt),
+            cached_tokens=job.cached,
+            completion_tokens=job.generated,
+            queued_seconds=(job.t_admit or end) - job.t_submit,
+            prompt_seconds=(first - job.t_admit) if job.t_admit else 0.0,
+            generation_seconds=end - first,
+            slot=slot.seq if slot is not None else -1,
+            draft_n=job.policy.drafted,
+            draft_n_accepted=job.policy.accepted,
+            window_reevaluated=job.window_reevaluated,
         )
-        key = "requests_cancelled" if reason == "cancelled" else "requests_finished"
+        key = "requests_finished" if reason in ("stop", "length") else "requests_cancelled"
         self._counters[key] += 1
+        # Released first: once the caller has the result, the slot is idle and its cells final.
         self._release(job, slot, keep_cells=reason != "cancelled")
+        self._emit(job, done)
 
-    def _fail(self, slot: _Slot, message: str) -> None:
+    def _fail(self, slot: Slot, message: str) -> None:
         job = slot.job
         assert job is not None
-        self._emit(job, GenerationFailed(message))
         self._counters["requests_failed"] += 1
         self._release(job, slot, keep_cells=False)
+        self._emit(job, GenerationFailed(message))
 
     def _fail_active(self, message: str) -> None:
         for slot in self._slots:
@@ -460,7 +485,7 @@ class BatchEngine:
         for job in pending:
             self._finish(job, None, "cancelled")
 
-    def _release(self, job: _Job, slot: _Slot | None, keep_cells: bool) -> None:
+    def _release(self, job: Job, slot: Slot | None, keep_cells: bool) -> None:
         self._lc.llama_sampler_free(job.chain)
         job.chain = None
         if slot is None:
@@ -469,5 +494,7 @@ class BatchEngine:
             # A cancelled reply is not a prefix worth keeping: give the cells back now.
             self._lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
             slot.held.clear()
+        else:  # the cells of drafts decoded after the reply ended
+            self._lc.llama_memory_seq_rm(self._mem, slot.seq, len(slot.held), -1)
         slot.job = None
         slot.last_used = time.perf_counter()

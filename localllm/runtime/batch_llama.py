@@ -21,6 +21,7 @@ from typing import Any
 
 from localllm.errors import InvalidArgument, ModelLoadError
 from localllm.runtime.batch_records import GenerationParams, TokenLogprob, TopLogprob
+from localllm.runtime.devices import rpc_load_devices
 from localllm.runtime.library import RepackChoice, choose_repack, import_llama_cpp
 from localllm.runtime.log import (
     install_log_capture,
@@ -33,8 +34,12 @@ from localllm.runtime.params import LoadOptions, context_fields, rope_fields
 
 __all__ = [
     "PENALTY_LAST_N",
+    "check_engine_options",
+    "context_params",
     "json_grammar",
     "load_model_and_context",
+    "model_params",
+    "put_token",
     "sampler_chain",
     "schema_rules",
     "token_logprob",
@@ -75,6 +80,15 @@ def schema_rules(schemas: Sequence[tuple[str, dict[str, Any]]]) -> str:
                 f"{name}: cannot turn this JSON schema into a grammar: {exc}"
             ) from None
     return converter.format_grammar()
+
+
+def put_token(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    """Entry ``i`` of a ``llama_batch``: one token of one sequence."""
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq
+    batch.logits[i] = logits
 
 
 def sampler_chain(lc: Any, vocab: Any, n_vocab: int, p: GenerationParams) -> Any:
@@ -140,6 +154,22 @@ def token_logprob(
     return TokenLogprob(token, piece(token), float(logits[token] - lse), tuple(alternatives))
 
 
+def check_engine_options(options: LoadOptions, parallel: int, max_parallel: int) -> None:
+    """The load options an engine of ``parallel`` slots can use (InvalidArgument if not)."""
+    options.validate()
+    if not 1 <= parallel <= max_parallel:
+        raise InvalidArgument(f"parallel {parallel} must be between 1 and {max_parallel}")
+    if options.n_ctx < parallel:
+        raise InvalidArgument(
+            f"a context of {options.n_ctx} tokens cannot be split over {parallel} slots"
+        )
+    if options.n_batch < parallel:
+        # Each step carries one token per generating slot.
+        raise InvalidArgument(
+            f"batch size {options.n_batch} must be at least --parallel {parallel}"
+        )
+
+
 def load_model_and_context(
     path: Path, options: LoadOptions, parallel: int
 ) -> tuple[Any, Any, Any, list[str], RepackChoice]:
@@ -150,12 +180,16 @@ def load_model_and_context(
     install_log_capture()
     set_log_echo(options.verbose)
     repack = choose_repack(options.repack)
-    mparams = lc.llama_model_default_params()
-    mparams.n_gpu_layers = 0x7FFFFFFF if options.n_gpu_layers == -1 else options.n_gpu_layers
-    mparams.use_extra_bufts = repack.repack
-    model, log = load_model_file(lc, path, mparams)
+    mparams = model_params(lc, options, repack.repack)
+    split = None
+    if options.tensor_split:  # kept alive by this frame while the model loads
+        split = (ctypes.c_float * lc.LLAMA_MAX_DEVICES)(*options.tensor_split)
+        mparams.tensor_split = split
+    with rpc_load_devices(options.rpc):
+        model, log = load_model_file(lc, path, mparams)
+    del split
     mark = log_mark()
-    ctx = lc.llama_init_from_model(model, _context_params(lc, options, parallel))
+    ctx = lc.llama_init_from_model(model, context_params(lc, options, parallel))
     if not ctx:
         lc.llama_model_free(model)
         raise ModelLoadError(
@@ -165,7 +199,15 @@ def load_model_and_context(
     return lc, model, ctx, log + log_since(mark), repack
 
 
-def _context_params(lc: Any, options: LoadOptions, parallel: int) -> Any:
+def model_params(lc: Any, options: LoadOptions, repack: bool) -> Any:
+    """llama_model_params for ``options``: GPU layers and repacking."""
+    mparams = lc.llama_model_default_params()
+    mparams.n_gpu_layers = 0x7FFFFFFF if options.n_gpu_layers == -1 else options.n_gpu_layers
+    mparams.use_extra_bufts = repack
+    return mparams
+
+
+def context_params(lc: Any, options: LoadOptions, parallel: int) -> Any:
     """llama_context_params as llama-cpp-python's Llama sets them, plus N sequences."""
     params = lc.llama_context_default_params()
     params.n_ctx = options.n_ctx

@@ -105,7 +105,7 @@ class GenerationDone:
     """The last event of a request: why it ended, its token counts and timings."""
 
     text: str
-    finish_reason: str  # stop | length | cancelled
+    finish_reason: str  # stop | length | cancelled | interrupted (stopped, cells kept)
     prompt_tokens: int
     cached_tokens: int  # of the prompt, reused from the slot's KV cells
     completion_tokens: int
@@ -113,6 +113,9 @@ class GenerationDone:
     prompt_seconds: float  # admission to the first sampled token
     generation_seconds: float  # first to last sampled token
     slot: int
+    draft_n: int = 0  # tokens drafted for speculative decoding (llama-server's name)
+    draft_n_accepted: int = 0  # of those, accepted (equal to the target's own sample)
+    window_reevaluated: bool = False  # the cached prefix fell out of a sliding window
 
     @property
     def generation_tps(self) -> float:
@@ -137,6 +140,8 @@ COUNTERS = (
     "decode_calls",
     "decode_seconds",
     "batch_tokens",
+    "draft_tokens",
+    "draft_tokens_accepted",
 )
 
 

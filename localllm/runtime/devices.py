@@ -8,9 +8,10 @@ memory each device reports. RPC servers given with ``--rpc`` are added as llama.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from localllm.runtime.library import import_llama_cpp, loaded_library
@@ -22,6 +23,7 @@ __all__ = [
     "cpu_features",
     "ggml_devices",
     "local_gpus",
+    "rpc_load_devices",
 ]
 
 # enum ggml_backend_dev_type (ggml-backend.h), as `system` names them.
@@ -141,3 +143,17 @@ def local_gpus() -> tuple[GgmlDevice, ...]:
 def cpu_features(info: str) -> tuple[str, ...]:
     """The features llama_print_system_info() reports as 1 (AVX2, NEON, AMX_INT8, ...)."""
     return tuple(_FEATURE.findall(info))
+
+
+@contextlib.contextmanager
+def rpc_load_devices(endpoints: Sequence[str]) -> Iterator[None]:
+    """With --rpc: loads in the block place layers on these servers' devices (checked
+    first), then on this machine's GPUs (llama.cpp's own order, as the split plan's dry
+    run); without, nothing changes."""
+    if not endpoints:
+        yield
+        return
+    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
+
+    with model_devices([*add_rpc_servers(endpoints), *local_gpus()]):
+        yield

@@ -38,9 +38,7 @@ __all__ = [
     "SavedState",
     "StateFiles",
     "StateHeader",
-    "adopt_tokens",
     "common_prefix",
-    "context_tokens",
     "library_version",
     "load_seq_state",
     "mismatch",
@@ -360,20 +358,3 @@ def prune_states(
                 if now - tmp.stat().st_mtime > stale_seconds:
                     tmp.unlink()
     return dropped
-
-
-# -- llama-cpp-python's Llama: where its context and its token bookkeeping live
-
-
-def context_tokens(llama: Any) -> tuple[Any, list[int]]:
-    """The raw context pointer and the tokens its sequence 0 holds."""
-    return llama._ctx.ctx, [int(t) for t in llama.input_ids[: llama.n_tokens]]
-
-
-def adopt_tokens(llama: Any, tokens: Sequence[int]) -> None:
-    """Tell ``Llama`` that sequence 0 now holds ``tokens`` (loaded behind its back), so its
-    prefix match reuses them and evaluates only what follows."""
-    n = len(tokens)
-    llama.input_ids[:n] = tokens
-    llama.n_tokens = n
-    llama._requires_eval = True  # the logits are not the last token's: re-decode one

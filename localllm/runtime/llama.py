@@ -17,6 +17,7 @@ from typing import Any
 
 from localllm.errors import ContextOverflow, ModelLoadError
 from localllm.generation import GenerationStats, TextChunk
+from localllm.runtime.devices import rpc_load_devices
 from localllm.runtime.library import RepackChoice, choose_repack, import_llama_cpp
 from localllm.runtime.log import (
     install_log_capture,
@@ -248,20 +249,6 @@ def _patched_llama(llama_cpp: Any, **model_fields: Any) -> Iterator[None]:
             formats.Jinja2ChatFormatter = original_formatter
 
 
-@contextmanager
-def _rpc_devices(endpoints: Sequence[str]) -> Iterator[None]:
-    """With --rpc: the load places layers on these servers' devices (checked first), then
-    on this machine's GPUs (llama.cpp's own order, as the split plan's dry run)."""
-    if not endpoints:
-        yield
-        return
-    from localllm.runtime.devices import local_gpus
-    from localllm.runtime.rpc_devices import add_rpc_servers, model_devices
-
-    with model_devices([*add_rpc_servers(endpoints), *local_gpus()]):
-        yield
-
-
 def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedModel:
     """Load a GGUF through llama.cpp with ``options``; failures become ModelLoadError."""
     options.validate()
@@ -274,7 +261,10 @@ def load_model(path: str | os.PathLike[str], options: LoadOptions) -> LoadedMode
     repack = choose_repack(options.repack)
     mark = log_mark()
     try:
-        with _patched_llama(llama_cpp, use_extra_bufts=repack.repack), _rpc_devices(options.rpc):
+        with (
+            _patched_llama(llama_cpp, use_extra_bufts=repack.repack),
+            rpc_load_devices(options.rpc),
+        ):
             llama = llama_cpp.Llama(
                 model_path=str(path),
                 n_ctx=options.n_ctx,

@@ -11,6 +11,7 @@ from localllm.errors import InvalidArgument
 from localllm.net import LOOPBACK_NAMES, is_loopback
 from localllm.runtime.batch_engine import MAX_PARALLEL
 from localllm.runtime.params import LoadOptions
+from localllm.runtime.speculation import check_spec_mode
 
 __all__ = [
     "ModelEvent",
@@ -79,9 +80,13 @@ class ServeOptions:
         )
         return (first, *self.more_models)
 
+    spec: str = "auto"  # --spec: speculative decoding (auto, off, ngram)
+    draft_path: Path | None = None  # --draft: a draft model's file
+
     def validate(self) -> None:
         """InvalidArgument for values that cannot work, before the model loads."""
         self.load.validate()
+        check_spec_mode(self.spec, None if self.draft_path is None else str(self.draft_path))
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"port {self.port} must be between 0 and 65535")
         if not 1 <= self.parallel <= MAX_PARALLEL:
@@ -143,6 +148,7 @@ class ServerReady:
     n_parallel: int
     api_key_required: bool
     load_seconds: float
+    spec_note: str | None = None  # why speculative decoding is off for this model
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ _ENGINE_COUNTERS = (
     ("decode_calls", "decode_calls_total", "llama_decode calls (one per engine step)."),
     ("decode_seconds", "decode_seconds_total", "Seconds spent in llama_decode."),
     ("batch_tokens", "batch_tokens_total", "Tokens submitted to llama_decode."),
+    ("draft_tokens", "draft_tokens_total", "Tokens drafted for speculative decoding."),
+    ("draft_tokens_accepted", "draft_tokens_accepted_total", "Drafted tokens accepted."),
 )
 _OUTCOMES = (
     ("requests_finished", "finished"),

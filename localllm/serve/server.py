@@ -121,7 +121,13 @@ def _bind(host: str, port: int) -> socket.socket:
 def load_engine(options: ServeOptions) -> BatchEngine:
     """Check the options, then load the first model with ``options.parallel`` slots."""
     options.validate()
-    return BatchEngine.load(options.model_path, options.load, options.parallel)
+    return BatchEngine.load(
+        options.model_path,
+        options.load,
+        options.parallel,
+        spec=options.spec,
+        draft=options.draft_path,
+    )
 
 
 def _router(
@@ -143,7 +149,10 @@ def _router(
         return Service(options, model, loaded, fmt)
 
     def load(model: ServedModel) -> Service:
-        return service(model, BatchEngine.load(model.path, model.load, model.parallel))
+        engine = BatchEngine.load(
+            model.path, model.load, model.parallel, spec=options.spec, draft=options.draft_path
+        )
+        return service(model, engine)
 
     def unload(svc: Service) -> None:
         metrics.retire(svc.engine.stats())
@@ -200,6 +209,7 @@ def _ready(options: ServeOptions, engine: BatchEngine, port: int, seconds: float
         n_parallel=engine.n_parallel,
         api_key_required=options.api_key is not None,
         load_seconds=seconds,
+        spec_note=engine.spec_note,
     )
 
 

@@ -40,7 +40,7 @@ def usage(done: GenerationDone) -> dict[str, Any]:
 
 def timings(done: GenerationDone) -> dict[str, Any]:
     """llama-server's extra ``timings`` object (clients that do not know it ignore it)."""
-    return {
+    out = {
         "queued_ms": round(done.queued_seconds * 1000, 3),
         "prompt_n": done.prompt_tokens - done.cached_tokens,
         "cached_n": done.cached_tokens,
@@ -50,6 +50,10 @@ def timings(done: GenerationDone) -> dict[str, Any]:
         "predicted_per_second": round(done.generation_tps, 3),
         "slot": done.slot,
     }
+    if done.draft_n > 0:  # llama-server adds these only when something was drafted
+        out["draft_n"] = done.draft_n
+        out["draft_n_accepted"] = done.draft_n_accepted
+    return out
 
 
 def _text(piece: bytes) -> str:

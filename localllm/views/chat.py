@@ -102,6 +102,8 @@ def format_turn_status(stats: GenerationStats, kv_bytes: int | None) -> str:
         f"first token {stats.ttft_seconds * 1000:.0f} ms",
         kv,
     ]
+    if stats.draft_n:
+        parts.append(f"drafts {stats.draft_n_accepted}/{stats.draft_n} accepted")
     if stats.window_reevaluated:
         parts.append("prompt re-evaluated: the sliding window had moved past the cached prefix")
     return " · ".join(parts)
