@@ -376,12 +376,15 @@ from typing import Any
 from localllm.runtime import LoadOptions, load_model
 from localllm.runtime import kv_state as ks
 
+def context_tokens(llama: Any) -> tuple[Any, list[int]]:
+    return llama._ctx.ctx, [int(t) for t in llama.input_ids[: llama.n_tokens]]
+
 model_path, directory, stage = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 model = load_model(model_path, LoadOptions(n_ctx=512, seed=1))
 header = ks.StateHeader("ab" * 32, 512, "f16", "f16", True, False, None, None, "x")
 files = ks.state_files(directory, "s1")
 model.llama.eval(model.tokenize("First words of the story."))
-ks.save_seq_state(*ks.context_tokens(model.llama)[:1], 0, ks.context_tokens(model.llama)[1],
+ks.save_seq_state(*context_tokens(model.llama)[:1], 0, context_tokens(model.llama)[1],
                   files, header)
 model.llama.eval(model.tokenize(" More words follow, many more." * 8, add_bos=False))
 
@@ -390,7 +393,7 @@ def hang(*args, **kwargs):
     time.sleep(600)
 
 setattr(ks, {"temp": "_sha256_file", "header": "_write_header"}[stage], hang)
-ctx, tokens = ks.context_tokens(model.llama)
+ctx, tokens = context_tokens(model.llama)
 ks.save_seq_state(ctx, 0, tokens, files, header)
 """
 
