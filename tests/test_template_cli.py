@@ -274,10 +274,10 @@ def test_backstop_leaves_a_timer_it_did_not_arm_alone() -> None:
 
 BACKSTOP_SCRIPT = """
 import functools, sys
-from localllm.templates import budget, guard
+from localllm.templates import budget, sandbox
 budget.Meter.iterate = lambda self, cost: None  # a hole in the meter
 budget.Meter.step = lambda self, cost: None
-guard.RenderBudget = functools.partial(budget.RenderBudget, max_wall_seconds=0.5)
+sandbox.RenderBudget = functools.partial(budget.RenderBudget, max_wall_seconds=0.5)
 from localllm.cli import main
 sys.argv = ["localllm", *sys.argv[1:]]
 main()

@@ -573,9 +573,12 @@ def test_stats_saved_session_and_resume_keep_the_template(
     assert resumed.exit_code == 0, resumed.stderr
     data = json.loads(resumed.stdout)
     assert data["settings"]["template"]["name"] == template["name"]
-    # The resumed prompt holds the first turn too: longer than the same question alone.
+    # The resumed prompt holds the first turn too: longer than the same question alone
+    # (counted in prompt tokens: a saved KV state may spare evaluating the shared part).
     fresh = cli("chat", str(path), *flags, "--temp", "0", "--max-tokens", "8", *asked)
     assert fresh.exit_code == 0, fresh.stderr
     alone = json.loads(fresh.stdout)
     assert alone["settings"]["template"] == template
-    assert data["stats"]["prompt_evaluated"] > alone["stats"]["prompt_evaluated"] + 2
+    assert data["stats"]["prompt_tokens"] > alone["stats"]["prompt_tokens"] + 2
+    evaluated = data["stats"]["prompt_evaluated"] + data["stats"]["prompt_from_state"]
+    assert evaluated == data["stats"]["prompt_tokens"]
