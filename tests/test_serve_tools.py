@@ -25,10 +25,10 @@ from localllm.runtime.params import LoadOptions
 from localllm.serve import RunningServer, ServeOptions, start_server
 from localllm.serve.schema import ApiError, parse_chat_completion_request
 from localllm.templates.sandbox import GuardedTemplate
-from localllm.tools.formats import detect_family, mistral_call_id, template_conversation
+from localllm.tools.api import Message, ToolCall, ToolChoice, parse_tools
+from localllm.tools.families import detect_family, mistral_call_id, template_conversation
 from localllm.tools.grammar import tool_grammar
 from localllm.tools.parse import CallPiece, ParsedReply, ToolStream, parse_reply
-from localllm.tools.spec import Message, ToolCall, ToolChoice, parse_tools
 
 MODEL = "smollm2-135m"
 WEATHER = {

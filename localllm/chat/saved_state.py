@@ -17,11 +17,11 @@ from localllm.chat.history import kv_dir
 from localllm.chat.session import ChatSession
 from localllm.errors import InvalidArgument
 from localllm.fileio import cached_sha256
+from localllm.runtime.batch_jobs import common_prefix
 from localllm.runtime.kv_state import (
     KvStateError,
     SavedState,
     StateHeader,
-    common_prefix,
     library_version,
     load_seq_state,
     mismatch,

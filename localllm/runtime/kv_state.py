@@ -38,7 +38,6 @@ __all__ = [
     "SavedState",
     "StateFiles",
     "StateHeader",
-    "common_prefix",
     "library_version",
     "load_seq_state",
     "mismatch",
@@ -143,15 +142,6 @@ def state_files(directory: Path, key: str) -> StateFiles:
 
 def tokens_sha256(tokens: Sequence[int]) -> str:
     return hashlib.sha256(struct.pack(f"<{len(tokens)}i", *tokens)).hexdigest()
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _sha256_file(path: Path) -> str:

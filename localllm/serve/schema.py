@@ -16,7 +16,7 @@ from typing import Any
 
 from localllm.runtime.params import SamplingOptions
 from localllm.serve.fields import ApiError, Fields, invalid, load_object
-from localllm.tools.spec import (
+from localllm.tools.api import (
     Message,
     Tool,
     ToolChoice,

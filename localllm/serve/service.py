@@ -31,9 +31,9 @@ from localllm.runtime.embeddings import Embedder, EmbeddingResult
 from localllm.serve.config import ServedModel, ServeOptions
 from localllm.serve.embeddings import EmbeddingsRequest
 from localllm.serve.schema import ApiError, ChatCompletionRequest, CompletionRequest, Sampling
+from localllm.tools.api import ToolError
+from localllm.tools.calling import needs_tools, prepare_tools
 from localllm.tools.grammar import ToolGrammar
-from localllm.tools.setup import needs_tools, prepare_tools
-from localllm.tools.spec import ToolError
 
 __all__ = ["Job", "Service", "wait_disconnect"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from localllm.errors import InvalidArgument
 from localllm.runtime.batch_llama import schema_rules
-from localllm.tools.spec import Tool, ToolChoice, ToolError
+from localllm.tools.api import Tool, ToolChoice, ToolError
 
 __all__ = ["ToolGrammar", "literal", "tool_grammar"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from localllm.tools.spec import ToolCall, new_call_id
+from localllm.tools.api import ToolCall, new_call_id
 
 __all__ = ["CallPiece", "ParsedReply", "ToolStream", "parse_reply"]
 

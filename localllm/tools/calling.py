@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from localllm.tools.formats import detect_family, template_conversation
+from localllm.tools.api import Message, Tool, ToolChoice
+from localllm.tools.families import detect_family, template_conversation
 from localllm.tools.grammar import ToolGrammar, tool_grammar
-from localllm.tools.spec import Message, Tool, ToolChoice
 
 __all__ = ["ToolSetup", "needs_tools", "prepare_tools"]
 

@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from localllm.tools.spec import Message, Tool, ToolCall, ToolChoice
+from localllm.tools.api import Message, Tool, ToolCall, ToolChoice
 
 __all__ = [
     "FAMILIES",
