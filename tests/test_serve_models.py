@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def test_each_model_answers_as_itself_and_they_swap_within_the_plan(
     assert f'localllm_model_loads_total{{model="{smol}"}} 2' in metrics
     assert f'localllm_model_unloads_total{{model="{smol}"}} 1' in metrics
     assert f'localllm_model_loaded{{model="{big}"}} 0' in metrics
+    seconds = re.search(rf'localllm_model_load_seconds_total{{model="{other}"}} (\S+)', metrics)
+    assert seconds is not None and float(seconds.group(1)) > 0  # the load's own time
 
 
 def test_ps_lists_what_servers_hold_and_stop_unloads(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from localllm.errors import ModelLoadError
-from localllm.serve.config import ServedModel
-from localllm.serve.router import ModelRouter, RouterEvent
+from localllm.serve.config import ModelEvent, ServedModel
+from localllm.serve.router import ModelRouter
 from localllm.serve.schema import ApiError
 
 MIB = 1 << 20
@@ -63,7 +63,7 @@ def served(name: str, mib: int = 100) -> ServedModel:
 
 def router(
     *names: str, budget_mib: int | None = 250, keep_alive: float | None = 300.0, mib: int = 100
-) -> tuple[ModelRouter[str], Engines, Clock, list[RouterEvent]]:
+) -> tuple[ModelRouter[str], Engines, Clock, list[ModelEvent]]:
     engines, clock, events = Engines(), Clock(), []
     r: ModelRouter[str] = ModelRouter(
         tuple(served(n, mib) for n in names),

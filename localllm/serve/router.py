@@ -17,27 +17,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from localllm.errors import LocalLLMError
-from localllm.serve.config import ServedModel
+from localllm.serve.config import ModelEvent, ServedModel
 from localllm.serve.schema import ApiError
 from localllm.text import format_bytes
 
-__all__ = ["ModelRouter", "Resident", "RouterEvent"]
+__all__ = ["ModelRouter", "Resident"]
 
 E = TypeVar("E")  # the loaded thing: a BatchEngine in the server, anything in tests
-
-
-@dataclass(frozen=True)
-class RouterEvent:
-    """A model loaded or unloaded (for /metrics, the CLI's log and ``localllm ps``)."""
-
-    model_id: str
-    action: str  # "loaded" | "unloaded" | "load_failed"
-    seconds: float  # the load's or unload's duration
-    reason: str  # "request", "startup", "keep-alive", "evicted for X", "stop", "shutdown"
 
 
 class Resident(Generic[E]):
@@ -50,7 +39,6 @@ class Resident(Generic[E]):
         self.status = "unloaded"  # | "loading" | "loaded" | "unloading"
         self.in_flight = 0
         self.last_used = time.monotonic()
-        self.loaded_at: float | None = None
         self.loads = 0
         self.unloads = 0
         self.load_seconds = 0.0
@@ -65,7 +53,7 @@ class Resident(Generic[E]):
         """``engine`` was loaded outside the router (the server's first model, at start);
         a pinned one belongs to the caller and is never unloaded here."""
         self.engine, self.status, self.pinned = engine, "loaded", pinned
-        self.loaded_at, self.last_used = time.time(), time.monotonic()
+        self.last_used = time.monotonic()
         self.loads += 1
         self.load_seconds += seconds
 
@@ -85,7 +73,7 @@ class ModelRouter(Generic[E]):
         unload: Callable[[E], None],
         budget_bytes: int | None,
         keep_alive: float | None,
-        on_event: Callable[[RouterEvent], None] | None = None,
+        on_event: Callable[[ModelEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not models:
@@ -257,19 +245,17 @@ class ModelRouter(Generic[E]):
             engine = await asyncio.to_thread(self._load, r.model)
         except LocalLLMError as exc:
             r.status, r.error = "unloaded", str(exc)
-            self._emit(
-                RouterEvent(r.model_id, "load_failed", time.perf_counter() - started, reason)
-            )
+            self._emit(ModelEvent(r.model_id, "load_failed", time.perf_counter() - started, reason))
             raise ApiError(
                 500, f"model {r.model_id!r} failed to load: {exc}", kind="server_error",
                 code="model_load_failed",
             ) from None  # fmt: skip
         seconds = time.perf_counter() - started
-        r.engine, r.status, r.loaded_at = engine, "loaded", time.time()
+        r.engine, r.status = engine, "loaded"
         r.loads += 1
         r.load_seconds += seconds
         r.last_used = self._clock()
-        self._emit(RouterEvent(r.model_id, "loaded", seconds, reason))
+        self._emit(ModelEvent(r.model_id, "loaded", seconds, reason))
 
     async def load(self, name: str, reason: str = "request") -> Resident[E]:
         """Load ``name`` now (``POST /models/load``), evicting idle models if needed."""
@@ -293,9 +279,9 @@ class ModelRouter(Generic[E]):
         try:
             await asyncio.to_thread(self._unload, engine)
         finally:
-            r.status, r.loaded_at = "unloaded", None
+            r.status = "unloaded"
             r.unloads += 1
-        self._emit(RouterEvent(r.model_id, "unloaded", time.perf_counter() - started, reason))
+        self._emit(ModelEvent(r.model_id, "unloaded", time.perf_counter() - started, reason))
         cond = self._condition()
         async with cond:
             cond.notify_all()
@@ -334,6 +320,6 @@ class ModelRouter(Generic[E]):
                 engine, r.engine, r.status = r.engine, None, "unloaded"
                 self._unload(engine)
 
-    def _emit(self, event: RouterEvent) -> None:
+    def _emit(self, event: ModelEvent) -> None:
         if self._on_event is not None:
             self._on_event(event)

@@ -24,10 +24,10 @@ from localllm.gguf.spec import read_model_spec
 from localllm.runtime.batch_engine import BatchEngine
 from localllm.runtime.batch_records import PromptFormat
 from localllm.serve.app import build_app
-from localllm.serve.config import EventSink, ModelEvent, ServedModel, ServeOptions, ServerReady
+from localllm.serve.config import EventSink, ServedModel, ServeOptions, ServerReady
 from localllm.serve.metrics import Metrics
 from localllm.serve.registry import register_server, unregister_server
-from localllm.serve.router import ModelRouter, RouterEvent
+from localllm.serve.router import ModelRouter
 from localllm.serve.service import Service
 from localllm.templates.selection import ChatFormat, choose_format
 
@@ -159,10 +159,6 @@ def _router(
         svc.close_embedder()
         svc.engine.close()
 
-    def told(event: RouterEvent) -> None:
-        if on_event is not None:
-            on_event(ModelEvent(event.model_id, event.action, event.seconds, event.reason))
-
     first = service(served[0], engine)
     router: ModelRouter[Service] = ModelRouter(
         served,
@@ -170,7 +166,7 @@ def _router(
         unload=unload,
         budget_bytes=options.memory_budget,
         keep_alive=options.keep_alive,
-        on_event=told,
+        on_event=on_event,
     )
     router.residents[first.served.model_id].adopt(first, pinned=pinned, seconds=load_seconds)
     return router, metrics
