@@ -1,37 +1,23 @@
 """The ``localllm`` command line: parse, call one core function, render.
 
 This is the only module that turns a ``LocalLLMError`` into a message and an exit
-code. Each command imports its core and view inside its body, so ``localllm --help``
-and ``kv-calc`` of a preset never load llama_cpp, numpy or huggingface_hub.
+code. A run registers only the command it names (:func:`build_app`), and each command
+imports its core and view inside its body, so ``localllm --help`` and ``kv-calc`` of a
+preset never load llama_cpp, numpy or huggingface_hub.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from localllm.commands.arguments import RESUME_LATEST, JsonOpt, ModelArg
-from localllm.commands.bench import bench_cmd
-from localllm.commands.chat import chat_cmd
-from localllm.commands.embed import embed_cmd
-from localllm.commands.kvcalc import kv_calc_cmd
-from localllm.commands.ppl import ppl_cmd
-from localllm.commands.rpc import rpc_server_cmd
-from localllm.commands.serve import ps_cmd, serve_cmd, stop_cmd
-from localllm.commands.system import system_cmd
 from localllm.errors import InvalidArgument, LocalLLMError
 from localllm.views.console import err, error, note, out, print_json, warn
-
-app = typer.Typer(
-    name="localllm",
-    help="Run quantized LLMs (GGUF) on this machine with llama.cpp, and see what they cost.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
 
 
 def _version_callback(value: bool) -> None:
@@ -44,7 +30,6 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: Annotated[
         bool,
@@ -57,7 +42,6 @@ def _root(
 # ------------------------------------------------------------------------ list / rm
 
 
-@app.command("list")
 def list_cmd(as_json: JsonOpt = False) -> None:
     """List the models in the store (alias, file, size, quant, architecture, context)."""
     from localllm.inventory.listing import list_models
@@ -70,7 +54,6 @@ def list_cmd(as_json: JsonOpt = False) -> None:
     render_model_list(rows)
 
 
-@app.command("rm")
 def rm_cmd(
     model: Annotated[str, typer.Argument(help="The stored model to delete.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
@@ -96,7 +79,6 @@ def rm_cmd(
 # ------------------------------------------------------------------------------ info
 
 
-@app.command("info")
 def info_cmd(model: ModelArg = None, as_json: JsonOpt = False) -> None:
     """Architecture facts from the GGUF header (no weights loaded) and its KV cost."""
     from localllm.inventory.listing import model_info
@@ -112,7 +94,6 @@ def info_cmd(model: ModelArg = None, as_json: JsonOpt = False) -> None:
 # ------------------------------------------------------------------------------ pull
 
 
-@app.command("pull")
 def pull_cmd(
     model: Annotated[
         str,
@@ -175,22 +156,66 @@ def pull_cmd(
         render_pull_result(result)
 
 
-# ------------------------------------------------------------------ larger commands
-# Each lives in localllm/commands/: its flags are long, its body is one core call.
+# ---------------------------------------------------------------------- the app
+# The larger commands live in localllm/commands/ (long flags, a one-call body). A run
+# imports and registers only the command it names: a one-shot `chat -p` then pays for
+# neither the other commands' modules nor Typer building their parameters.
 
-app.command("chat")(chat_cmd)
-app.command("embed")(embed_cmd)
-app.command("kv-calc")(kv_calc_cmd)
-app.command("ppl")(ppl_cmd)
-app.command("rpc-server")(rpc_server_cmd)
-app.command("serve")(serve_cmd)
-app.command("ps")(ps_cmd)
-app.command("stop")(stop_cmd)
-app.command("system")(system_cmd)
-app.command(
-    "bench",
-    epilog="Comma lists and ranges sweep as in llama-bench: -t 1,2 -p 128,512, -p 128-512*2.",
-)(bench_cmd)
+_LOCAL = {"list": list_cmd, "rm": rm_cmd, "info": info_cmd, "pull": pull_cmd}
+# name -> (module, function, extra command settings), in the order --help lists them
+COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "list": ("", "list", {}),
+    "rm": ("", "rm", {}),
+    "info": ("", "info", {}),
+    "pull": ("", "pull", {}),
+    "chat": ("localllm.commands.chat", "chat_cmd", {}),
+    "embed": ("localllm.commands.embed", "embed_cmd", {}),
+    "kv-calc": ("localllm.commands.kvcalc", "kv_calc_cmd", {}),
+    "ppl": ("localllm.commands.ppl", "ppl_cmd", {}),
+    "rpc-server": ("localllm.commands.rpc", "rpc_server_cmd", {}),
+    "serve": ("localllm.commands.serve", "serve_cmd", {}),
+    "ps": ("localllm.commands.serve", "ps_cmd", {}),
+    "stop": ("localllm.commands.serve", "stop_cmd", {}),
+    "system": ("localllm.commands.system", "system_cmd", {}),
+    "bench": (
+        "localllm.commands.bench",
+        "bench_cmd",
+        {"epilog": "Comma lists and ranges sweep as in llama-bench: -t 1,2 -p 128,512, "
+         "-p 128-512*2."},
+    ),
+}  # fmt: skip
+
+
+def _command(name: str) -> Callable[..., None]:
+    module, function, _ = COMMANDS[name]
+    if not module:
+        return _LOCAL[function]
+    return getattr(importlib.import_module(module), function)
+
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The Typer app with every command, or with just ``only`` (the one a run names)."""
+    app = typer.Typer(
+        name="localllm",
+        help="Run quantized LLMs (GGUF) on this machine with llama.cpp, and see what they cost.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for name, (_, _, settings) in COMMANDS.items():
+        if only is None or name == only:
+            app.command(name, **settings)(_command(name))
+    return app
+
+
+def _named_command(argv: list[str]) -> str | None:
+    """The command a command line names (its first word: the root takes only flags), or
+    None when it names none we know: then every command is registered, for --help and
+    for Typer's "No such command" with its suggestions."""
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    return first if first in COMMANDS else None
 
 
 # ------------------------------------------------------------------------ entry point
@@ -208,8 +233,9 @@ def _resume_without_id(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Console-script entry: run the app; domain errors become one red line."""
+    argv = _resume_without_id(sys.argv[1:])
     try:
-        app(args=_resume_without_id(sys.argv[1:]))
+        build_app(_named_command(argv))(args=argv)
     except LocalLLMError as exc:
         error(str(exc))
         sys.exit(exc.exit_code)

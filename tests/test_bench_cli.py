@@ -229,7 +229,7 @@ def _run_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[dict, 
     import llama_cpp
     from typer.testing import CliRunner
 
-    from localllm.cli import app
+    from localllm.cli import build_app
 
     batches: list[int] = []
     decode = llama_cpp.llama_decode
@@ -239,7 +239,7 @@ def _run_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[dict, 
         return decode(ctx, batch)
 
     monkeypatch.setattr(llama_cpp, "llama_decode", counting)
-    result = CliRunner().invoke(app, ["bench", *args, "-o", "jsonl"])
+    result = CliRunner().invoke(build_app(), ["bench", *args, "-o", "jsonl"])
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.stdout.splitlines()], batches
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -28,11 +29,46 @@ def test_help_does_not_import_llama_cpp() -> None:
 
     code = (
         "import sys, localllm.cli as c\n"
-        "try:\n    c.app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    c.build_app()(['--help'])\nexcept SystemExit:\n    pass\n"
         "print('llama_cpp' in sys.modules, 'numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_a_run_registers_only_the_command_it_names() -> None:
+    """A command line imports its own command's module, not the others', and no option is
+    coerced through pydantic (typer 0.29 imports it for every option): each costs a
+    one-shot `chat -p` time (benchmarks/chat_oneshot.md)."""
+    import subprocess
+
+    code = (
+        "import sys\nfrom localllm.cli import main\n"
+        "sys.argv = ['localllm', 'kv-calc', 'llama-2-7b', '--ctx', '4096', '--json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('localllm.commands.')))\n"
+        "print('pydantic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    *plan, commands, pydantic = out.stdout.strip().splitlines()
+    assert json.loads("\n".join(plan))["rows"], out.stderr  # the command ran, to the end
+    imported = set(ast.literal_eval(commands))
+    assert "localllm.commands.kvcalc" in imported
+    others = {"bench", "chat", "embed", "ppl", "serve", "system"}  # rpc: kv-calc's --rpc flags
+    assert not {f"localllm.commands.{name}" for name in others} & imported
+    assert pydantic == "False"
+
+
+def test_every_command_is_registered_for_help_and_suggestions(cli) -> None:
+    import typer
+
+    from localllm.cli import COMMANDS, build_app
+
+    assert list(typer.main.get_command(build_app()).commands) == list(COMMANDS)  # type: ignore[attr-defined]
+    assert list(typer.main.get_command(build_app("chat")).commands) == ["chat"]  # type: ignore[attr-defined]
+    result = cli("chta")
+    assert result.exit_code == 2
+    assert "Did you mean 'chat'?" in result.stderr
 
 
 def test_info_on_real_model_json(store_with_smollm2: Path, cli) -> None:

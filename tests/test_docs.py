@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import typer
 
-from localllm.cli import app
+from localllm.cli import build_app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -72,7 +72,7 @@ def _undocumented(options: dict[str, set[str]], text: str) -> list[str]:
     )
 
 
-OPTIONS = _cli_options(typer.main.get_command(app))
+OPTIONS = _cli_options(typer.main.get_command(build_app()))
 
 
 def test_the_walker_finds_every_command_and_known_options() -> None:

@@ -36,7 +36,8 @@ from localllm.machine import (
 from localllm.plan.memory import kv_bytes_per_token
 from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
 from localllm.plan.rope import RopePlan, plan_rope
-from localllm.plan.split import check_split_load, split_applies
+from localllm.plan.split import check_split_load
+from localllm.runtime.devices import split_applies
 from localllm.runtime.library import LlamaBuild, choose_repack, llama_build
 from localllm.runtime.llama_bench import BenchModel, ContextConfig
 from localllm.runtime.params import LoadOptions

@@ -22,7 +22,6 @@ from localllm.errors import InvalidArgument, LocalLLMError
 from localllm.fileio import write_json_atomic
 from localllm.generation import ChatMessage
 from localllm.paths import cache_root, state_root
-from localllm.runtime.kv_state import prune_states, state_files
 from localllm.text import escape_untrusted
 
 __all__ = [
@@ -96,6 +95,8 @@ def _session_files() -> list[Path]:
 def prune_sessions(keep: int = KEEP_SESSIONS) -> int:
     """Delete all but the newest ``keep`` sessions, and the KV states of sessions gone;
     returns how many sessions went."""
+    from localllm.runtime.kv_state import prune_states  # not imported by a chat without history
+
     files = _session_files()
     for path in files[keep:]:
         path.unlink(missing_ok=True)
@@ -191,6 +192,8 @@ class SessionListing:
 
 def list_sessions(limit: int = 20) -> list[SessionListing]:
     """The newest sessions, for /sessions (unreadable ones flagged, not hidden)."""
+    from localllm.runtime.kv_state import state_files
+
     rows = []
     for path in _session_files()[:limit]:
         try:

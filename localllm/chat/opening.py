@@ -17,7 +17,7 @@ from localllm.flags import check_count, check_rope_method, check_threads, thread
 from localllm.gguf.spec import ModelSpec, read_model_spec
 from localllm.plan.preload import LoadPlan, check_load_fits, check_with_draft, plan_load
 from localllm.plan.rope import plan_rope
-from localllm.plan.split import check_split_load, split_applies
+from localllm.runtime.devices import split_applies
 from localllm.runtime.engine_model import load_engine_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
 from localllm.runtime.speculation import check_spec_mode
@@ -104,6 +104,8 @@ def open_session(request: ChatRequest) -> ChatSession:
     memory = None
     if request.memory_check and split_applies(options):
         # The weights live on several devices: each one's share against its own memory.
+        from localllm.plan.split import check_split_load  # its dry runs: not for one CPU
+
         check_split_load(model.alias or path.name, path, options)
     elif request.memory_check:
         label = model.alias or path.name

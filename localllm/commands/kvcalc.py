@@ -161,7 +161,7 @@ def _gpu_here(model: str | None, gpu_layers: int) -> bool:
     Asked only of a file on disk: a preset stays arithmetic, without llama_cpp.
     """
     from localllm.errors import LocalLLMError
-    from localllm.plan.split import split_applies
+    from localllm.runtime.devices import split_applies
     from localllm.runtime.params import LoadOptions
     from localllm.store.resolver import resolve_model
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import asdict
@@ -41,12 +42,13 @@ def dry_run_cache_dir() -> Path:
 
 
 def _code_identity() -> list[list[Any]]:
-    from localllm.runtime import dry_run, dry_run_log
-
+    # Found, not imported: a cache hit does not pay for importing the log parsers.
     out = []
-    for module in (dry_run, dry_run_log):
-        st = os.stat(module.__file__ or "")
-        out.append([Path(module.__file__ or "").name, st.st_size, st.st_mtime_ns])
+    for name in ("localllm.runtime.dry_run", "localllm.runtime.dry_run_log"):
+        spec = importlib.util.find_spec(name)
+        origin = (spec.origin if spec else None) or ""
+        st = os.stat(origin)
+        out.append([Path(origin).name, st.st_size, st.st_mtime_ns])
     return out
 
 

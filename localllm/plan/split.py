@@ -45,7 +45,6 @@ __all__ = [
     "host_shares",
     "layer_of_tensor",
     "plan_split",
-    "split_applies",
 ]
 
 THIS_MACHINE = "this machine"
@@ -384,15 +383,6 @@ def plan_split(request: SplitRequest) -> SplitResult:
         label, request, n_layer, table.weights_bytes, plans, budget, capped, tuple(notes),
         tuple(d.name for d in gpus),
     )  # fmt: skip
-
-
-def split_applies(options: LoadOptions) -> bool:
-    """Whether a load puts layers on other devices than this CPU (--rpc, or a GPU here)."""
-    if options.rpc:
-        return True
-    from localllm.runtime.devices import local_gpus
-
-    return options.n_gpu_layers != 0 and bool(local_gpus())
 
 
 def _gib(n: int) -> str:

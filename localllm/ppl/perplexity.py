@@ -30,7 +30,8 @@ from localllm.generation import Notice
 from localllm.gguf.spec import ModelSpec, read_model_spec
 from localllm.plan.preload import LoadPlan, check_load_fits, plan_load
 from localllm.plan.rope import RopePlan, plan_rope
-from localllm.plan.split import check_split_load, split_applies
+from localllm.plan.split import check_split_load
+from localllm.runtime.devices import split_applies
 from localllm.runtime.llama import LoadedModel, load_model
 from localllm.runtime.logits import bos_policy, score_chunk
 from localllm.runtime.params import LoadOptions

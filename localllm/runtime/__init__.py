@@ -16,9 +16,19 @@ for it. The modules:
 
 from __future__ import annotations
 
-from localllm.runtime.library import llama_cpp_version
-from localllm.runtime.llama import LoadedModel, load_model
-from localllm.runtime.params import LoadOptions, RopeParams, SamplingOptions
+import importlib
+from typing import Any
+
+# Where each name below lives: imported on first use (PEP 562), so that importing a
+# sibling (``localllm.runtime.params`` for the flags) does not pay for ``runtime.llama``.
+_EXPORTS = {
+    "LoadOptions": "params",
+    "LoadedModel": "llama",
+    "RopeParams": "params",
+    "SamplingOptions": "params",
+    "llama_cpp_version": "library",
+    "load_model": "llama",
+}
 
 __all__ = [
     "LoadOptions",
@@ -28,3 +38,9 @@ __all__ = [
     "llama_cpp_version",
     "load_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,6 @@ are held back until the next token decides.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -245,6 +244,8 @@ class EventStream:
     """One request's events for asyncio code: iterate them; ``cancel()`` when leaving early."""
 
     def __init__(self, engine: Any, prompt: Sequence[int], params: GenerationParams):
+        import asyncio  # serve's path only: chat -p does not pay for importing it
+
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._done = False

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from localllm.runtime.library import import_llama_cpp, loaded_library
+from localllm.runtime.params import LoadOptions
 
 __all__ = [
     "DEVICE_TYPES",
@@ -24,6 +25,7 @@ __all__ = [
     "ggml_devices",
     "local_gpus",
     "rpc_load_devices",
+    "split_applies",
 ]
 
 # enum ggml_backend_dev_type (ggml-backend.h), as `system` names them.
@@ -138,6 +140,14 @@ def ggml_devices(endpoints: Sequence[str] = ()) -> tuple[tuple[str, ...], tuple[
 def local_gpus() -> tuple[GgmlDevice, ...]:
     """This machine's GPU and iGPU devices (RPC servers' devices are not local)."""
     return tuple(d for d in ggml_devices()[1] if d.type in ("GPU", "iGPU"))
+
+
+def split_applies(options: LoadOptions) -> bool:
+    """Whether a load puts layers on other devices than this CPU (--rpc, or a GPU here):
+    then plan/split.py checks each device's share against that device's memory."""
+    if options.rpc:
+        return True
+    return options.n_gpu_layers != 0 and bool(local_gpus())
 
 
 def cpu_features(info: str) -> tuple[str, ...]:
