@@ -3,7 +3,8 @@
 
 The engine measured is the one `localllm chat` and `localllm serve` both run (a one-slot
 :class:`~localllm.runtime.batch_engine.BatchEngine`, loaded once per mode). Each task is a
-chat-formatted prompt of one kind (code rewrite, quoting summary, free chat, a long
+chat-formatted prompt of one kind (code rewrite and other edits that return their input,
+quoting summary, free chat, a long
 multi-turn conversation); each round runs every mode once on it, in turn, the slot's
 cells dropped first, under ``/tmp/localllm-cpu.lock``; the order of the modes rotates
 from round to round. Greedy, fixed budget. Reported per
@@ -107,6 +108,17 @@ RECIPE = (
     "7. Flip the pancake and cook the other side for one more minute.\n"
     "8. Serve warm with maple syrup, berries or lemon and sugar."
 )
+JSON = (
+    '{"name": "Ada", "age": 36, "city": "London", "languages": ["English", "French"], '
+    '"employer": {"name": "Analytical Engines Ltd", "since": 1843}, "active": true}'
+)
+TYPOS = (
+    "The comitee met on Tuesday to discus the new budjet. Every departmant presented its "
+    "plans, and the finance team explaned how the mony would be spent. After a long debait, "
+    "the members agreed to postpone the final desicion untill next month, when more "
+    "informaton about the costs will be availble. The chairman thanked everyone for there "
+    "time and closed the meeting at five o'clock."
+)
 TURNS = [
     ("user", "Give me a simple pancake recipe as numbered steps."),
     ("assistant", RECIPE),
@@ -127,6 +139,23 @@ TASKS: dict[str, list[tuple[str, str]]] = {
             f"word:\n\n{PASSAGE}",
         )
     ],
+    # More edits that return their input: SmolLM2 copies these faithfully, where its
+    # reply to the renaming request above wanders (and near-ties decide how).
+    "code docstrings": [
+        (
+            "user",
+            "Add a one-line docstring to each function of this code and return the whole "
+            f"code:\n\n{CODE}",
+        )
+    ],
+    "json edit": [("user", f"Return this JSON with the age changed to 37:\n\n{JSON}")],
+    "typo fix": [
+        (
+            "user",
+            f"Correct the spelling mistakes in this text and return the whole corrected "
+            f"text:\n\n{TYPOS}",
+        )
+    ],
     "free chat": [("user", "What are some good habits for staying healthy while working?")],
     "long multi-turn": TURNS,
 }
@@ -144,9 +173,23 @@ def chatml(messages: list[tuple[str, str]]) -> str:
 
 
 class Native:
-    """llama-server with ``--spec-type ngram-mod``, asked through /completion."""
+    """llama-server with ``--spec-type ngram-mod``, asked through /completion.
+
+    Its ngram-mod table is the slot's and outlives requests: a second round of the same
+    prompt drafts from the first round's reply (all 62 drafts of a 70-token reply
+    accepted, 2.9x). localllm's n-grams are the request's own (prompt and reply), so
+    each round asks a freshly started server."""
 
     def __init__(self, model: Path, threads: int) -> None:
+        self.model, self.threads = model, threads
+        self._start()
+
+    def restart(self) -> None:
+        self.close()
+        self._start()
+
+    def _start(self) -> None:
+        model, threads = self.model, self.threads
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -239,6 +282,7 @@ def main() -> None:
                     order = MODES[r % len(MODES) :] + MODES[: r % len(MODES)]  # rotated
                     done = {m: generate(engines[m], prompt, args.max_tokens) for m in order}
                     if native is not None:
+                        native.restart()  # its n-gram table outlives requests: see Native
                         done["native ngram-mod"] = as_done(
                             native.generate(chatml(messages), args.max_tokens)
                         )

@@ -161,36 +161,37 @@ def pull_cmd(
 # imports and registers only the command it names: a one-shot `chat -p` then pays for
 # neither the other commands' modules nor Typer building their parameters.
 
-_LOCAL = {"list": list_cmd, "rm": rm_cmd, "info": info_cmd, "pull": pull_cmd}
-# name -> (module, function, extra command settings), in the order --help lists them
-COMMANDS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "list": ("", "list", {}),
-    "rm": ("", "rm", {}),
-    "info": ("", "info", {}),
-    "pull": ("", "pull", {}),
-    "chat": ("localllm.commands.chat", "chat_cmd", {}),
-    "embed": ("localllm.commands.embed", "embed_cmd", {}),
-    "kv-calc": ("localllm.commands.kvcalc", "kv_calc_cmd", {}),
-    "ppl": ("localllm.commands.ppl", "ppl_cmd", {}),
-    "rpc-server": ("localllm.commands.rpc", "rpc_server_cmd", {}),
-    "serve": ("localllm.commands.serve", "serve_cmd", {}),
-    "ps": ("localllm.commands.serve", "ps_cmd", {}),
-    "stop": ("localllm.commands.serve", "stop_cmd", {}),
-    "system": ("localllm.commands.system", "system_cmd", {}),
-    "bench": (
-        "localllm.commands.bench",
-        "bench_cmd",
-        {"epilog": "Comma lists and ranges sweep as in llama-bench: -t 1,2 -p 128,512, "
-         "-p 128-512*2."},
-    ),
-}  # fmt: skip
+# name -> the command, or "module:function" imported only when a run names it; in the
+# order --help lists them
+COMMANDS: dict[str, Callable[..., None] | str] = {
+    "list": list_cmd,
+    "rm": rm_cmd,
+    "info": info_cmd,
+    "pull": pull_cmd,
+    "chat": "localllm.commands.chat:chat_cmd",
+    "embed": "localllm.commands.embed:embed_cmd",
+    "kv-calc": "localllm.commands.kvcalc:kv_calc_cmd",
+    "ppl": "localllm.commands.ppl:ppl_cmd",
+    "rpc-server": "localllm.commands.rpc:rpc_server_cmd",
+    "serve": "localllm.commands.serve:serve_cmd",
+    "ps": "localllm.commands.serve:ps_cmd",
+    "stop": "localllm.commands.serve:stop_cmd",
+    "system": "localllm.commands.system:system_cmd",
+    "bench": "localllm.commands.bench:bench_cmd",
+}
+_SETTINGS: dict[str, dict[str, Any]] = {
+    "bench": {
+        "epilog": "Comma lists and ranges sweep as in llama-bench: -t 1,2 -p 128,512, -p 128-512*2."
+    },
+}
 
 
 def _command(name: str) -> Callable[..., None]:
-    module, function, _ = COMMANDS[name]
-    if not module:
-        return _LOCAL[function]
-    return getattr(importlib.import_module(module), function)
+    target = COMMANDS[name]
+    if callable(target):
+        return target
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
 
 
 def build_app(only: str | None = None) -> typer.Typer:
@@ -204,18 +205,17 @@ def build_app(only: str | None = None) -> typer.Typer:
         context_settings={"help_option_names": ["-h", "--help"]},
     )
     app.callback()(_root)
-    for name, (_, _, settings) in COMMANDS.items():
+    for name in COMMANDS:
         if only is None or name == only:
-            app.command(name, **settings)(_command(name))
+            app.command(name, **_SETTINGS.get(name, {}))(_command(name))
     return app
 
 
 def _named_command(argv: list[str]) -> str | None:
-    """The command a command line names (its first word: the root takes only flags), or
-    None when it names none we know: then every command is registered, for --help and
-    for Typer's "No such command" with its suggestions."""
-    first = next((arg for arg in argv if not arg.startswith("-")), None)
-    return first if first in COMMANDS else None
+    """The command a command line starts with, or None: then every command is
+    registered, for the root's --help and --version and for Typer's "No such command"
+    with its suggestions."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
 
 
 # ------------------------------------------------------------------------ entry point

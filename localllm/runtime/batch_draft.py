@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import InvalidArgument, ModelLoadError
+from localllm.runtime import compute_thread
 from localllm.runtime.batch_jobs import common_prefix
 from localllm.runtime.batch_llama import context_params, model_params
 from localllm.runtime.log import load_model_file
@@ -117,7 +118,7 @@ class DraftModel:
                 b.seq_id[i][0] = seq
                 b.logits[i] = i == len(chunk) - 1
             b.n_tokens = len(chunk)
-            if lc.llama_decode(self._ctx, b) != 0:
+            if compute_thread.decode(lc, self._ctx, b) != 0:
                 lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
                 held.clear()
                 return False

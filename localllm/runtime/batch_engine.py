@@ -3,12 +3,12 @@
 Each of N requests gets its own sequence id in ONE context (``n_seq_max = N``, a
 non-unified KV cache: each slot owns ``n_ctx / N`` cells) and all of them advance with one
 ``llama_decode`` per step: every generating slot adds its last sampled token, prompts fill
-the rest of the batch. One worker thread owns the context; requests arrive on a queue and
-their text goes back through a callback (``stream`` adapts it to asyncio). Each request
-samples with its own chain (:mod:`~localllm.runtime.batch_llama`). Speculative decoding
-lives here too: a generating slot's last token goes in with drafted ones
-(:mod:`~localllm.runtime.speculation`), each position is sampled in turn, drafts are kept
-while they equal the sample and the rest of their cells removed.
+the rest of the batch. One worker thread owns the context (its decodes run on the
+process's :mod:`~localllm.runtime.compute_thread`); requests arrive on a queue and their
+text goes back through a callback (``stream`` adapts it to asyncio). Each request samples
+with its own chain. Speculative decoding lives here too: a generating slot's last token
+goes in with drafted ones (:mod:`~localllm.runtime.speculation`), each position is sampled
+in turn, drafts are kept while they equal the sample and the rest of their cells removed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import ContextOverflow, InvalidArgument
+from localllm.runtime import compute_thread
 from localllm.runtime.batch_draft import DraftModel
 from localllm.runtime.batch_jobs import Job, Slot, Ticket, common_prefix
 from localllm.runtime.batch_llama import (
@@ -335,7 +336,7 @@ class BatchEngine(Vocabulary):
                 outputs.append((n - 1, slot, []))
         batch.n_tokens = n
         started = time.perf_counter()
-        rc = lc.llama_decode(self._ctx, batch)
+        rc = compute_thread.decode(lc, self._ctx, batch)
         elapsed = time.perf_counter() - started
         self._counters["decode_calls"] += 1
         self._counters["decode_seconds"] += elapsed

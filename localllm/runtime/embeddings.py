@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import ContextOverflow, InvalidArgument, LocalLLMError, ModelLoadError
+from localllm.runtime import compute_thread
 from localllm.runtime.library import import_llama_cpp
 from localllm.runtime.log import install_log_capture, load_model_file, set_log_echo
 
@@ -139,7 +140,7 @@ class Embedder:
                 batch.logits[n] = True
                 n += 1
         batch.n_tokens = n
-        if lc.llama_decode(self._ctx, batch) != 0:
+        if compute_thread.decode(lc, self._ctx, batch) != 0:
             raise EmbeddingError(f"llama.cpp could not decode {n} tokens for embeddings")
         out = []
         for seq in range(len(group)):
