@@ -109,6 +109,38 @@ def test_an_input_over_the_context_is_refused_not_truncated(embedder: Embedder) 
 
 
 @pytest.mark.slow
+def test_serve_embeds_on_the_engines_own_weights(embedder: Embedder, smollm2_path: Path) -> None:
+    """serve's embeddings context is made on the generation engine's model (no second load,
+    no second repacked copy): the same vectors as a model loaded for embeddings alone, and
+    closing it leaves the engine's weights to the engine, which still generates."""
+    import threading
+
+    from localllm.runtime.batch_engine import BatchEngine
+    from localllm.runtime.batch_records import GenerationDone, GenerationParams
+
+    engine = BatchEngine.load(smollm2_path, LoadOptions(n_ctx=512), spec="off")
+    try:
+        shared = Embedder.load(smollm2_path, n_ctx=256, model=engine.model_handle)
+        assert not shared.owns_model and embedder.owns_model
+        for a, b in zip(shared.embed(TEXTS).vectors, embedder.embed(TEXTS).vectors, strict=True):
+            assert cosine(a, b) > 0.99999
+        shared.close()
+        done: list[GenerationDone] = []
+        finished = threading.Event()
+
+        def sink(event: object) -> None:
+            if isinstance(event, GenerationDone):
+                done.append(event)
+                finished.set()
+
+        prompt = engine.tokenize("The capital of France is", add_bos=True)
+        engine.submit(prompt, GenerationParams(max_tokens=8, temperature=0.0), sink)
+        assert finished.wait(60) and done[0].completion_tokens > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
 def test_vectors_match_native_llama_embedding(embedder: Embedder, smollm2_path: Path) -> None:
     native = native_prerequisite(NATIVE_BIN / "llama-embedding", "native llama-embedding")
     for text in TEXTS[:2]:

@@ -139,6 +139,11 @@ class BatchEngine(Vocabulary):
         """The ``llama_context*`` (for saving a sequence's state while the engine is idle)."""
         return self._ctx
 
+    @property
+    def model_handle(self) -> Any:
+        """The ``llama_model*``: another context (serve's embeddings) shares its weights."""
+        return self._model
+
     def forget(self, seq: int = 0, keep: Sequence[int] = ()) -> None:
         """Drop sequence ``seq``'s cells; or, with ``keep``, record that it holds those
         tokens' cells (loaded from a saved KV state: the next request reuses its prefix)."""

@@ -43,8 +43,11 @@ class EmbeddingResult:
 class Embedder:
     """A model loaded for embeddings. Thread-safe: one batch at a time."""
 
-    def __init__(self, lc: Any, model: Any, ctx: Any, path: Path, pooling: int) -> None:
+    def __init__(
+        self, lc: Any, model: Any, ctx: Any, path: Path, pooling: int, owns_model: bool = True
+    ) -> None:
         self._lc, self._model, self._ctx = lc, model, ctx
+        self.owns_model = owns_model  # False: the weights are a generation engine's, kept
         self.path = path
         self.pooling = POOLING_NAMES.get(pooling, str(pooling))
         self._vocab = lc.llama_model_get_vocab(model)
@@ -56,8 +59,13 @@ class Embedder:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, *, n_ctx: int = 4096, threads: int | None = None) -> Embedder:
-        """Load ``path`` with a ``n_ctx``-token embeddings context (inputs longer are refused)."""
+    def load(
+        cls, path: str | Path, *, n_ctx: int = 4096, threads: int | None = None, model: Any = None
+    ) -> Embedder:
+        """Load ``path`` with a ``n_ctx``-token embeddings context (inputs longer are refused).
+
+        ``model``: ``path``'s weights already loaded (a serving engine's ``model_handle``):
+        the context is made on them, not on a second copy (repacked weights are a copy)."""
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"no such model file: {path}")
@@ -66,7 +74,9 @@ class Embedder:
         lc = import_llama_cpp()
         install_log_capture()
         set_log_echo(False)
-        model, _log = load_model_file(lc, path, lc.llama_model_default_params())
+        owns_model = model is None
+        if owns_model:
+            model, _log = load_model_file(lc, path, lc.llama_model_default_params())
         n_ctx = min(n_ctx, int(lc.llama_model_n_ctx_train(model)) or n_ctx)
         pooling = _gguf_pooling(lc, model)
         params = lc.llama_context_default_params()
@@ -80,9 +90,10 @@ class Embedder:
             params.n_threads = params.n_threads_batch = threads
         ctx = lc.llama_init_from_model(model, params)
         if not ctx:
-            lc.llama_model_free(model)
+            if owns_model:
+                lc.llama_model_free(model)
             raise ModelLoadError(f"llama.cpp could not create an embeddings context for {path}")
-        return cls(lc, model, ctx, path, pooling)
+        return cls(lc, model, ctx, path, pooling, owns_model)
 
     def tokenize(self, text: str) -> list[int]:
         """As llama-embedding: BOS/EOS as the vocabulary adds them, control tokens parsed."""
@@ -158,7 +169,8 @@ class Embedder:
         if self._ctx is not None:
             self._lc.llama_batch_free(self._batch)
             self._lc.llama_free(self._ctx)
-            self._lc.llama_model_free(self._model)
+            if self.owns_model:
+                self._lc.llama_model_free(self._model)
             self._ctx = None
 
     def __del__(self) -> None:

@@ -70,13 +70,17 @@ class Service:
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
-        """The request's vectors (from a worker thread): the model's embeddings context is
-        loaded on its first request, --ctx tokens, beside the generation slots."""
+        """The request's vectors (from a worker thread): an embeddings context of --ctx
+        tokens is made on the engine's own weights on the first request, beside the
+        generation slots (closed before the engine: see close_embedder)."""
         with self._embedder_lock:
             if self._embedder is None:
                 load = self.served.load
                 self._embedder = Embedder.load(
-                    self.served.path, n_ctx=load.n_ctx, threads=load.threads_batch
+                    self.served.path,
+                    n_ctx=load.n_ctx,
+                    threads=load.threads_batch,
+                    model=self.engine.model_handle,
                 )
         try:
             return self._embedder.embed(req.inputs)
@@ -85,7 +89,7 @@ class Service:
             raise ApiError(400, str(exc), param="input", code=code) from None
 
     def close_embedder(self) -> None:
-        """Free the embeddings context (the model is unloading)."""
+        """Free the embeddings context: before the engine, whose weights it uses."""
         with self._embedder_lock:
             if self._embedder is not None:
                 self._embedder.close()
