@@ -28,7 +28,7 @@ from localllm.runtime.batch_llama import (
     check_engine_options,
     load_model_and_context,
     put_token,
-    sampler_chain,
+    request_sampler,
     token_logprob,
 )
 from localllm.runtime.batch_records import (
@@ -177,11 +177,11 @@ class BatchEngine(Vocabulary):
             raise InvalidArgument(
                 f"token id {bad[0]} is not in the vocabulary (0..{self.n_vocab - 1})"
             )
-        chain = sampler_chain(self._lc, self._vocab, self.n_vocab, params)
-        job = Job(list(prompt), params, sink, chain, TextState(params.stop))
+        sampler = request_sampler(self._lc, self._vocab, self.n_vocab, params)
+        job = Job(list(prompt), params, sink, sampler, TextState(params.stop))
         with self._cond:
             if self._closing:
-                self._lc.llama_sampler_free(job.chain)
+                job.sampler.free()
                 raise GenerationFailedError("the engine is shutting down")
             self._pending.append(job)
             self._cond.notify()
@@ -400,11 +400,11 @@ class BatchEngine(Vocabulary):
         self._counters["draft_tokens_accepted"] += verified.accepted
 
     def _sample(self, slot: Slot, index: int) -> int | None:
-        """Sample output ``index`` with the job's chain; the token, None once it ended."""
+        """Sample output ``index`` with the job's sampler; the token, None once it ended."""
         job = slot.job
         assert job is not None
         lc, p = self._lc, job.params
-        token = int(lc.llama_sampler_sample(job.chain, self._ctx, index))
+        token = job.sampler.sample(self._ctx, index)
         now = time.perf_counter()
         if job.t_first is None:
             job.t_first = now
@@ -492,8 +492,8 @@ class BatchEngine(Vocabulary):
             self._finish(job, None, "cancelled")
 
     def _release(self, job: Job, slot: Slot | None, keep_cells: bool) -> None:
-        self._lc.llama_sampler_free(job.chain)
-        job.chain = None
+        job.sampler.free()
+        job.sampler = None
         if slot is None:
             return
         if not keep_cells:

@@ -25,7 +25,7 @@ class Job:
     prompt: list[int]
     params: GenerationParams
     sink: Callable[[Any], None]
-    chain: Any  # llama_sampler*, owned by the job until it ends
+    sampler: Any  # a batch_llama.RequestSampler, owned by the job until it ends
     text: TextState
     cancelled: bool = False
     interrupted: bool = False  # cancelled by the caller who keeps the cells (chat's stop)
