@@ -1,14 +1,12 @@
 """The generation engine of chat and serve, on llama.cpp's C API: one context, N slots.
 
-Each of N requests gets its own sequence id in ONE context (``n_seq_max = N``, a
-non-unified KV cache: each slot owns ``n_ctx / N`` cells) and all of them advance with one
-``llama_decode`` per step: every generating slot adds its last sampled token, prompts fill
-the rest of the batch. One worker thread owns the context (its decodes run on the
-process's :mod:`~localllm.runtime.compute_thread`); requests arrive on a queue and their
-text goes back through a callback (``stream`` adapts it to asyncio). Each request samples
-with its own chain. Speculative decoding lives here too: a generating slot's last token
-goes in with drafted ones (:mod:`~localllm.runtime.speculation`), each position is sampled
-in turn, drafts are kept while they equal the sample and the rest of their cells removed.
+Each request gets its own sequence in ONE context (a non-unified KV cache: ``n_ctx / N``
+cells a slot) and all advance with one ``llama_decode`` per step (on the process's
+:mod:`~localllm.runtime.compute_thread`): each generating slot's last sampled token, then
+prompts. One worker thread owns the context; requests arrive on a queue, text leaves
+through a callback (``stream`` adapts it to asyncio). Speculative decoding lives here
+too: drafted tokens ride with the last one (:mod:`~localllm.runtime.speculation`), each
+position is sampled in turn, drafts kept while they equal the sample, the rest removed.
 """
 
 from __future__ import annotations
@@ -239,12 +237,17 @@ class BatchEngine(Vocabulary):
                     self._admit()
                 if self._closing:
                     break
-            self._drop_cancelled()
+            for slot in self._slots:
+                if slot.job is not None and slot.job.cancelled:
+                    reason = "interrupted" if slot.job.interrupted else "cancelled"
+                    self._finish(slot.job, slot, reason)
             if self._busy():
                 try:
                     self._step()
                 except Exception as exc:  # a dead worker would take the whole server with it
-                    self._fail_active(f"internal error in the batch engine: {exc!r}")
+                    for slot in self._slots:
+                        if slot.job is not None:
+                            self._fail(slot, f"internal error in the batch engine: {exc!r}")
         self._shut_down()
 
     def _busy(self) -> bool:
@@ -297,11 +300,6 @@ class BatchEngine(Vocabulary):
             if pos_min > max(0, reuse - self._n_swa):
                 return 0
         return reuse
-
-    def _drop_cancelled(self) -> None:
-        for slot in self._slots:
-            if slot.job is not None and slot.job.cancelled:
-                self._finish(slot.job, slot, "interrupted" if slot.job.interrupted else "cancelled")
 
     def _step(self) -> None:
         """One llama_decode for every slot: generated tokens (and drafts), then prompts."""
@@ -475,11 +473,6 @@ class BatchEngine(Vocabulary):
         self._counters["requests_failed"] += 1
         self._release(job, slot, keep_cells=False)
         self._emit(job, GenerationFailed(message))
-
-    def _fail_active(self, message: str) -> None:
-        for slot in self._slots:
-            if slot.job is not None:
-                self._fail(slot, message)
 
     def _shut_down(self) -> None:
         """End every job as cancelled: the running ones and those still queued."""
