@@ -11,7 +11,6 @@ hold, each checked against arithmetic written out below.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import gguf
@@ -291,13 +290,12 @@ def test_flash_attention_auto_resolves_on_cpu(headers: dict[str, Path]) -> None:
     assert quantized.kv_bytes == 2 * 32 * 4096 * 4096 * Q8_0_ROW
 
 
-def test_a_70b_plan_takes_well_under_two_seconds(headers: dict[str, Path]) -> None:
+def test_a_70b_is_planned_from_its_header_alone(headers: dict[str, Path]) -> None:
+    """No weights are read (the file is a header): how fast that is, is
+    benchmarks/kv_calc_cold_start.py's to show, not a wall-clock bound here."""
     grid = [DryRunSettings(c, n_seq=b) for c in (512, 4096) for b in (1, 16)]
-    start = time.perf_counter()
     report = plan_contexts(headers["llama-2-70b"], grid)
-    elapsed = time.perf_counter() - start
     assert all(p.error is None for p in report.contexts)
-    assert elapsed < 2.0, f"{elapsed:.2f} s"
     # 70B at batch 16 x 4096: 16 streams of the 1.25 GiB single-sequence cache.
     assert report.contexts[3].kv_bytes == 16 * 2 * 80 * 4096 * 1024 * F16 == 20 * GIB
 
