@@ -49,6 +49,35 @@ def test_an_error_in_a_decode_reaches_its_caller() -> None:
     assert compute_thread.decode(_Recorder(0), None, None) == 0  # the thread goes on
 
 
+def test_ctrl_c_while_waiting_lets_the_decode_end_first() -> None:
+    """A KeyboardInterrupt in the waiting (main) thread is raised only once the decode has
+    finished with its context and batch: the caller then frees them safely."""
+    import signal
+    import time
+
+    class Slow(_Recorder):
+        finished = False
+
+        def llama_decode(self, ctx: Any, batch: Any) -> Any:
+            time.sleep(0.5)
+            self.finished = True
+            return 0
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    lc = Slow()
+    before = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            compute_thread.decode(lc, None, None)
+        assert lc.finished
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def test_real_engines_decode_on_the_one_thread(
     smollm2_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -98,7 +98,7 @@ class RequestSampler:
     the pick, and only a refused pick has it filter all candidates for the chain to pick
     again. The same token at temperature 0; with sampling, a draw from the grammar's
     tokens. A grammar inside the chain checked all 49k tokens of SmolLM2 at every step:
-    a JSON reply at 0.61x the speed of free text (benchmarks/grammar.md)."""
+    a JSON reply at 0.48x the speed of free text (benchmarks/grammar.md)."""
 
     def __init__(self, lc: Any, chain: Any, grammar: Any, n_vocab: int) -> None:
         self._lc, self.chain, self.grammar, self._n_vocab = lc, chain, grammar, n_vocab

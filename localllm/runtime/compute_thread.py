@@ -15,6 +15,7 @@ microseconds against milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from typing import Any
@@ -34,7 +35,15 @@ def decode(lc: Any, ctx: Any, batch: Any) -> int:
     box: list[Any] = []
     done = threading.Event()
     requests.put((lc, ctx, batch, box, done))
-    done.wait()
+    try:
+        done.wait()
+    except BaseException:
+        # Ctrl-C in the waiting thread (`localllm embed` waits in the main thread): the
+        # decode still uses ctx and batch, so it ends before the caller goes on to free them.
+        while not done.is_set():
+            with contextlib.suppress(KeyboardInterrupt):
+                done.wait()
+        raise
     result = box[0]
     if isinstance(result, BaseException):
         raise result
