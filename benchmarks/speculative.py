@@ -3,15 +3,15 @@
 
 The engine measured is the one `localllm chat` and `localllm serve` both run (a one-slot
 :class:`~localllm.runtime.batch_engine.BatchEngine`, loaded once per mode). Each task is a
-chat-formatted prompt of one kind (code rewrite and other edits that return their input,
-quoting summary, free chat, a long
-multi-turn conversation); each round runs every mode once on it, in turn, the slot's
-cells dropped first, under ``/tmp/localllm-cpu.lock``; the order of the modes rotates
-from round to round. Greedy, fixed budget. Reported per
-task and mode: the median generation tokens/s (tokens after the first over the time from
-the first to the last), its ratio to ``off`` within each round (median of the ratios),
-drafted and accepted tokens, and how much of the ``off`` reply the reply keeps (the
-share of its tokens in the common prefix: batched verification can flip near-ties).
+chat-formatted prompt of one kind (a code rewrite and other edits that return their
+input, a quoting summary, free chat, a long multi-turn conversation); each round runs
+every mode once on it, in turn, the slot's cells dropped first, under
+``/tmp/localllm-cpu.lock``; the order of the modes rotates from round to round. Greedy,
+fixed budget. Reported per task and mode: the median generation tokens/s (tokens after
+the first over the time from the first to the last), its ratio to ``off`` within each
+round (median of the ratios), drafted and accepted tokens, and how much of the ``off``
+reply the reply keeps (the share of its tokens in the common prefix: batched
+verification can flip near-ties).
 
 With ``--native``, native llama-server (``benchmarks/build/bin/llama-server``, started
 with ``--spec-type ngram-mod``, one slot, the same threads) answers the same prompt in
