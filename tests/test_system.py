@@ -367,8 +367,7 @@ def test_a_unified_gpu_s_share_counts_once_against_this_machine_s_ram(unified: b
 
 
 def test_no_gpu_and_no_rpc_means_no_split_here() -> None:
-    from localllm.runtime.devices import split_applies
-    from localllm.runtime.devices import local_gpus
+    from localllm.runtime.devices import local_gpus, split_applies
     from localllm.runtime.params import LoadOptions
 
     if local_gpus():
