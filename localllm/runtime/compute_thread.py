@@ -7,7 +7,7 @@ it cuts the wait at a barrier from 300,000 spins to 100 (``GOMP_SPINCOUNT``'s th
 value, not settable above 1,000): the workers then sleep and are woken at every op. Two
 engines whose threads have each decoded once are enough (two models in ``serve``, the
 embeddings context beside a chat model, the benchmark's engines): SmolLM2 decoded at
-53-62 t/s instead of 90-101 on 2 cores (benchmarks/speculative.md). Decodes sent here
+53-62 t/s instead of 87-103 on 2 cores (benchmarks/speculative.md). Decodes sent here
 run on one thread, so the process has one team whichever engine asks. Where OpenMP is
 not in the build (macOS), this costs a thread hand-off per decode, tens of
 microseconds against milliseconds.
