@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +24,11 @@ sys.path.insert(0, str(REPO))
 from llama_cpp.llama_grammar import JSON_GBNF  # noqa: E402
 
 from localllm.runtime.batch_engine import BatchEngine  # noqa: E402
-from localllm.runtime.batch_records import GenerationDone, GenerationParams  # noqa: E402
+from localllm.runtime.batch_records import (  # noqa: E402
+    GenerationDone,
+    GenerationParams,
+    run_request,
+)
 from localllm.runtime.params import LoadOptions  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,18 +39,8 @@ PROMPT = (
 
 
 def generate(engine: BatchEngine, prompt: list[int], params: GenerationParams) -> GenerationDone:
-    done: list[GenerationDone] = []
-    finished = threading.Event()
-
-    def sink(event: object) -> None:
-        if isinstance(event, GenerationDone):
-            done.append(event)
-            finished.set()
-
-    engine.forget(0)
-    engine.submit(prompt, params, sink)
-    finished.wait()
-    return done[0]
+    engine.forget(0)  # every reply from an empty slot
+    return run_request(engine, prompt, params)
 
 
 def main() -> None:

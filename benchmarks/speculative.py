@@ -29,7 +29,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -40,7 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from localllm.runtime.batch_engine import BatchEngine  # noqa: E402
-from localllm.runtime.batch_records import GenerationDone, GenerationParams  # noqa: E402
+from localllm.runtime.batch_records import (  # noqa: E402
+    GenerationDone,
+    GenerationParams,
+    run_request,
+)
 from localllm.runtime.params import LoadOptions  # noqa: E402
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -235,19 +238,9 @@ def cpu_lock() -> Any:
 
 
 def generate(engine: BatchEngine, prompt: list[int], max_tokens: int) -> GenerationDone:
-    done: list[GenerationDone] = []
-    finished = threading.Event()
-
-    def sink(event: object) -> None:
-        if isinstance(event, GenerationDone):
-            done.append(event)
-            finished.set()
-
-    engine.forget(0)
+    engine.forget(0)  # every reply from an empty slot
     params = GenerationParams(max_tokens=max_tokens, temperature=0.0, stop=("<|im_end|>",))
-    engine.submit(prompt, params, sink)
-    finished.wait()
-    return done[0]
+    return run_request(engine, prompt, params)
 
 
 def kept(reference: str, text: str) -> float:

@@ -86,7 +86,7 @@ def test_real_engines_decode_on_the_one_thread(
     import llama_cpp
 
     from localllm.runtime.batch_engine import BatchEngine
-    from localllm.runtime.batch_records import GenerationDone, GenerationParams
+    from localllm.runtime.batch_records import GenerationParams, run_request
     from localllm.runtime.embeddings import Embedder
     from localllm.runtime.params import LoadOptions
 
@@ -106,17 +106,9 @@ def test_real_engines_decode_on_the_one_thread(
     embedder = Embedder.load(smollm2_path, n_ctx=512)
     try:
         for engine in engines:
-            done, records = threading.Event(), []
-
-            def sink(event: Any, records: list[Any] = records, done: Any = done) -> None:
-                records.append(event)
-                if isinstance(event, GenerationDone):
-                    done.set()
-
             prompt = engine.tokenize("The capital of France is", add_bos=True)
-            engine.submit(prompt, GenerationParams(max_tokens=8, temperature=0.0), sink)
-            assert done.wait(60)
-            assert records[-1].completion_tokens > 0
+            params = GenerationParams(max_tokens=8, temperature=0.0)
+            assert run_request(engine, prompt, params, 60).completion_tokens > 0
         assert len(embedder.embed(["one text", "another"]).vectors) == 2
     finally:
         embedder.close()

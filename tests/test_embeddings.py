@@ -113,10 +113,8 @@ def test_serve_embeds_on_the_engines_own_weights(embedder: Embedder, smollm2_pat
     """serve's embeddings context is made on the generation engine's model (no second load,
     no second repacked copy): the same vectors as a model loaded for embeddings alone, and
     closing it leaves the engine's weights to the engine, which still generates."""
-    import threading
-
     from localllm.runtime.batch_engine import BatchEngine
-    from localllm.runtime.batch_records import GenerationDone, GenerationParams
+    from localllm.runtime.batch_records import GenerationParams, run_request
 
     engine = BatchEngine.load(smollm2_path, LoadOptions(n_ctx=512), spec="off")
     try:
@@ -125,17 +123,9 @@ def test_serve_embeds_on_the_engines_own_weights(embedder: Embedder, smollm2_pat
         for a, b in zip(shared.embed(TEXTS).vectors, embedder.embed(TEXTS).vectors, strict=True):
             assert cosine(a, b) > 0.99999
         shared.close()
-        done: list[GenerationDone] = []
-        finished = threading.Event()
-
-        def sink(event: object) -> None:
-            if isinstance(event, GenerationDone):
-                done.append(event)
-                finished.set()
-
         prompt = engine.tokenize("The capital of France is", add_bos=True)
-        engine.submit(prompt, GenerationParams(max_tokens=8, temperature=0.0), sink)
-        assert finished.wait(60) and done[0].completion_tokens > 0
+        done = run_request(engine, prompt, GenerationParams(max_tokens=8, temperature=0.0), 60)
+        assert done.completion_tokens > 0
     finally:
         engine.close()
 

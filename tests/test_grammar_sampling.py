@@ -9,7 +9,6 @@ is benchmarks/grammar.py's to show, not a test's.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import pytest
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from localllm.runtime.batch_engine import BatchEngine
-from localllm.runtime.batch_records import GenerationDone, GenerationParams
+from localllm.runtime.batch_records import GenerationDone, GenerationParams, run_request
 from localllm.runtime.params import LoadOptions
 
 PROMPT = (
@@ -35,19 +34,9 @@ def engine(smollm2_path: Path):
 
 
 def generate(engine: BatchEngine, text: str, **params: Any) -> GenerationDone:
-    done: list[GenerationDone] = []
-    finished = threading.Event()
-
-    def sink(event: object) -> None:
-        if isinstance(event, GenerationDone):
-            done.append(event)
-            finished.set()
-
     engine.forget(0)
     prompt = engine.tokenize(text, add_bos=False)
-    engine.submit(prompt, GenerationParams(**{"max_tokens": 96, **params}), sink)
-    assert finished.wait(120)
-    return done[0]
+    return run_request(engine, prompt, GenerationParams(**{"max_tokens": 96, **params}), 120)
 
 
 def test_a_json_reply_equals_the_grammar_in_the_chain(

@@ -16,9 +16,13 @@ from localllm.net import is_loopback
 from localllm.runtime.batch_records import (
     COUNTERS,
     EngineStats,
+    GenerationDone,
+    GenerationFailed,
+    GenerationFailedError,
     GenerationParams,
     TextState,
     TokenLogprob,
+    run_request,
 )
 from localllm.serve.config import ServeOptions
 from localllm.serve.guard import host_name
@@ -223,6 +227,28 @@ def test_logprobs_of_tokens_cut_by_a_stop_string_are_dropped() -> None:
     assert (text, logprobs, stopped) == ("", (), True)
     assert state.final == "a "
     assert state.finish() == ("", ())  # token 1 ends inside the stop string: dropped too
+
+
+class _Replying:
+    """An engine stand-in whose submit() answers with ``events`` from another thread."""
+
+    def __init__(self, *events: object) -> None:
+        self.events = events
+
+    def submit(self, prompt: object, params: object, sink) -> None:
+        import threading
+
+        threading.Thread(target=lambda: [sink(e) for e in self.events]).start()
+
+
+def test_run_request_returns_the_end_or_raises_the_failure() -> None:
+    done = GenerationDone("hi", "stop", 1, 0, 1, 0.0, 0.0, 0.0, 0)
+    params = GenerationParams(max_tokens=4)
+    assert run_request(_Replying("a delta", done), [1], params, 10) is done
+    with pytest.raises(GenerationFailedError, match="decode returned -1"):
+        run_request(_Replying(GenerationFailed("decode returned -1")), [1], params, 10)
+    with pytest.raises(GenerationFailedError, match=r"within 0\.1 s"):
+        run_request(_Replying(), [1], params, 0.1)  # nothing ever ends it
 
 
 def test_generation_params_are_checked() -> None:

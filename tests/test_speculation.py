@@ -179,21 +179,11 @@ REWRITE = (
 
 
 def _generate(engine, text: str, max_tokens: int = 120, **params):
-    from localllm.runtime.batch_records import GenerationDone, GenerationParams
-
-    done: list[GenerationDone] = []
-    finished = threading.Event()
-
-    def sink(event: object) -> None:
-        if isinstance(event, GenerationDone):
-            done.append(event)
-            finished.set()
+    from localllm.runtime.batch_records import GenerationParams, run_request
 
     prompt = engine.tokenize(text, add_bos=False)
     params = {"temperature": 0.0, **params}
-    engine.submit(prompt, GenerationParams(max_tokens=max_tokens, **params), sink)
-    assert finished.wait(600)
-    return done[0]
+    return run_request(engine, prompt, GenerationParams(max_tokens=max_tokens, **params), 600)
 
 
 def _cells(engine) -> tuple[int, int]:

@@ -1,7 +1,8 @@
 """The records of the batch engine: what a request asks for, what it streams back, stats.
 
 Plain Python (no llama_cpp), so the server can build and read them without the library;
-:class:`EventStream` reads one request's records from asyncio code.
+:class:`EventStream` reads one request's records from asyncio code, :func:`run_request`
+waits for one from a plain thread (benchmarks, tests).
 :class:`TextState` turns a reply's bytes into text deltas the way llama-cpp-python's
 stream does: an unfinished UTF-8 character and any tail that could start a stop string
 are held back until the next token decides.
@@ -9,6 +10,7 @@ are held back until the next token decides.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ __all__ = [
     "TextState",
     "TokenLogprob",
     "TopLogprob",
+    "run_request",
 ]
 
 
@@ -272,3 +275,24 @@ class EventStream:
     def cancel(self) -> None:
         """Stop the generation and free its cells (nothing happens once it has ended)."""
         self.ticket.cancel()
+
+
+def run_request(
+    engine: Any, prompt: Sequence[int], params: GenerationParams, timeout: float | None = None
+) -> GenerationDone:
+    """Submit one request and wait for its end, from a plain thread: its record, or
+    GenerationFailedError (the engine's failure, or no end within ``timeout`` seconds)."""
+    ended: list[GenerationDone | GenerationFailed] = []
+    finished = threading.Event()
+
+    def sink(event: Any) -> None:
+        if isinstance(event, GenerationDone | GenerationFailed):
+            ended.append(event)
+            finished.set()
+
+    engine.submit(prompt, params, sink)
+    if not finished.wait(timeout):
+        raise GenerationFailedError(f"no end of the request within {timeout} s")
+    if isinstance(ended[0], GenerationFailed):
+        raise GenerationFailedError(ended[0].message)
+    return ended[0]
