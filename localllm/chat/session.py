@@ -15,18 +15,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from localllm.errors import ContextOverflow, InvalidArgument, LocalLLMError
 from localllm.fileio import write_json_atomic
 from localllm.generation import ChatMessage, GenerationStats, TextChunk
 from localllm.gguf.spec import ModelSpec
-from localllm.plan.preload import LoadPlan
-from localllm.plan.rope import RopePlan
+from localllm.plan.need import LoadNeed
 from localllm.runtime.engine_model import EngineModel
 from localllm.runtime.params import SamplingOptions
 from localllm.store.resolver import ResolvedModel
 from localllm.templates.selection import ChatFormat
+
+if TYPE_CHECKING:  # a RoPE plan is made only past the trained context
+    from localllm.plan.rope import RopePlan
 
 __all__ = [
     "DEFAULT_CONTEXT",
@@ -113,7 +115,7 @@ class ChatSession:
     model_sha256: str | None = None
     session_id: str | None = None  # set when the conversation is kept on disk
     notes: tuple[str, ...] = ()  # what the user is told once the model is loaded
-    memory: LoadPlan | None = None  # llama.cpp's dry-run plan the memory check passed
+    memory: LoadNeed | None = None  # what the memory check found the load takes
     state_tokens: int = 0  # tokens a saved KV state put in the cache, until the next turn
     state_seconds: float = 0.0  # and how long it took to load them
     spec_mode: str = "auto"  # --spec: speculative decoding
@@ -170,7 +172,7 @@ class ChatSession:
     def kv_bytes(self) -> int | None:
         """Bytes of the KV cache: the dry-run plan `kv-calc` shows, else the load's own log."""
         if self.memory is not None:
-            return self.memory.row.kv_bytes
+            return self.memory.kv_bytes
         return self.loaded.buffers.kv_bytes
 
     def _make_room(self, user: ChatMessage) -> Iterator[HistoryTrimmed]:

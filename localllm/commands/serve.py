@@ -96,7 +96,8 @@ def serve_cmd(
     """Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions) and a chat page."""
     # Long: one Typer parameter per flag; the body maps them onto ServeOptions and one call.
     from localllm.machine import available_memory_bytes
-    from localllm.plan.preload import check_load_fits, check_with_draft
+    from localllm.plan.need import check_with_draft
+    from localllm.plan.preload import check_load_fits
     from localllm.runtime.speculation import check_spec_mode
     from localllm.serve.config import ServeOptions
     from localllm.serve.server import run_server
@@ -117,7 +118,7 @@ def serve_cmd(
         if draft_path is not None:  # each loaded model has its own draft context
             draft_model, draft_plan = _served_model(str(draft_path), settings)
             if not served:
-                check_with_draft(plan, draft_plan)
+                check_with_draft(plan.need, draft_plan.need)
             model = replace(
                 model,
                 plan_bytes=(model.plan_bytes or 0) + (draft_model.plan_bytes or 0),

@@ -31,7 +31,7 @@ from localllm.errors import ModelLoadError
 from localllm.fileio import read_json_object, write_json_atomic
 from localllm.paths import cache_root
 
-__all__ = ["CACHE_FORMAT", "CachedDryRun", "dry_run_cache_dir"]
+__all__ = ["CACHE_FORMAT", "CachedDryRun", "dry_run_cache_dir", "file_key"]
 
 CACHE_FORMAT = 1
 _KEEP_PLANS = 64  # contexts kept per file (kv-calc sweeps add a row each)
@@ -52,7 +52,9 @@ def _code_identity() -> list[list[Any]]:
     return out
 
 
-def _file_key(path: Path, use_extra_bufts: bool) -> dict[str, Any]:
+def file_key(path: Path, use_extra_bufts: bool) -> dict[str, Any]:
+    """What identifies a file's dry-run figures: the file, the llama.cpp build, the
+    repacking choice and the dry-run code (raises OSError when the file is not there)."""
     from localllm.runtime.library import library_fingerprint
 
     real = path.resolve()
@@ -98,7 +100,7 @@ class CachedDryRun:
         self.path, self.use_extra_bufts = Path(path), use_extra_bufts
         self._model: Any = None
         try:
-            self._key = _file_key(self.path, use_extra_bufts)
+            self._key = file_key(self.path, use_extra_bufts)
         except OSError:
             raise ModelLoadError(f"no such model file: {self.path}") from None
         digest = hashlib.sha256(json.dumps(self._key, sort_keys=True).encode()).hexdigest()

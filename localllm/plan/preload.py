@@ -15,8 +15,9 @@ from localllm.errors import InsufficientMemory, InvalidArgument
 from localllm.gguf.spec import ModelSpec
 from localllm.plan.facts import ModelFacts, file_facts
 from localllm.plan.kvcalc import BudgetRow, KVCalcRequest, KVRow, kv_calc
+from localllm.plan.need import LoadNeed
 
-__all__ = ["LoadPlan", "check_load_fits", "check_with_draft", "plan_load"]
+__all__ = ["LoadPlan", "check_load_fits", "plan_load"]
 
 _GIB = 1 << 30
 
@@ -40,6 +41,11 @@ class LoadPlan:
     def source(self) -> str:
         """Where the figures come from: llama.cpp's dry run, or the estimate."""
         return self.row.source
+
+    @property
+    def need(self) -> LoadNeed:
+        """What the memory check keeps of this plan."""
+        return LoadNeed(self.label, self.row.total_bytes, self.row.kv_bytes, self.available_bytes)
 
 
 def plan_load(
@@ -112,18 +118,4 @@ def check_load_fits(plan: LoadPlan) -> None:
         f"{plan.label} at --ctx {row.ctx} needs {row.total_bytes / _GIB:.2f} GiB "
         f"({' + '.join(parts)} GiB) but {plan.available_bytes / _GIB:.2f} GiB is available; "
         f"{way_out}; --no-memory-check loads anyway"
-    )
-
-
-def check_with_draft(target: LoadPlan, draft: LoadPlan) -> None:
-    """A draft model (--draft) loads beside the target: both plans must fit together."""
-    available = target.available_bytes
-    total = target.row.total_bytes + draft.row.total_bytes
-    if available is None or total <= available:
-        return
-    raise InsufficientMemory(
-        f"{target.label} with the draft model {draft.label} needs {total / _GIB:.2f} GiB "
-        f"({target.row.total_bytes / _GIB:.2f} + {draft.row.total_bytes / _GIB:.2f} GiB) but "
-        f"{available / _GIB:.2f} GiB is available; use a smaller draft model or --ctx, or drop "
-        "--draft; --no-memory-check loads anyway"
     )

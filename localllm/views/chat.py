@@ -7,12 +7,10 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from rich.table import Table
 from rich.text import Text
 
 from localllm.text import format_bytes
 from localllm.views.console import err, note, safe
-from localllm.views.ppl import show_rope_plan
 
 if TYPE_CHECKING:
     from localllm.chat.history import SessionListing
@@ -127,6 +125,8 @@ def chat_opened(session: ChatSession) -> None:
     plan = session.rope_plan
     if plan is None:
         return
+    from localllm.views.ppl import show_rope_plan  # a RoPE plan: past the trained context only
+
     show_rope_plan(plan)
     if not plan.extended and plan.method == "none":
         # --rope was given inside the trained context: say why nothing changed.
@@ -155,6 +155,8 @@ def chat_banner(session: ChatSession) -> None:
 
 def chat_help(commands: Mapping[str, tuple[str, str]]) -> None:
     """/help: the slash commands and the input rules."""
+    from rich.table import Table  # a table: the REPL's commands, not a one-shot reply
+
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="accent")
     table.add_column()
@@ -166,6 +168,8 @@ def chat_help(commands: Mapping[str, tuple[str, str]]) -> None:
 
 def render_chat_stats(summary: SessionSummary, session: ChatSession) -> None:
     """/stats: totals over the session, the context and the settings."""
+    from rich.table import Table
+
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="label")
     table.add_column()
@@ -203,6 +207,8 @@ def render_sessions(rows: list[SessionListing], current: str | None = None) -> N
     if not rows:
         note("no saved sessions yet")
         return
+    from rich.table import Table
+
     table = Table(box=None, header_style="label", pad_edge=False)
     for col in ("", "id", "saved", "model", "messages", "KV state", "first message"):
         table.add_column(col, no_wrap=col != "first message", overflow="ellipsis")

@@ -14,14 +14,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 from rich.theme import Theme
 
 from localllm.text import escape_untrusted
+
+if TYPE_CHECKING:  # the views that print tables import it; a one-shot reply does not
+    from rich.table import Table
 
 __all__ = [
     "THEME",
