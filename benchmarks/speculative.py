@@ -183,8 +183,8 @@ class Native:
     accepted, 2.9x). localllm's n-grams are the request's own (prompt and reply), so
     each round asks a freshly started server."""
 
-    def __init__(self, model: Path, threads: int) -> None:
-        self.model, self.threads = model, threads
+    def __init__(self, model: Path, threads: int, kv_type: str = "f16") -> None:
+        self.model, self.threads, self.kv_type = model, threads, kv_type
         self._start()
 
     def restart(self) -> None:
@@ -198,7 +198,8 @@ class Native:
             self.port = sock.getsockname()[1]
         self.proc = subprocess.Popen(
             [str(LLAMA_SERVER), "-m", str(model), "-t", str(threads), "-c", "4096",
-             "--port", str(self.port), "--spec-type", "ngram-mod", "-np", "1"],
+             "--port", str(self.port), "--spec-type", "ngram-mod", "-np", "1",
+             "-ctk", self.kv_type, "-ctv", self.kv_type],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         for _ in range(600):
@@ -260,12 +261,15 @@ def main() -> None:
     ap.add_argument("--no-lock", action="store_true", help="do not take " + LOCK)
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
     ap.add_argument("--native", action="store_true", help="also llama-server --spec-type ngram-mod")
+    ap.add_argument("--kv-type", default="f16", help="KV cache type for K and V (both sides)")
     args = ap.parse_args()
-    options = LoadOptions(n_ctx=4096, n_threads=args.threads)
+    options = LoadOptions(
+        n_ctx=4096, n_threads=args.threads, type_k=args.kv_type, type_v=args.kv_type
+    )
     engines = {mode: BatchEngine.load(args.model, options, spec=mode) for mode in MODES}
     results: dict[tuple[str, str], list[GenerationDone]] = {}
     ratios: dict[tuple[str, str], list[float]] = {}
-    native = Native(args.model, args.threads) if args.native else None
+    native = Native(args.model, args.threads, args.kv_type) if args.native else None
     try:
         for task in args.tasks.split(","):
             messages = TASKS[task]

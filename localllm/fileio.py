@@ -14,6 +14,7 @@ from localllm.paths import cache_root
 __all__ = [
     "cached_sha256",
     "hash_file",
+    "keep_newest",
     "read_json_object",
     "sha256_file",
     "write_json_atomic",
@@ -41,6 +42,20 @@ def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = False, mode: i
     """``data`` as indented JSON, written atomically."""
     text = json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
     write_text_atomic(path, text, mode=mode)
+
+
+def keep_newest(directory: Path, keep: int, pattern: str = "*.json") -> None:
+    """Delete all but the ``keep`` most recently written ``pattern`` files of a cache
+    folder: caches keyed by file identity get an entry per file ever read (temporary
+    files, re-downloads), so they are bounded here rather than left to grow."""
+    entries = []
+    for entry in directory.glob(pattern):
+        try:
+            entries.append((entry.stat().st_mtime_ns, entry))
+        except OSError:  # deleted meanwhile by another run
+            continue
+    for _, entry in sorted(entries, reverse=True)[keep:]:
+        entry.unlink(missing_ok=True)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

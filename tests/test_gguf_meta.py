@@ -298,3 +298,21 @@ def test_kept_positions_that_do_not_fit_the_file_are_walked_again(
         _forget_headers_read(monkeypatch)
         assert read_header(path) == right
         assert json.loads(kept.read_text())["skips"] == good  # the walk's own, kept again
+
+
+def test_the_kept_skips_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Temporary files (hub headers, scratch files) get an entry each: the newest are kept."""
+    import time
+
+    from localllm.gguf import header
+    from localllm.paths import cache_root
+
+    monkeypatch.setattr(header, "_KEEP_SKIPS", 2)
+    tokens = [f"token{i}" for i in range(6000)]
+    paths = [write_gguf(tmp_path / f"v{i}.gguf", "llama-2-7b", tokens=tokens) for i in range(3)]
+    kept = []
+    for path in paths:
+        time.sleep(0.02)  # a later mtime than the last entry's, on a coarse file clock
+        read_header(path)
+        kept.append(max((cache_root() / "gguf-skips").glob("*.json"), key=os.path.getmtime))
+    assert sorted((cache_root() / "gguf-skips").glob("*.json")) == sorted(kept[1:])

@@ -168,7 +168,9 @@ LLAMA2_7B_CHAT_BYTES = {
 
 def test_preset_types_are_llama_cpps_and_match_the_published_files(tmp_path: Path):
     spec = PRESETS["llama-2-7b"].spec
-    tables = {q: preset_table(spec, q, tmp_path) for q in LLAMA2_7B_CHAT_BYTES}
+    work = tmp_path / "work"  # tmp_path also holds this test's own cache folder
+    work.mkdir()
+    tables = {q: preset_table(spec, q, work) for q in LLAMA2_7B_CHAT_BYTES}
     # llama.cpp's loader log for llama-2-7b-chat.Q4_K_M.gguf: 65 f32, 193 q4_K, 33 q6_K.
     mix = Counter(gguf.GGMLQuantizationType(t.type_id).name for t in tables["Q4_K_M"].tensors)
     assert mix == {"F32": 65, "Q4_K": 193, "Q6_K": 33}
@@ -177,7 +179,7 @@ def test_preset_types_are_llama_cpps_and_match_the_published_files(tmp_path: Pat
     rest = {q: LLAMA2_7B_CHAT_BYTES[q] - t.weights_bytes for q, t in tables.items()}
     assert len(set(rest.values())) == 1, rest
     assert 0 < next(iter(rest.values())) < 1 << 20
-    assert list(tmp_path.iterdir()) == []  # the F16 and header scratch files are gone
+    assert list(work.iterdir()) == []  # the F16 and header scratch files are gone
 
 
 def test_tiny_preset_file_has_the_llama_layout(tmp_path: Path):
@@ -327,8 +329,10 @@ _CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("when", ["writing", "in-use"])
 def test_deleted_after_sigint(smollm2_path: Path, tmp_path: Path, when: str):
+    work = tmp_path / "work"  # tmp_path also holds this test's own cache folder
+    work.mkdir()
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(smollm2_path), str(tmp_path), when],
+        [sys.executable, "-c", _CHILD, str(smollm2_path), str(work), when],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -336,7 +340,7 @@ def test_deleted_after_sigint(smollm2_path: Path, tmp_path: Path, when: str):
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
-        (workdir,) = _synthetic_dirs(tmp_path)
+        (workdir,) = _synthetic_dirs(work)
         assert (workdir / "synthetic.gguf").is_file()
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=60)
@@ -344,7 +348,7 @@ def test_deleted_after_sigint(smollm2_path: Path, tmp_path: Path, when: str):
         child.kill()
     assert "KeyboardInterrupt" in stderr
     assert child.returncode != 0
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
 
 
 def test_refused_when_the_disk_is_too_small(smollm2_path: Path, tmp_path: Path):

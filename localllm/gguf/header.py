@@ -268,6 +268,9 @@ def _read_header(path: Path, identity: tuple[int, int, int, int] | None) -> Gguf
 # Hopping over a vocabulary is one Python step per string: ~12 ms for SmolLM2's 49k tokens
 # and 49k merges, ~50 ms for Llama-3's 128k and 280k, on every run that reads the header
 # (every `chat -p`). Where each array ends is kept between runs, by file identity.
+_KEEP_SKIPS = 256  # files whose skips are kept (temporary files read once get one too)
+
+
 def _skips_path(identity: tuple[int, int, int, int]) -> Path:
     from localllm.paths import cache_root
 
@@ -289,10 +292,12 @@ def _kept_skips(identity: tuple[int, int, int, int] | None) -> dict[int, int]:
 
 
 def _keep_skips(identity: tuple[int, int, int, int], skips: dict[int, int]) -> None:
-    from localllm.fileio import write_json_atomic
+    from localllm.fileio import keep_newest, write_json_atomic
 
+    path = _skips_path(identity)
     with contextlib.suppress(OSError):  # a read-only cache costs the next run the walk
-        write_json_atomic(_skips_path(identity), {"skips": {str(k): v for k, v in skips.items()}})
+        write_json_atomic(path, {"skips": {str(k): v for k, v in skips.items()}})
+        keep_newest(path.parent, _KEEP_SKIPS)
 
 
 class HeaderIncomplete(Exception):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import ModelLoadError
-from localllm.fileio import read_json_object, write_json_atomic
+from localllm.fileio import keep_newest, read_json_object, write_json_atomic
 from localllm.gguf.spec import ModelSpec
 from localllm.machine import available_memory_bytes
 from localllm.paths import cache_root
@@ -36,6 +36,7 @@ __all__ = ["check_load_need", "load_need_cache_dir"]
 
 CACHE_FORMAT = 1
 _KEEP = 64  # settings kept per file
+_KEEP_FILES = 256
 _PACKAGE = Path(__file__).resolve().parents[1]
 # The code a plan's figures come from: a change to any of it plans again.
 _PLANNING_CODE = ("plan", "gguf", "runtime/dry_run.py", "runtime/dry_run_log.py")
@@ -117,3 +118,4 @@ class _NeedCache:
             needs.pop(next(iter(needs)))
         with contextlib.suppress(OSError):  # a read-only cache costs the next run a plan
             write_json_atomic(self.path, self.entry)
+            keep_newest(self.path.parent, _KEEP_FILES)
