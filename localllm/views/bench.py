@@ -64,7 +64,7 @@ def _progress(show: bool) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=err.console,
         disable=not show,
         redirect_stdout=False,
         redirect_stderr=False,

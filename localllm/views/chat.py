@@ -7,8 +7,6 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from rich.text import Text
-
 from localllm.text import format_bytes
 from localllm.views.console import err, note, safe
 
@@ -169,6 +167,7 @@ def chat_help(commands: Mapping[str, tuple[str, str]]) -> None:
 def render_chat_stats(summary: SessionSummary, session: ChatSession) -> None:
     """/stats: totals over the session, the context and the settings."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="label")
@@ -208,6 +207,7 @@ def render_sessions(rows: list[SessionListing], current: str | None = None) -> N
         note("no saved sessions yet")
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="label", pad_edge=False)
     for col in ("", "id", "saved", "model", "messages", "KV state", "first message"):

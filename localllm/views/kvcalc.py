@@ -220,7 +220,7 @@ def choice_progress(repo: str) -> Iterator[Callable[[str, int, int], None]]:
         yield lambda what, done, total: None
         return
     columns = (TextColumn("[accent]{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
+    with Progress(*columns, console=err.console, transient=True) as progress:
         name = escape(safe(repo, 60))
         task = progress.add_task(f"{name}: listing", total=None)
 

@@ -175,7 +175,7 @@ def download_progress(label: str) -> Iterator[Callable[[int, int | None], None]]
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, transient=True) as progress:
+    with Progress(*columns, console=err.console, transient=True) as progress:
         task = progress.add_task(label, total=None)  # a pulsing bar until the size is known
         started: list[bool] = []
 

@@ -41,7 +41,7 @@ class PplProgress:
             TextColumn("{task.fields[tps]} tok/s"),
             TextColumn("[accent]ppl {task.fields[ppl]}"),
             TimeRemainingColumn(),
-            console=err,
+            console=err.console,
             disable=not err.is_terminal,
         )
         self._task: Any = None
