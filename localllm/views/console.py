@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from localllm.text import escape_untrusted
 
-if TYPE_CHECKING:  # the views that print tables import it; a one-shot reply does not
+if TYPE_CHECKING:  # Rich is imported where a line is styled or a table printed
     from rich.console import Console
     from rich.table import Table
     from rich.theme import Theme
