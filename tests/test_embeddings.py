@@ -8,6 +8,7 @@ import json
 import struct
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,73 @@ def test_embed_prints_json_vectors(cli, smollm2_path: Path, embedder: Embedder) 
     too_long = cli("embed", str(smollm2_path), "word " * 400, "--ctx", "256")
     assert too_long.exit_code != 0
     assert "over the embeddings context of 256" in too_long.error_line
+
+
+# --------------------------------------------------------------------- memory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_ctx", [4096, 1000])
+def test_the_embeddings_context_is_planned_to_its_allocation(
+    smollm2_path: Path, n_ctx: int
+) -> None:
+    """serve counts the context before it is made (plan.embeddings_plan): its KV, compute
+    and output bytes are the ones llama.cpp then allocates (its log, to 0.01 MiB)."""
+    from localllm.plan.embeddings_plan import plan_embeddings_context
+    from localllm.runtime.log import log_mark, log_since, parse_buffer_report
+
+    plan = plan_embeddings_context(smollm2_path, n_ctx)
+    mark = log_mark()
+    real = Embedder.load(smollm2_path, n_ctx=n_ctx, threads=1)
+    try:
+        logged = parse_buffer_report(log_since(mark))
+        assert real.n_ctx == plan.n_ctx == -(-n_ctx // 256) * 256
+    finally:
+        real.close()
+    pairs = [
+        (plan.kv_bytes, logged.kv_bytes),
+        (plan.compute_bytes, logged.compute_bytes),
+        (plan.output_bytes, logged.output_bytes),
+    ]
+    for planned, allocated in pairs:
+        assert planned is not None and allocated is not None
+        assert abs(planned - allocated) <= 0.005 * (1 << 20), pairs
+    assert plan.compute_bytes > 8 * plan.kv_bytes  # a --ctx-token ubatch: the bulk of it
+
+
+@pytest.mark.slow
+def test_a_context_size_that_16_sequences_do_not_divide_embeds(
+    cli, smollm2_path: Path, embedder: Embedder
+) -> None:
+    """--ctx 1000 made llama.cpp's pooling graph trip a GGML_ASSERT and abort the process
+    (a ubatch 16 sequences do not divide): the context is rounded up to 256 now."""
+    result = cli("embed", str(smollm2_path), TEXTS[0], "--ctx", "1000")
+    assert result.exit_code == 0, result.stderr
+    vector = json.loads(result.stdout)["data"][0]["embedding"]
+    assert cosine(vector, embedder.embed([TEXTS[0]]).vectors[0]) > 0.9999
+
+
+@pytest.mark.slow
+def test_serve_counts_the_embeddings_context_before_making_it(smollm2_path: Path) -> None:
+    from localllm.plan.embeddings_plan import plan_embeddings_context
+
+    need = plan_embeddings_context(smollm2_path, 512).total_bytes
+    base = ServeOptions(
+        model_path=smollm2_path, model_id=MODEL, port=0, parallel=1, load=LoadOptions(n_ctx=512)
+    )
+    with start_server(base) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        client.embeddings.create(model=MODEL, input=TEXTS[0])
+        card = client.models.retrieve(MODEL).model_dump()
+        assert card["meta"]["embeddings_bytes"] == need
+    small = replace(base, memory_budget=need - 1)  # the context alone does not fit
+    with start_server(small) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.embeddings.create(model=MODEL, input=TEXTS[0])
+        assert info.value.status_code == 507
+        assert "embeddings context needs" in info.value.body["message"]
+        reply = client.chat.completions.create(  # the model itself still answers
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert reply.choices[0].message.content is not None

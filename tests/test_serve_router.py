@@ -281,6 +281,91 @@ def test_memory_held_by_a_pinned_model_is_a_507_not_a_wait() -> None:
     assert engines.log == []
 
 
+async def embed(r: ModelRouter[str], name: str, mib: int) -> None:
+    """What /v1/embeddings does with a model's first request: its context reserved."""
+    resident = await r.acquire(name)
+    try:
+        await r.reserve(resident, mib * MIB, "embeddings context")
+    finally:
+        await r.release(resident)
+
+
+def test_an_embeddings_context_counts_until_its_model_unloads() -> None:
+    r, engines, clock, events = router("a", "b", budget_mib=400)
+
+    async def main() -> None:
+        await use(r, "a")
+        clock.now += 1
+        await use(r, "b")
+        assert r.used_bytes() == 200 * MIB
+        clock.now += 1
+        await embed(r, "a", 150)  # fits beside both: nothing unloaded
+        assert r.used_bytes() == 350 * MIB and engines.live == {"a", "b"}
+        await embed(r, "a", 150)  # reserved once
+        assert r.used_bytes() == 350 * MIB
+        assert await r.unload(r.residents["a"], "stop")
+        assert r.residents["a"].extra_bytes == 0 and r.used_bytes() == 100 * MIB
+
+    asyncio.run(main())
+    assert [e.action for e in events] == ["loaded", "loaded", "unloaded"]
+
+
+def test_an_embeddings_context_evicts_the_least_recently_used_idle_model() -> None:
+    r, engines, clock, events = router("a", "b", "c", budget_mib=350)
+
+    async def main() -> None:
+        for name in "abc":
+            await use(r, name)
+            clock.now += 1
+        await embed(r, "c", 100)  # 300 + 100 > 350: a, the oldest, makes room
+        assert engines.live == {"b", "c"} and r.used_bytes() == 300 * MIB
+        clock.now += 1
+        await use(r, "a")  # a again: b is now the oldest idle one
+        assert engines.live == {"a", "c"} and r.used_bytes() <= 350 * MIB
+
+    asyncio.run(main())
+    assert [e.reason for e in events if e.action == "unloaded"] == [
+        "evicted for c's embeddings context",
+        "evicted for a",
+    ]
+
+
+def test_an_embeddings_context_too_big_is_a_507_with_the_figures() -> None:
+    r, engines, _, _ = router("a", "b", budget_mib=250)
+    r.residents["b"].adopt("b-engine", pinned=True)
+
+    async def main() -> None:
+        with pytest.raises(ApiError) as alone:
+            await embed(r, "b", 200)  # 100 + 200 > 250 whatever is unloaded
+        assert alone.value.status == 507 and "needs 200.00 MiB beside its 100.00 MiB" in (
+            alone.value.message
+        )
+        await use(r, "a")
+        with pytest.raises(ApiError) as held:
+            await embed(r, "a", 100)  # b is pinned: nothing can make room
+        assert held.value.status == 507 and "held by 'a' and 'b'" in held.value.message
+        assert r.residents["a"].extra_bytes == 0
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert engines.log == ["load a"]
+
+
+def test_an_embeddings_context_waits_for_a_busy_model() -> None:
+    r, engines, _, _ = router("a", "b", budget_mib=250)
+
+    async def main() -> None:
+        await use(r, "a")
+        held = await r.acquire("b")  # b answers a request
+        waiting = asyncio.ensure_future(embed(r, "a", 100))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and engines.live == {"a", "b"}
+        await r.release(held)
+        await asyncio.wait_for(waiting, 5)
+        assert engines.live == {"a"} and r.used_bytes() == 200 * MIB
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("300", 300.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("0", 0.0), ("-1", None)],

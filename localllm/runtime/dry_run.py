@@ -67,6 +67,7 @@ __all__ = [
     "DryRunModel",
     "DryRunReport",
     "DryRunSettings",
+    "context_params",
     "plan_contexts",
 ]
 
@@ -80,7 +81,7 @@ _LLAMA_MAX_SEQ = 256  # llama-cparams.h
 class DryRunSettings:
     """The context settings that decide its memory (llama-cpp-python's clamps applied)."""
 
-    n_ctx: int  # tokens per sequence; the context holds n_ctx * n_seq
+    n_ctx: int  # tokens per sequence; the context holds n_ctx * n_seq (kv_unified: n_ctx)
     n_seq: int = 1  # parallel sequences (n_seq_max)
     n_batch: int = 512
     n_ubatch: int = 512
@@ -88,8 +89,11 @@ class DryRunSettings:
     type_v: str = "f16"
     flash_attn: str = "on"  # on | off | auto
     swa_full: bool = False  # llama.cpp's tools: SWA cache sized to the window
-    kv_unified: bool = False  # True: one stream shared by all sequences
+    kv_unified: bool = False  # True: one stream of n_ctx cells shared by all sequences
     rope: RopeParams | None = None
+    # An embeddings context (``embeddings = true``) with this llama_pooling_type; None: a
+    # generation context. Its output buffer holds a pooled vector per sequence too.
+    embeddings: int | None = None
 
     def validate(self) -> None:
         for name in ("n_ctx", "n_seq", "n_batch", "n_ubatch"):
@@ -162,10 +166,11 @@ def _recurrent_widths(lc: Any, model: Any, arch: str) -> tuple[int, int]:
     )
 
 
-def _context_params(lc: Any, s: DryRunSettings, *, probe: bool = False) -> Any:
+def context_params(lc: Any, s: DryRunSettings, *, probe: bool = False) -> Any:
+    """``llama_context_params`` for ``s`` (one thread: the caller sets its own)."""
     params = lc.llama_context_default_params()
     # What llama-cpp-python's Llama does with n_batch / n_ubatch before creating a context.
-    n_total = _PROBE_CELLS if probe else s.n_ctx * s.n_seq
+    n_total = _PROBE_CELLS if probe else s.n_ctx * (1 if s.kv_unified else s.n_seq)
     params.n_ctx = n_total
     params.n_batch = min(n_total, s.n_batch)
     params.n_ubatch = min(params.n_batch, s.n_ubatch)
@@ -178,6 +183,9 @@ def _context_params(lc: Any, s: DryRunSettings, *, probe: bool = False) -> Any:
     params.kv_unified = s.kv_unified
     for name, value in rope_fields(s.rope or RopeParams()).items():
         setattr(params, name, value)
+    if s.embeddings is not None and not probe:  # a probe measures cache rows only
+        params.embeddings = True
+        params.pooling_type = s.embeddings
     return params
 
 
@@ -203,6 +211,7 @@ class _Planner:
         self.lc, self.model = lc, model
         self.arch = _meta(lc, model, "general.architecture") or "unknown"
         self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model)))
+        self.n_embd_out = int(lc.llama_model_n_embd_out(model))
         self.widths = _recurrent_widths(lc, model, self.arch)
         self.probes: dict[bool, list[LoggedMemory]] = {}
         self.recurrent_layers: int | None = None
@@ -216,7 +225,7 @@ class _Planner:
         if self.recurrent_layers is None and max(self.widths) > 0:
             rows = min(-(-(_MIB // 50) // (max(self.widths) * _F32)), _LLAMA_MAX_SEQ)
             probe = DryRunSettings(256, n_seq=rows, n_batch=256, n_ubatch=256)
-            log, _, error = _create(self.lc, self.model, _context_params(self.lc, probe))
+            log, _, error = _create(self.lc, self.model, context_params(self.lc, probe))
             states = [m for m in parse_memory(log) if m.kind == "recurrent"]
             if not error and states:
                 self.recurrent_layers = recurrent_layers(states[0], self.widths)
@@ -227,14 +236,14 @@ class _Planner:
         # off ("auto" lays the cache out as "on"): one probe per layout.
         v_trans = s.flash_attn == "off"
         if v_trans not in self.probes:
-            log, _, error = _create(self.lc, self.model, _context_params(self.lc, s, probe=True))
+            log, _, error = _create(self.lc, self.model, context_params(self.lc, s, probe=True))
             self.probes[v_trans] = [] if error else parse_memory(log)
         return self.probes[v_trans]
 
     def plan(self, s: DryRunSettings) -> ContextPlan:
         if error := self._check_head_blocks(s):
             return ContextPlan(s, error=error)
-        log, n_ctx, error = _create(self.lc, self.model, _context_params(self.lc, s))
+        log, n_ctx, error = _create(self.lc, self.model, context_params(self.lc, s))
         if error:
             return ContextPlan(s, error=error)
         logged = parse_memory(log)
@@ -253,10 +262,16 @@ class _Planner:
             caches=tuple(caches),
             kv_bytes=sum(c.bytes for c in caches),
             compute_bytes=compute_bytes(log),
-            output_bytes=self.n_vocab * _F32 * s.n_seq,
+            output_bytes=self._output_floats(s) * _F32,
             n_ctx=n_ctx,
             flash_attn_used=flash_attn_used(log),
         )
+
+    def _output_floats(self, s: DryRunSettings) -> int:
+        """Logits per sequence, and an embeddings context's pooled vector per sequence
+        too (llama_context::output_reserve)."""
+        per_seq = self.n_vocab + (self.n_embd_out if s.embeddings is not None else 0)
+        return per_seq * s.n_seq
 
     def _check_head_blocks(self, s: DryRunSettings) -> str | None:
         """Refuse a quantized cache whose block does not divide a head, as kv-calc does.

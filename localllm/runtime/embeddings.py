@@ -18,13 +18,57 @@ from typing import Any
 
 from localllm.errors import ContextOverflow, InvalidArgument, LocalLLMError, ModelLoadError
 from localllm.runtime import compute_thread
+from localllm.runtime.dry_run import DryRunSettings, context_params
 from localllm.runtime.library import import_llama_cpp
 from localllm.runtime.log import install_log_capture, load_model_file, set_log_echo
 
-__all__ = ["POOLING_NAMES", "Embedder", "EmbeddingError", "EmbeddingResult", "embed_file"]
+__all__ = [
+    "POOLING_NAMES",
+    "Embedder",
+    "EmbeddingError",
+    "EmbeddingResult",
+    "embed_file",
+    "embeddings_settings",
+    "pooling_type",
+]
 
 POOLING_NAMES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
-MAX_SEQUENCES = 16  # inputs decoded together in one batch
+POOLING_MEAN = 1  # LLAMA_POOLING_TYPE_MEAN
+MAX_SEQUENCES = 16  # inputs decoded together in one batch (llama.cpp allows 256)
+_CTX_PAD = 256  # llama.cpp's padding of n_ctx (a multiple of MAX_SEQUENCES)
+
+
+def pooling_type(value: object) -> int:
+    """The pooling of an embeddings context: the GGUF's ``{arch}.pooling_type`` when it
+    names one (mean, cls, last), else mean (a chat model names none)."""
+    try:
+        pooling = int(str(value)) if value is not None else 0
+    except ValueError:
+        pooling = 0
+    return pooling if pooling in (1, 2, 3) else POOLING_MEAN
+
+
+def embeddings_settings(n_ctx: int, pooling: int) -> DryRunSettings:
+    """The context :meth:`Embedder.load` makes, and the one ``serve`` plans for it: ``n_ctx``
+    cells (rounded up to 256) shared by up to MAX_SEQUENCES inputs, each input whole in
+    one ubatch (pooling reads a sequence's tokens from one ubatch), llama.cpp's flash
+    attention and SWA defaults.
+
+    Why 256: llama.cpp pads the context to it, and an input as long as the context must
+    still fit one ubatch; and a ubatch that MAX_SEQUENCES does not divide trips a
+    GGML_ASSERT (ggml_can_mul_mat) when the context reserves its pooling graph, which
+    aborted the process at --ctx 1000 or 300 (tests/test_embeddings.py)."""
+    cells = -(-n_ctx // _CTX_PAD) * _CTX_PAD
+    return DryRunSettings(
+        n_ctx=cells,
+        n_seq=MAX_SEQUENCES,
+        n_batch=cells,
+        n_ubatch=cells,
+        flash_attn="auto",
+        swa_full=True,
+        kv_unified=True,
+        embeddings=pooling,
+    )
 
 
 class EmbeddingError(LocalLLMError):
@@ -79,15 +123,9 @@ class Embedder:
             model, _log = load_model_file(lc, path, lc.llama_model_default_params())
         n_ctx = min(n_ctx, int(lc.llama_model_n_ctx_train(model)) or n_ctx)
         pooling = _gguf_pooling(lc, model)
-        params = lc.llama_context_default_params()
-        params.embeddings = True
-        params.pooling_type = pooling
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = n_ctx  # a whole input in one ubatch
-        params.n_seq_max = min(MAX_SEQUENCES, int(lc.llama_max_parallel_sequences()))
-        params.kv_unified = True  # the sequences share the n_ctx cells, as llama-embedding
-        if threads is not None:
-            params.n_threads = params.n_threads_batch = threads
+        params = context_params(lc, embeddings_settings(n_ctx, pooling))
+        threads = threads or lc.llama_context_default_params().n_threads
+        params.n_threads = params.n_threads_batch = threads
         ctx = lc.llama_init_from_model(model, params)
         if not ctx:
             if owns_model:
@@ -198,11 +236,5 @@ def _meta(lc: Any, model: Any, key: str) -> str | None:
 
 
 def _gguf_pooling(lc: Any, model: Any) -> int:
-    """The GGUF's pooling type when it names one (not none), else mean."""
     arch = _meta(lc, model, "general.architecture")
-    value = _meta(lc, model, f"{arch}.pooling_type") if arch else None
-    try:
-        pooling = int(value) if value is not None else 0
-    except ValueError:
-        pooling = 0
-    return pooling if pooling in (1, 2, 3) else lc.LLAMA_POOLING_TYPE_MEAN
+    return pooling_type(_meta(lc, model, f"{arch}.pooling_type") if arch else None)

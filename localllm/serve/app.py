@@ -167,6 +167,9 @@ def build_app(
         try:
             req = parse_embeddings_request(await request.body())
             held = await hold(req.model)
+            if not held.svc.has_embedder:  # its context is counted before it is made
+                need = await run_in_threadpool(held.svc.embeddings_bytes)
+                await router.reserve(held.resident, need, "embeddings context")
             result = await run_in_threadpool(held.svc.embed, req)
             model_id = held.svc.served.model_id
         except ApiError as exc:
@@ -204,6 +207,8 @@ def build_app(
                 "default_max_tokens": svc.default_max_tokens,
                 "chat_template": svc.chat_format is not None,
             }
+        if r.extra_bytes:  # its embeddings context, counted beside memory_bytes
+            meta["embeddings_bytes"] = r.extra_bytes
         expires = router.expires_in(r)
         status: dict[str, Any] = {"value": "loaded" if r.status == "loaded" else r.status}
         if expires is not None:

@@ -43,6 +43,9 @@ class Resident(Generic[E]):
         self.unloads = 0
         self.load_seconds = 0.0
         self.ready: asyncio.Event | None = None  # set when a load in progress ends
+        # Bytes beside the plan, counted until the model unloads (reserve): an embeddings
+        # context made on its weights.
+        self.extra_bytes = 0
         self.error: str | None = None  # the last load's failure, told to its waiters
 
     @property
@@ -110,7 +113,7 @@ class ModelRouter(Generic[E]):
     # ------------------------------------------------------------------ memory
     def used_bytes(self, exclude: Resident[E] | None = None) -> int:
         return sum(
-            r.model.plan_bytes or 0
+            (r.model.plan_bytes or 0) + r.extra_bytes
             for r in self.residents.values()
             if r.holds_memory and r is not exclude
         )
@@ -128,13 +131,18 @@ class ModelRouter(Generic[E]):
             code="insufficient_memory",
         )
 
-    def _victims(self, r: Resident[E]) -> list[Resident[E]] | None:
-        """Idle loaded models to unload, least recently used first, so that ``r`` fits;
+    def _victims(self, r: Resident[E], more: int | None = None) -> list[Resident[E]] | None:
+        """Idle loaded models to unload, least recently used first, so that ``r`` fits
+        (``more``: so that ``more`` bytes fit beside everything held, ``r`` included);
         None while the models holding memory are busy (then the caller waits)."""
-        if self.budget_bytes is None or r.model.plan_bytes is None:
+        if self.budget_bytes is None:
             return []
-        need = r.model.plan_bytes
-        free = self.budget_bytes - self.used_bytes(exclude=r)
+        if more is not None:
+            need, free = more, self.budget_bytes - self.used_bytes()
+        elif r.model.plan_bytes is None:
+            return []
+        else:
+            need, free = r.model.plan_bytes, self.budget_bytes - self.used_bytes(exclude=r)
         if need <= free:
             return []
         idle = sorted(
@@ -148,7 +156,7 @@ class ModelRouter(Generic[E]):
         chosen = []
         for x in idle:
             chosen.append(x)
-            free += x.model.plan_bytes or 0
+            free += (x.model.plan_bytes or 0) + x.extra_bytes
             if need <= free:
                 return chosen
         return None
@@ -239,6 +247,43 @@ class ModelRouter(Generic[E]):
                 async with cond:
                     cond.notify_all()
 
+    async def reserve(self, r: Resident[E], nbytes: int, what: str) -> None:
+        """Count ``nbytes`` for ``r`` beside its plan until it unloads: ``what`` it makes on
+        its weights (an embeddings context). ``r`` is loaded and held by the caller's
+        request. Idle models are unloaded to make room and busy ones waited for; 507 when
+        nothing can free enough."""
+        cond = self._condition()
+        while r.extra_bytes < nbytes:
+            budget, plan = self.budget_bytes, r.model.plan_bytes or 0
+            if budget is not None and plan + nbytes > budget:
+                raise ApiError(
+                    507,
+                    f"model {r.model_id!r}'s {what} needs {format_bytes(nbytes)} beside its "
+                    f"{format_bytes(plan)}, more than the {format_bytes(budget)} available to "
+                    "this server; serve it with a smaller --ctx",
+                    param="model",
+                    code="insufficient_memory",
+                )
+            victims = self._victims(r, nbytes - r.extra_bytes)
+            if victims is None and not self._may_free(r):
+                held = ", ".join(repr(x.model_id) for x in self._holders(r))
+                raise ApiError(
+                    507,
+                    f"model {r.model_id!r}'s {what} needs {format_bytes(nbytes)} but "
+                    f"{format_bytes(self.used_bytes())} of this server's "
+                    f"{format_bytes(budget or 0)} is held by {r.model_id!r} and {held}, "
+                    "which cannot be unloaded here",
+                    param="model",
+                    code="insufficient_memory",
+                )
+            if victims is None:
+                async with cond:  # wait for a busy model to go idle, then look again
+                    await cond.wait()
+                continue
+            r.extra_bytes = nbytes  # counted first: a load meanwhile sees the room taken
+            for victim in victims:
+                await self.unload(victim, f"evicted for {r.model_id}'s {what}")
+
     async def _do_load(self, r: Resident[E], reason: str) -> None:
         started = time.perf_counter()
         try:
@@ -279,7 +324,7 @@ class ModelRouter(Generic[E]):
         try:
             await asyncio.to_thread(self._unload, engine)
         finally:
-            r.status = "unloaded"
+            r.status, r.extra_bytes = "unloaded", 0
             r.unloads += 1
         self._emit(ModelEvent(r.model_id, "unloaded", time.perf_counter() - started, reason))
         cond = self._condition()

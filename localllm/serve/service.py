@@ -69,6 +69,18 @@ class Service:
         self._embedder_lock = threading.Lock()
 
     # ------------------------------------------------------------------ embeddings
+    @property
+    def has_embedder(self) -> bool:
+        return self._embedder is not None
+
+    def embeddings_bytes(self) -> int:
+        """What the embeddings context :meth:`embed` makes will take (KV, compute, outputs):
+        llama.cpp's dry run of it, for the router to count before it is made."""
+        from localllm.plan.embeddings_plan import plan_embeddings_context
+
+        load = self.served.load
+        return plan_embeddings_context(self.served.path, load.n_ctx, load.repack).total_bytes
+
     def embed(self, req: EmbeddingsRequest) -> EmbeddingResult:
         """The request's vectors (from a worker thread): an embeddings context of --ctx
         tokens is made on the engine's own weights on the first request, beside the
