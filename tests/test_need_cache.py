@@ -18,12 +18,18 @@ import pytest
 from support.gguf_files import write_header_gguf
 
 from localllm.errors import InsufficientMemory
-from localllm.gguf.spec import read_model_spec
+from localllm.gguf.spec import ModelSpec, read_model_spec
 from localllm.machine import ENV_AVAILABLE_MEMORY
 from localllm.plan import need_cache, preload
 from localllm.plan.need import LoadNeed
 from localllm.plan.need_cache import check_load_need, load_need_cache_dir
 from localllm.plan.preload import plan_load
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> ModelSpec:
+    """A Llama-2-7B-shaped header-only GGUF: llama.cpp dry-runs it, no weight is read."""
+    return read_model_spec(write_header_gguf(tmp_path / "7b.gguf", "llama-2-7b"))
 
 
 def _figures(need: LoadNeed) -> tuple[int, int]:
@@ -42,9 +48,7 @@ def _counting_plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return planned
 
 
-def test_a_kept_need_is_the_plans_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = write_header_gguf(tmp_path / "7b.gguf", "llama-2-7b")
-    spec = read_model_spec(path)
+def test_a_kept_need_is_the_plans_own(spec: ModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = plan_load("7b", spec, n_ctx=2048, type_k="q8_0", type_v="q8_0")
     planned = _counting_plans(monkeypatch)
     first = check_load_need("7b", spec, n_ctx=2048, type_k="q8_0", type_v="q8_0")
@@ -58,17 +62,15 @@ def test_a_kept_need_is_the_plans_own(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_other_settings_a_changed_file_or_planning_code_are_planned_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = write_header_gguf(tmp_path / "7b.gguf", "llama-2-7b")
-    spec = read_model_spec(path)
     planned = _counting_plans(monkeypatch)
     small = check_load_need("7b", spec, n_ctx=2048)
     big = check_load_need("7b", spec, n_ctx=8192)
     assert planned == [2048, 8192] and big.kv_bytes == 4 * small.kv_bytes
     check_load_need("7b", spec, n_ctx=8192)
     assert planned == [2048, 8192]
-    os.utime(path, ns=(1, 1))  # the same path, another file as far as anyone can tell
+    os.utime(spec.path, ns=(1, 1))  # the same path, another file as far as anyone can tell
     check_load_need("7b", spec, n_ctx=8192)
     assert planned == [2048, 8192, 8192]
     code = need_cache._code_identity()
@@ -78,10 +80,8 @@ def test_other_settings_a_changed_file_or_planning_code_are_planned_again(
 
 
 def test_a_damaged_cache_is_planned_again_and_rewritten(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = write_header_gguf(tmp_path / "7b.gguf", "llama-2-7b")
-    spec = read_model_spec(path)
     first = check_load_need("7b", spec, n_ctx=2048)
     (entry,) = load_need_cache_dir().glob("*.json")
     planned = _counting_plans(monkeypatch)
@@ -98,10 +98,8 @@ def test_a_damaged_cache_is_planned_again_and_rewritten(
 
 
 def test_a_kept_need_that_does_not_fit_is_refused_as_the_planner_refuses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = write_header_gguf(tmp_path / "7b.gguf", "llama-2-7b")
-    spec = read_model_spec(path)
     need = check_load_need("7b", spec, n_ctx=4096)
     monkeypatch.setenv(ENV_AVAILABLE_MEMORY, str(need.total_bytes - 1))
     with pytest.raises(InsufficientMemory) as kept:

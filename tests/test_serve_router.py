@@ -343,7 +343,7 @@ def test_an_embeddings_context_too_big_is_a_507_with_the_figures() -> None:
         await use(r, "a")
         with pytest.raises(ApiError) as held:
             await embed(r, "a", 100)  # b is pinned: nothing can make room
-        assert held.value.status == 507 and "held by 'a' and 'b'" in held.value.message
+        assert held.value.status == 507 and "held by 'a', 'b'," in held.value.message
         assert r.residents["a"].extra_bytes == 0
 
     asyncio.run(asyncio.wait_for(main(), 5))

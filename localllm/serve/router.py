@@ -161,6 +161,28 @@ class ModelRouter(Generic[E]):
                 return chosen
         return None
 
+    async def _room(self, r: Resident[E], more: int | None, wants: str) -> list[Resident[E]] | None:
+        """The idle models to unload so that ``r`` fits (``more``: ``more`` bytes for it,
+        loaded); None once a busy model has changed state (the caller looks again); 507
+        naming what ``wants`` the memory when nothing holding it can let go."""
+        victims = self._victims(r, more)
+        if victims is not None:
+            return victims
+        if not self._may_free(r):
+            holders = ([r] if more is not None else []) + self._holders(r)
+            raise ApiError(
+                507,
+                f"{wants} but {format_bytes(self.used_bytes(exclude=r if more is None else None))}"
+                f" of this server's {format_bytes(self.budget_bytes or 0)} is held by "
+                f"{', '.join(repr(x.model_id) for x in holders)}, which cannot be unloaded here",
+                param="model",
+                code="insufficient_memory",
+            )
+        cond = self._condition()
+        async with cond:  # wait for a busy model to go idle, then look again
+            await cond.wait()
+        return None
+
     def _holders(self, r: Resident[E]) -> list[Resident[E]]:
         return [x for x in self.residents.values() if x is not r and x.holds_memory]
 
@@ -219,21 +241,9 @@ class ModelRouter(Generic[E]):
                     raise ApiError(500, f"model {r.model_id!r} failed to load: {r.error}",
                                    kind="server_error", code="model_load_failed")  # fmt: skip
                 continue
-            victims = self._victims(r)
-            if victims is None and not self._may_free(r):
-                held = ", ".join(repr(x.model_id) for x in self._holders(r))
-                raise ApiError(
-                    507,
-                    f"model {r.model_id!r} needs {format_bytes(r.model.plan_bytes or 0)} but "
-                    f"{format_bytes(self.used_bytes(exclude=r))} of this server's "
-                    f"{format_bytes(self.budget_bytes or 0)} is held by {held}, which cannot "
-                    "be unloaded here",
-                    param="model",
-                    code="insufficient_memory",
-                )
+            wants = f"model {r.model_id!r} needs {format_bytes(r.model.plan_bytes or 0)}"
+            victims = await self._room(r, None, wants)
             if victims is None:
-                async with cond:  # wait for a busy model to go idle, then look again
-                    await cond.wait()
                 continue
             r.status, r.ready, r.error = "loading", asyncio.Event(), None
             try:
@@ -252,7 +262,6 @@ class ModelRouter(Generic[E]):
         its weights (an embeddings context). ``r`` is loaded and held by the caller's
         request. Idle models are unloaded to make room and busy ones waited for; 507 when
         nothing can free enough."""
-        cond = self._condition()
         while r.extra_bytes < nbytes:
             budget, plan = self.budget_bytes, r.model.plan_bytes or 0
             if budget is not None and plan + nbytes > budget:
@@ -264,21 +273,9 @@ class ModelRouter(Generic[E]):
                     param="model",
                     code="insufficient_memory",
                 )
-            victims = self._victims(r, nbytes - r.extra_bytes)
-            if victims is None and not self._may_free(r):
-                held = ", ".join(repr(x.model_id) for x in self._holders(r))
-                raise ApiError(
-                    507,
-                    f"model {r.model_id!r}'s {what} needs {format_bytes(nbytes)} but "
-                    f"{format_bytes(self.used_bytes())} of this server's "
-                    f"{format_bytes(budget or 0)} is held by {r.model_id!r} and {held}, "
-                    "which cannot be unloaded here",
-                    param="model",
-                    code="insufficient_memory",
-                )
+            wants = f"model {r.model_id!r}'s {what} needs {format_bytes(nbytes)}"
+            victims = await self._room(r, nbytes - r.extra_bytes, wants)
             if victims is None:
-                async with cond:  # wait for a busy model to go idle, then look again
-                    await cond.wait()
                 continue
             r.extra_bytes = nbytes  # counted first: a load meanwhile sees the room taken
             for victim in victims:
