@@ -253,8 +253,9 @@ def run() -> NoReturn:
 
     A finished run has nothing left to release that the OS does not take back, yet
     Python's teardown (clearing ~450 modules, a last collection of every object the run
-    made) took 60-100 ms of a 0.7 s ``chat -p`` here (benchmarks/chat_oneshot.md), as
-    much as every import localllm adds. Instagram's services skip it the same way. What a
+    made) cost a 0.7 s ``chat -p`` here 30 ms (median of interleaved pairs, run() against
+    main(); 30-100 ms in single runs' phase marks: benchmarks/chat_oneshot.md).
+    Instagram's services skip it the same way. What a
     normal exit would still do is done first: atexit handlers (temp files, weakref
     finalizers), flushing stdout and stderr. A run that leaves a non-daemon thread
     running (a download pool) exits the normal way, which waits for it.

@@ -8,7 +8,7 @@ keeps: ~40 ms, a third of what localllm added to a one-shot ``chat -p``
 in all and of them the KV cache's, depends only on
 
 - the file, the llama.cpp build and the repacking choice (the dry-run cache's own key);
-- localllm's planning code (its source files' sizes and mtimes);
+- localllm's planning code (plan/ and gguf/: its source files' sizes and mtimes);
 - the settings the plan was asked with (``plan_load``'s keywords).
 
 They are kept under ``cache_root()/load-needs/``, one JSON file per model file. Free
@@ -38,8 +38,9 @@ CACHE_FORMAT = 1
 _KEEP = 64  # settings kept per file
 _KEEP_FILES = 256
 _PACKAGE = Path(__file__).resolve().parents[1]
-# The code a plan's figures come from: a change to any of it plans again.
-_PLANNING_CODE = ("plan", "gguf", "runtime/dry_run.py", "runtime/dry_run_log.py")
+# The code a plan's figures come from besides the dry run's (file_key holds that): a change
+# to any of it plans again.
+_PLANNING_CODE = ("plan", "gguf")
 
 
 def load_need_cache_dir() -> Path:
@@ -72,9 +73,7 @@ def check_load_need(label: str, spec: ModelSpec, **settings: Any) -> LoadNeed:
 def _code_identity() -> list[list[Any]]:
     out = []
     for part in _PLANNING_CODE:
-        where = _PACKAGE / part
-        files = sorted(where.glob("*.py")) if where.is_dir() else [where]
-        for file in files:
+        for file in sorted((_PACKAGE / part).glob("*.py")):
             st = file.stat()
             out.append([f"{file.parent.name}/{file.name}", st.st_size, st.st_mtime_ns])
     return out
