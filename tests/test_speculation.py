@@ -12,7 +12,9 @@ import pytest
 
 from localllm.errors import InvalidArgument
 from localllm.runtime.speculation import (
+    FIRST_DRAFT,
     FORCED_DRAFT,
+    MAX_DRAFT,
     DecodeCost,
     DraftPolicy,
     NgramIndex,
@@ -141,6 +143,21 @@ def test_draft_length_follows_acceptance_and_backs_off_when_losing() -> None:
     # Each wasted drafted token costs b = 1 ms against 11 ms for a generated token: the
     # losing drafts over 300 tokens cost under 2% of their time.
     assert wasted * 0.001 < 0.02 * 300 * 0.011
+
+
+def test_a_rejection_starts_the_ramp_again() -> None:
+    cost = DecodeCost()
+    for n in [1, 8] * 10:
+        cost.observe(n, 0.010 + 0.001 * n)
+    policy = DraftPolicy()
+    for _ in range(6):  # a long copy: drafts grow to the most one step may verify
+        n = policy.length(cost, 1)
+        policy.record(n, n, cost, 1)
+    long = policy.length(cost, 1)
+    assert long == MAX_DRAFT
+    policy.record(long, long - 3, cost, 1)  # the copy ended (an edit) three tokens early
+    # The next copy may be short: drafting starts short again, not at what was accepted.
+    assert 1 <= policy.length(cost, 1) <= FIRST_DRAFT
 
 
 def test_more_busy_slots_make_drafts_shorter() -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from localllm.errors import InvalidArgument
 
 __all__ = [
+    "FIRST_DRAFT",
+    "FORCED_DRAFT",
     "MAX_DRAFT",
     "SPEC_MODES",
     "DecodeCost",
@@ -172,9 +174,11 @@ class DraftPolicy:
     """One request's acceptance record and how long its next draft may be.
 
     Acceptance is modelled as geometric: each drafted token is accepted with chance
-    ``p`` while the ones before it were. When recent drafts (a decaying average) saved
-    less time than verifying them cost, drafting backs off for a while, doubling each
-    time, then probes again."""
+    ``p`` while the ones before it were. The length cap doubles while whole drafts are
+    accepted and starts again from :data:`FIRST_DRAFT` at a rejection: a draft rejected
+    part-way is where the copied text ended (an edit), and how long the next copy runs
+    is not known. When recent drafts (a decaying average) saved less time than verifying
+    them cost, drafting backs off for a while, doubling each time, then probes again."""
 
     forced: bool = False  # --spec ngram: draft whatever it costs
     drafted: int = 0
@@ -183,7 +187,7 @@ class DraftPolicy:
     _misses: float = 1.0
     _pause: int = 0  # tokens to generate before drafting again
     _backoff: int = MIN_BACKOFF
-    _cap: int = FIRST_DRAFT  # doubles while whole drafts are accepted, shrinks when not
+    _cap: int = FIRST_DRAFT  # doubles while whole drafts are accepted, restarts when not
     _gain: float = 2.0  # recent drafts' time saved, in generated tokens (decaying average)
 
     @property
@@ -219,7 +223,7 @@ class DraftPolicy:
         if n_accepted == n_drafted:
             self._cap = min(self._cap * 2, MAX_DRAFT)
         else:
-            self._cap = max(FIRST_DRAFT // 2, n_accepted + 1)
+            self._cap = FIRST_DRAFT
         a, b = cost.coefficients()
         per_token = (a + b * generating) / generating
         gained = n_accepted - b * n_drafted / per_token  # tokens' worth of time
