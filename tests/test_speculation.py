@@ -103,6 +103,16 @@ def test_the_longer_ngram_wins() -> None:
     assert index.draft(1) == [9]  # "7 1 2" matched: its follower, not the latest "2"'s
 
 
+def test_the_index_says_whether_a_draft_would_echo_the_reply() -> None:
+    index = NgramIndex(sizes=(3,), prompt=[1, 2, 3, 4, 5])
+    index.extend([1, 2, 3])  # the reply starts copying the prompt
+    assert not index.echoes_reply() and index.draft(2) == [4, 5]
+    index.extend([9, 8, 7, 6, 9, 8, 7])  # then repeats its own words
+    assert index.echoes_reply() and index.draft(1) == [6]
+    index.append(0)
+    assert not index.echoes_reply() and index.draft(1) == []  # no match: nothing either way
+
+
 def test_decode_cost_recovers_fixed_and_per_token_seconds() -> None:
     cost = DecodeCost()
     assert not cost.known
@@ -158,6 +168,29 @@ def test_a_rejection_starts_the_ramp_again() -> None:
     policy.record(long, long - 3, cost, 1)  # the copy ended (an edit) three tokens early
     # The next copy may be short: drafting starts short again, not at what was accepted.
     assert 1 <= policy.length(cost, 1) <= FIRST_DRAFT
+
+
+def test_drafts_that_echo_the_reply_keep_their_own_record() -> None:
+    cost = DecodeCost()
+    for n in [1, 8] * 10:
+        cost.observe(n, 0.010 + 0.001 * n)
+    policy = DraftPolicy()
+    for _ in range(3):  # the reply's own phrases, drafted and rejected
+        n = policy.length(cost, 1, echo=True)
+        policy.record(n, 0, cost, 1)
+    echo_drafts = policy.length(cost, 1, echo=True)
+    assert policy.p < 0.3 and echo_drafts <= 1
+    copy_drafts = policy.length(cost, 1, echo=False)  # a copy of the prompt: its own prior
+    assert policy.p == 0.75 and copy_drafts == FIRST_DRAFT
+
+
+def test_a_losing_echo_is_skipped_without_pausing_copies() -> None:
+    cost = DecodeCost()
+    for n in [1, 8] * 10:
+        cost.observe(n, 0.010 + 0.012 * n)  # a drafted token: 55% of a lone decode
+    policy = DraftPolicy()
+    assert policy.length(cost, 1, echo=True) == 0  # p = 0.5 does not pay for it
+    assert policy.length(cost, 1, echo=False) >= 1  # p = 0.75 does, at once
 
 
 def test_more_busy_slots_make_drafts_shorter() -> None:

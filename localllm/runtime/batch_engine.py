@@ -277,8 +277,7 @@ class BatchEngine(Vocabulary):
             job.prompt_pos = job.cached = reuse
             job.t_admit = time.perf_counter()
             if self.spec != "off":
-                job.ngrams = NgramIndex()
-                job.ngrams.extend(job.prompt)
+                job.ngrams = NgramIndex(prompt=job.prompt)
                 job.policy.forced = self.spec == "ngram"
             slot.job = job
             self._counters["requests_started"] += 1
@@ -364,7 +363,8 @@ class BatchEngine(Vocabulary):
         """The tokens to verify after ``job.last_token`` this step (often none)."""
         if job.ngrams is None or room <= 0:
             return []
-        want = job.policy.length(self._cost, generating)
+        echo = self._draft is None and job.ngrams.echoes_reply()  # the reply repeating itself
+        want = job.policy.length(self._cost, generating, echo)
         limit = min(
             want,
             room,
