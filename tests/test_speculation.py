@@ -181,7 +181,7 @@ def test_drafts_that_echo_the_reply_keep_their_own_record() -> None:
     echo_drafts = policy.length(cost, 1, echo=True)
     assert policy.p < 0.3 and echo_drafts <= 1
     copy_drafts = policy.length(cost, 1, echo=False)  # a copy of the prompt: its own prior
-    assert policy.p == 0.75 and copy_drafts == FIRST_DRAFT
+    assert policy.p == 0.9 and copy_drafts == FIRST_DRAFT
 
 
 def test_a_losing_echo_is_skipped_without_pausing_copies() -> None:
@@ -190,16 +190,16 @@ def test_a_losing_echo_is_skipped_without_pausing_copies() -> None:
         cost.observe(n, 0.010 + 0.012 * n)  # a drafted token: 55% of a lone decode
     policy = DraftPolicy()
     assert policy.length(cost, 1, echo=True) == 0  # p = 0.5 does not pay for it
-    assert policy.length(cost, 1, echo=False) >= 1  # p = 0.75 does, at once
+    assert policy.length(cost, 1, echo=False) >= 1  # p = 0.9 does, at once
 
 
 def test_more_busy_slots_make_drafts_shorter() -> None:
     cost = DecodeCost()
     for n in [1, 2, 4, 8, 16, 32] * 5:
-        cost.observe(n, 0.010 + 0.001 * n)
+        cost.observe(n, 0.010 + 0.004 * n)
     policy = DraftPolicy()
     alone, crowded = policy.length(cost, 1), policy.length(cost, 16)
-    assert alone > crowded
+    assert alone > crowded >= 1
 
 
 def test_forced_ngram_drafts_whatever_it_costs() -> None:
