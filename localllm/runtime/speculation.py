@@ -197,7 +197,10 @@ class DraftPolicy:
     forced: bool = False  # --spec ngram: draft whatever it costs
     drafted: int = 0
     accepted: int = 0
-    _hits: float = 9.0  # a prior of 9 accepted for 1 rejected: p = 0.9 (copies of the prompt)
+    # Copies of the prompt (and a draft model's drafts): a prior of 9 accepted for 1
+    # rejected, p = 0.9; against 0.75 it gained on copies and cost nothing on free chat
+    # once echoes had their own record (benchmarks/speculative.md, change 3).
+    _hits: float = 9.0
     _misses: float = 1.0
     _pause: int = 0  # tokens to generate before drafting again
     _backoff: int = MIN_BACKOFF
