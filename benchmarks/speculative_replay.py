@@ -34,7 +34,12 @@ sys.path.insert(0, str(REPO))
 import llama_cpp  # noqa: E402
 from speculative import DEFAULT_MODEL, TASKS, chatml  # noqa: E402
 
-from localllm.runtime.speculation import DecodeCost, DraftPolicy, NgramIndex  # noqa: E402
+from localllm.runtime.speculation import (  # noqa: E402
+    DecodeCost,
+    DraftPolicy,
+    NgramIndex,
+    verify_draft,
+)
 
 SIZES = (1, 2, 3, 4, 5, 6, 8, 9, 12, 16, 17, 24, 32, 33, 48, 64)
 STOP = "<|im_end|>"
@@ -95,8 +100,9 @@ def cost_of(table: dict[int, float], n: int) -> float:
 
 
 def agreeing(draft: list[int], reply: list[int], pos: int) -> int:
-    """How many leading tokens of ``draft`` the reply has at ``pos``."""
-    return next((i for i, t in enumerate(draft) if reply[pos + i : pos + i + 1] != [t]), len(draft))
+    """How many leading tokens of ``draft`` the engine's accept rule keeps when the target
+    samples ``reply`` from ``pos`` on."""
+    return verify_draft(draft, lambda i: reply[pos + i] if pos + i < len(reply) else None).accepted
 
 
 def replay(prompt: list, reply: list, mode: str, table: dict[int, float]) -> tuple:
