@@ -97,3 +97,23 @@ def test_a_missing_or_unloadable_file_is_a_load_error(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\0" * 60)
     with pytest.raises(ModelLoadError):
         CachedDryRun(bad, use_extra_bufts=True)
+
+
+def test_the_folder_keeps_the_newest_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry outlives its file (a re-download, an upgrade): the folder is bounded."""
+    import time
+
+    from localllm.plan import dry_run_cache
+
+    monkeypatch.setattr(dry_run_cache, "_KEEP_FILES", 2)
+    entries = []
+    for i in range(3):
+        path = write_header_gguf(tmp_path / f"m{i}.gguf", "llama-2-7b")
+        time.sleep(0.02)  # a later mtime than the last entry's, on a coarse file clock
+        with CachedDryRun(path, use_extra_bufts=True) as cached:
+            cached.plan(DryRunSettings(n_ctx=2048))
+        entries.append(max(dry_run_cache_dir().glob("*.json"), key=os.path.getmtime))
+    assert len(set(entries)) == 3
+    assert sorted(dry_run_cache_dir().glob("*.json")) == sorted(entries[1:])

@@ -13,7 +13,9 @@ kept under ``cache_root()/dry-run/``, one JSON file per model file, keyed by
 
 Free memory is never cached: the verdict against it is made fresh on every run. A plan
 llama.cpp refused (``error``) is not kept either. A damaged cache file is ignored and
-rewritten.
+rewritten. A file's entry outlives the file (a re-download, an upgrade of localllm or
+llama.cpp each start a new one), so the folder keeps the most recently written
+:data:`_KEEP_FILES` entries and no more.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from localllm.errors import ModelLoadError
-from localllm.fileio import read_json_object, write_json_atomic
+from localllm.fileio import keep_newest, read_json_object, write_json_atomic
 from localllm.paths import cache_root
 
 __all__ = ["CACHE_FORMAT", "CachedDryRun", "dry_run_cache_dir", "file_key"]
 
 CACHE_FORMAT = 1
 _KEEP_PLANS = 64  # contexts kept per file (kv-calc sweeps add a row each)
+_KEEP_FILES = 256  # entries kept in the folder, a few kB each
 
 
 def dry_run_cache_dir() -> Path:
@@ -145,6 +148,7 @@ class CachedDryRun:
         # A read-only cache only costs the next run a dry run.
         with contextlib.suppress(OSError):
             write_json_atomic(self._cache_path, self._entry)
+            keep_newest(self._cache_path.parent, _KEEP_FILES)
 
     def close(self) -> None:
         if self._model is not None:
