@@ -44,18 +44,25 @@ def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = False, mode: i
     write_text_atomic(path, text, mode=mode)
 
 
-def keep_newest(directory: Path, keep: int, pattern: str = "*.json") -> None:
+def keep_newest(
+    directory: Path, keep: int, pattern: str = "*.json", *, max_bytes: int | None = None
+) -> None:
     """Delete all but the ``keep`` most recently written ``pattern`` files of a cache
-    folder: caches keyed by file identity get an entry per file ever read (temporary
-    files, re-downloads), so they are bounded here rather than left to grow."""
+    folder, and the older ones past ``max_bytes`` in all: caches keyed by file identity
+    get an entry per file ever read (temporary files, re-downloads), so they are bounded
+    here rather than left to grow."""
     entries = []
     for entry in directory.glob(pattern):
         try:
-            entries.append((entry.stat().st_mtime_ns, entry))
+            st = entry.stat()
         except OSError:  # deleted meanwhile by another run
             continue
-    for _, entry in sorted(entries, reverse=True)[keep:]:
-        entry.unlink(missing_ok=True)
+        entries.append((st.st_mtime_ns, st.st_size, entry))
+    total = 0
+    for i, (_, size, entry) in enumerate(sorted(entries, reverse=True)):
+        total += size
+        if i >= keep or (max_bytes is not None and total > max_bytes and i > 0):
+            entry.unlink(missing_ok=True)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

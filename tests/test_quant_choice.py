@@ -259,6 +259,29 @@ def test_headers_are_cached_by_file_hash(cli, hub: FakeHub, repo_files, tmp_path
     assert third["headers"]["read"] == 1 and len(hub.cdn_gets()) >= 1
 
 
+def test_a_kept_header_read_again_counts_as_used(cli, hub: FakeHub, repo_files, tmp_path):
+    """The header folder is bounded least recently used first: a cache hit marks its file."""
+    choice_json(cli, TWO)
+    cache = tmp_path / "cache" / "localllm" / "hub-headers"
+    q4 = cache / f"{sha256_file(repo_files['q4_k'])}.gguf.z"
+    os.utime(q4, ns=(1, 1))
+    assert choice_json(cli, TWO)["headers"]["cached"] == 2
+    assert q4.stat().st_mtime_ns > 1
+
+
+def test_kept_headers_stay_within_their_byte_budget(tmp_path: Path):
+    from localllm.fileio import keep_newest
+
+    for i, size in enumerate((300, 500, 400, 900)):  # oldest first
+        (tmp_path / f"h{i}.gguf.z").write_bytes(b"x" * size)
+        os.utime(tmp_path / f"h{i}.gguf.z", ns=(i + 1, i + 1))
+    (tmp_path / "other.json").write_bytes(b"y" * 5000)  # another pattern: left alone
+    keep_newest(tmp_path, 10, "*.gguf.z", max_bytes=1500)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h2.gguf.z", "h3.gguf.z", "other.json"]
+    keep_newest(tmp_path, 10, "*.gguf.z", max_bytes=100)  # the newest stays, whatever it weighs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h3.gguf.z", "other.json"]
+
+
 def test_split_gguf_is_one_model(cli, hub: FakeHub, repo_files, tmp_path):
     data = choice_json(cli, SPLIT)
     rows = data["files"]

@@ -14,12 +14,13 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from localllm.errors import InvalidArgument, InvalidModelFile
+from localllm.fileio import keep_newest
 from localllm.gguf.header import HeaderIncomplete, parse_header_prefix
 from localllm.gguf.spec import ModelSpec, read_model_spec_from_prefix
 from localllm.paths import cache_root
@@ -46,6 +47,8 @@ __all__ = [
 # merges) is about 8 MiB, so 64 MiB is far past any real header.
 _PREVIEW_FIRST_BYTES = 1 << 20
 _PREVIEW_MAX_BYTES = 64 << 20
+# Kept headers: a repo's quants are a header each (Llama-3's ~3 MiB compressed).
+_KEEP_HEADERS, _KEEP_HEADER_BYTES = 1024, 256 << 20
 # Header reads in flight at once: a repo's 20 files in a few round trips, politely.
 HEADER_WORKERS = 4
 
@@ -177,6 +180,8 @@ def _cached(file: HubFile) -> HeaderRead | None:
         parse_header_prefix(prefix, file.ref)
     except (OSError, zlib.error, HeaderIncomplete, InvalidModelFile):
         return None  # absent, or damaged: read it again
+    with suppress(OSError):
+        os.utime(path)  # used now: the bound below drops the least recently used first
     return HeaderRead(file, prefix, file.size_bytes, 0)
 
 
@@ -191,6 +196,7 @@ def _keep(read: HeaderRead) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(zlib.compress(read.prefix, 1))  # vocabularies shrink ~3x
         os.replace(tmp, folder / f"{file.sha256}.gguf.z")
+        keep_newest(folder, _KEEP_HEADERS, "*.gguf.z", max_bytes=_KEEP_HEADER_BYTES)
     except OSError:  # a cache that cannot be written costs a re-read, nothing more
         Path(tmp).unlink(missing_ok=True)
 
