@@ -47,7 +47,7 @@ __all__ = [
 # merges) is about 8 MiB, so 64 MiB is far past any real header.
 _PREVIEW_FIRST_BYTES = 1 << 20
 _PREVIEW_MAX_BYTES = 64 << 20
-# Kept headers: a repo's quants are a header each (Llama-3's ~3 MiB compressed).
+# Kept headers: every quant previewed leaves one (Llama-3's is ~8 MiB before zlib).
 _KEEP_HEADERS, _KEEP_HEADER_BYTES = 1024, 256 << 20
 # Header reads in flight at once: a repo's 20 files in a few round trips, politely.
 HEADER_WORKERS = 4
