@@ -53,7 +53,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--passes", type=int, default=2)
     args = ap.parse_args()
-    speculative_replay.SIZES = SIZES
     with tempfile.TemporaryDirectory(prefix="localllm-quants-") as tmp:
         files = {f"{args.model.name} (as given)": args.model}
         for name, ftype in TYPES.items():
@@ -67,7 +66,7 @@ def main() -> None:
                     str(path), n_ctx=4096, n_threads=args.threads,
                     n_threads_batch=args.threads, flash_attn=True, verbose=False,
                 )  # fmt: skip
-                costs = speculative_replay.decode_costs(llm, args.cells, args.repeats)
+                costs = speculative_replay.decode_costs(llm, args.cells, args.repeats, SIZES)
                 llm.close()
                 one = costs[1]
                 cells = [f"{one * 1000:.1f} ms"] + [f"{costs[n] / one:.1f}x" for n in SIZES[1:]]

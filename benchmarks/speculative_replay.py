@@ -63,18 +63,20 @@ def greedy_replies(llm: llama_cpp.Llama, max_tokens: int) -> dict[str, tuple[lis
     return out
 
 
-def decode_costs(llm: llama_cpp.Llama, cells: int, repeats: int) -> dict[int, float]:
+def decode_costs(
+    llm: llama_cpp.Llama, cells: int, repeats: int, sizes: tuple[int, ...] = SIZES
+) -> dict[int, float]:
     """Median seconds of one ``llama_decode`` of n tokens (all wanting logits)."""
     lc, ctx = llama_cpp, llm.ctx
     tokens = llm.tokenize(b"the quick brown fox jumps over the lazy dog " * 200)[:cells]
     llm.reset()
     llm.eval(tokens)
     memory = lc.llama_get_memory(ctx)
-    batch = lc.llama_batch_init(max(SIZES), 0, 1)
+    batch = lc.llama_batch_init(max(sizes), 0, 1)
     seen: dict[int, list[float]] = {}
     try:
         for rep in range(repeats + 1):
-            for n in SIZES:
+            for n in sizes:
                 for i in range(n):
                     batch.token[i], batch.pos[i], batch.n_seq_id[i] = tokens[i], cells + i, 1
                     batch.seq_id[i][0], batch.logits[i] = 0, True
